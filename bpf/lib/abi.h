@@ -1,0 +1,130 @@
+/* GENERATED from interceptor/abi.py by `make abi`: do not edit by hand. */
+#ifndef INTERCEPTOR_ABI_H
+#define INTERCEPTOR_ABI_H
+
+#define PROXY_UID 1337
+#define PROXY_GID 1337
+#define OUTBOUND_PORT 15001
+#define INBOUND_PORT 15006
+#define MAX_PODS 4096
+#define MAX_POD_ADDRS 16384
+#define MAX_CIDRS 65536
+#define MAX_PORT_RULES 65536
+#define MAX_REDIRECTED_SOCKETS 65536
+#define MAX_BYPASS_SOCKETS 65536
+#define MAX_LISTENERS 8192
+#define MAX_STAT_KEYS 65536
+#define POD_F_PASSTHROUGH 1
+#define POD_F_BYPASS 2
+#define POD_F_OUT_PORTS_INCLUDE 4
+#define POD_F_IN_PORTS_INCLUDE 8
+#define NODE_F_BYPASS 1
+#define CIDR_KEY_FIXED_BITS 96
+
+#define PORT_OUT_INCLUDE 1
+#define PORT_OUT_EXCLUDE 2
+#define PORT_IN_INCLUDE 3
+#define PORT_IN_EXCLUDE 4
+
+#define CIDR_OUT_INCLUDE 1
+#define CIDR_OUT_EXCLUDE 2
+
+#define REASON_OUT_REDIRECTED 1
+#define REASON_OUT_SKIP_PROXY_OWNER 2
+#define REASON_OUT_SKIP_LOOPBACK 3
+#define REASON_OUT_SKIP_LOCAL_POD 4
+#define REASON_OUT_SKIP_EXCLUDED_PORT 5
+#define REASON_OUT_SKIP_EXCLUDED_CIDR 6
+#define REASON_OUT_SKIP_NOT_INCLUDED 7
+#define REASON_OUT_PASSTHROUGH_NO_PROXY 8
+#define REASON_OUT_REJECTED_NO_PROXY 9
+#define REASON_ORIG_DST_ANSWERED 10
+#define REASON_ORIG_DST_UNKNOWN 11
+#define REASON_PEERNAME_RESTORED 12
+#define REASON_IN_STEERED 13
+#define REASON_IN_SKIP_EXCLUDED_PORT 14
+#define REASON_IN_SKIP_LOCAL 15
+#define REASON_IN_PASSTHROUGH_NO_PROXY 16
+#define REASON_IN_REJECTED_NO_PROXY 17
+#define REASON_BYPASS_SOCKET_ADDED 18
+#define REASON_BYPASS_MSG_REDIRECTED 19
+#define REASON_BYPASS_MSG_NO_PEER 20
+#define REASON_ORIG_DST_RECORD_FAILED 21
+#define REASON_MAX 22
+
+struct pod_config {
+	__u32 proxy_uid;
+	__u32 proxy_gid;
+	__u16 outbound_port;
+	__u16 inbound_port;
+	__u32 flags;
+};
+_Static_assert(sizeof(struct pod_config) == 16, "pod_config layout differs from interceptor/abi.py");
+
+struct pod_addr_key {
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct pod_addr_key) == 16, "pod_addr_key layout differs from interceptor/abi.py");
+
+struct port_key {
+	__u64 netns_cookie;
+	__u16 port;
+	__u8 kind;
+	__u8 pad[5];
+};
+_Static_assert(sizeof(struct port_key) == 16, "port_key layout differs from interceptor/abi.py");
+
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 kind;
+	__u64 netns_cookie;
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct cidr_key) == 32, "cidr_key layout differs from interceptor/abi.py");
+
+struct listener_key {
+	__u64 netns_cookie;
+	__u32 family;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct listener_key) == 16, "listener_key layout differs from interceptor/abi.py");
+
+struct sock_tuple {
+	__u64 netns_cookie;
+	__u8 local[16];
+	__u8 remote[16];
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct sock_tuple) == 48, "sock_tuple layout differs from interceptor/abi.py");
+
+struct orig_dst {
+	__u8 addr[16];
+	__u16 port;
+	__u16 family;
+	__u32 pad;
+	__u64 netns_cookie;
+	__u64 created_ns;
+};
+_Static_assert(sizeof(struct orig_dst) == 40, "orig_dst layout differs from interceptor/abi.py");
+
+struct stat_key {
+	__u64 netns_cookie;
+	__u32 reason;
+	__u32 pad;
+};
+_Static_assert(sizeof(struct stat_key) == 16, "stat_key layout differs from interceptor/abi.py");
+
+struct stat_value {
+	__u64 count;
+	__u64 bytes;
+};
+_Static_assert(sizeof(struct stat_value) == 16, "stat_value layout differs from interceptor/abi.py");
+
+struct node_settings {
+	__u32 flags;
+};
+_Static_assert(sizeof(struct node_settings) == 4, "node_settings layout differs from interceptor/abi.py");
+
+#endif

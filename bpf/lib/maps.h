@@ -1,0 +1,56 @@
+/* Every map of the datapath, declared once. The loader pins each one under
+ * /sys/fs/bpf/interceptor/maps/<name>; enroll and status open the pins through libbpf.
+ * Layouts and sizes come from abi.h (generated from interceptor/abi.py). */
+#ifndef INTERCEPTOR_MAPS_H
+#define INTERCEPTOR_MAPS_H
+
+#include "abi.h"
+
+/* Enrolled pods by network-namespace cookie. Writer: enroll. Readers: every hook. */
+BPF_HASH(pods, __u64, struct pod_config, MAX_PODS);
+
+/* Pod addresses (v4-mapped) -> netns cookie. Writer: enroll. Readers: sk_lookup (which
+ * pod a connection is for: sk_lookup has no netns-cookie helper), sock_ops (is the peer
+ * on this node), connect (is the destination the pod itself). */
+BPF_HASH(pod_addrs, struct pod_addr_key, __u64, MAX_POD_ADDRS);
+
+/* Per-pod port lists (PORT_* kinds). Writer: enroll. Readers: connect, sk_lookup. */
+BPF_HASH(port_rules, struct port_key, __u8, MAX_PORT_RULES);
+
+/* Per-pod outbound CIDR lists (CIDR_* kinds), longest-prefix match.
+ * Writer: enroll. Reader: connect. */
+BPF_F_TABLE("lpm_trie", struct cidr_key, __u8, cidr_rules, MAX_CIDRS, BPF_F_NO_PREALLOC);
+
+/* Proxy inbound listeners. Writer: sock_ops (on listen()). Reader: sk_lookup.
+ * BCC's BPF_SOCKHASH has no lookup() method, and sk_lookup needs one. */
+struct inbound_listeners_table_t {
+	struct listener_key key;
+	int leaf;
+	void *(*lookup)(struct listener_key *);
+	int (*delete)(struct listener_key *);
+	int (*sock_hash_update)(void *, void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct inbound_listeners_table_t inbound_listeners = { .max_entries = MAX_LISTENERS };
+BPF_ANNOTATE_KV_PAIR(inbound_listeners, struct listener_key, int);
+
+/* Same-host sockets eligible for bypass, keyed by their own tuple.
+ * Writer: sock_ops (on established). Reader: sk_msg (finds the peer). */
+BPF_SOCKHASH(bypass_socks, struct sock_tuple, MAX_BYPASS_SOCKETS);
+
+/* Original destination of a redirected connect, on the app's socket itself.
+ * Writer: connect. Readers: sock_ops (copies it into redirected), getpeername. */
+BPF_SK_STORAGE(connect_orig, struct orig_dst);
+
+/* Live redirected connections by the app socket's tuple. Writer: sock_ops (insert on
+ * connect, delete on close). Readers: getsockopt (SO_ORIGINAL_DST), status. */
+BPF_TABLE("lru_hash", struct sock_tuple, struct orig_dst, redirected, MAX_REDIRECTED_SOCKETS);
+
+/* Counters by {pod, reason}. Writers: every hook. Reader: status, metrics. */
+BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
+
+/* Node-wide switches, index 0. Writer: loader. Readers: sock_ops. */
+BPF_ARRAY(settings, struct node_settings, 1);
+
+#endif

@@ -1,0 +1,86 @@
+/* sk_lookup, attached to each enrolled pod's network namespace: a TCP connection that
+ * arrives from outside the pod, for any port not excluded, is handed to the proxy's
+ * inbound listener. The packet is not rewritten, so the proxy's accepted socket keeps
+ * the original destination (getsockname) and no conntrack entry is needed. */
+#include "lib/helpers.h"
+
+static __always_inline int no_proxy(__u64 cookie, struct pod_config *cfg)
+{
+	if (cfg->flags & POD_F_PASSTHROUGH) {
+		count(cookie, REASON_IN_PASSTHROUGH_NO_PROXY, 0);
+		return SK_PASS;
+	}
+	/* like a REDIRECT to a closed port: the lookup fails and the SYN gets a RST */
+	count(cookie, REASON_IN_REJECTED_NO_PROXY, 0);
+	return SK_DROP;
+}
+
+static __always_inline struct bpf_sock *find_listener(__u64 cookie, __u32 family)
+{
+	struct listener_key key = {};
+	key.netns_cookie = cookie;
+	key.family = family;
+	struct bpf_sock *sk = inbound_listeners.lookup(&key);
+	if (!sk && family == IC_AF_INET) {
+		/* a dual-stack IPv6 listener also takes IPv4 */
+		key.family = IC_AF_INET6;
+		sk = inbound_listeners.lookup(&key);
+	}
+	return sk;
+}
+
+int steer_inbound(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	__u32 family = ctx->family;
+	struct addr16 dst;
+	if (family == IC_AF_INET)
+		addr_set_v4(&dst, ctx->local_ip4);
+	else
+		addr_set_v6(&dst, CTX_LOAD32(ctx->local_ip6[0]), CTX_LOAD32(ctx->local_ip6[1]),
+			    CTX_LOAD32(ctx->local_ip6[2]), CTX_LOAD32(ctx->local_ip6[3]));
+	/* which pod: sk_lookup has no netns-cookie helper, but pod addresses are unique */
+	__u64 cookie = pod_of_addr(&dst);
+	if (!cookie)
+		return SK_PASS;
+	struct pod_config *cfg = pod_lookup(cookie);
+	if (!cfg)
+		return SK_PASS;
+	struct addr16 src;
+	if (family == IC_AF_INET)
+		addr_set_v4(&src, ctx->remote_ip4);
+	else
+		addr_set_v6(&src, CTX_LOAD32(ctx->remote_ip6[0]), CTX_LOAD32(ctx->remote_ip6[1]),
+			    CTX_LOAD32(ctx->remote_ip6[2]), CTX_LOAD32(ctx->remote_ip6[3]));
+	/* Made inside the pod: the app itself, or the proxy forwarding to the app. Judged by
+	 * the source address: ingress_ifindex of a connection to the pod's own address is
+	 * not reliably the loopback's. */
+	if (ctx->ingress_ifindex == IC_LOOPBACK_IFINDEX || addr_is_loopback(&src) ||
+	    pod_of_addr(&src) == cookie) {
+		count(cookie, REASON_IN_SKIP_LOCAL, 0);
+		return SK_PASS;
+	}
+	__u16 port = ctx->local_port;
+	int steer;
+	if (port == cfg->inbound_port || port == cfg->outbound_port)
+		steer = 0;
+	else if (cfg->flags & POD_F_IN_PORTS_INCLUDE)
+		steer = port_listed(cookie, port, PORT_IN_INCLUDE);
+	else
+		steer = !port_listed(cookie, port, PORT_IN_EXCLUDE);
+	if (!steer) {
+		count(cookie, REASON_IN_SKIP_EXCLUDED_PORT, 0);
+		return SK_PASS;
+	}
+
+	struct bpf_sock *sk = find_listener(cookie, family);
+	if (!sk)
+		return no_proxy(cookie, cfg);
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return no_proxy(cookie, cfg);
+	count(cookie, REASON_IN_STEERED, 0);
+	return SK_PASS;
+}

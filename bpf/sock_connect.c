@@ -1,0 +1,179 @@
+/* Outbound capture: cgroup connect4/connect6 send an enrolled pod's TCP connects to its
+ * proxy's outbound port on loopback, and getpeername4/6 show the app the destination
+ * it asked for. Attached once at the cgroup2 root; they act only on enrolled netns. */
+#include "lib/helpers.h"
+
+#define OUT_SKIP 0
+#define OUT_REDIRECT 1
+
+/* Istio's order: excluded port, explicitly included port, excluded CIDR, included CIDR. */
+static __always_inline int outbound_verdict(__u64 cookie, struct pod_config *cfg,
+					    const struct addr16 *dst, __u16 dst_port)
+{
+	__u64 gids = bpf_get_current_uid_gid();
+	if ((__u32)gids == cfg->proxy_uid || (__u32)(gids >> 32) == cfg->proxy_gid) {
+		count(cookie, REASON_OUT_SKIP_PROXY_OWNER, 0);
+		return OUT_SKIP;
+	}
+	if (addr_is_loopback(dst)) {
+		count(cookie, REASON_OUT_SKIP_LOOPBACK, 0);
+		return OUT_SKIP;
+	}
+	if (pod_of_addr(dst) == cookie) {
+		count(cookie, REASON_OUT_SKIP_LOCAL_POD, 0);
+		return OUT_SKIP;
+	}
+	if (port_listed(cookie, dst_port, PORT_OUT_EXCLUDE)) {
+		count(cookie, REASON_OUT_SKIP_EXCLUDED_PORT, 0);
+		return OUT_SKIP;
+	}
+	if ((cfg->flags & POD_F_OUT_PORTS_INCLUDE) &&
+	    port_listed(cookie, dst_port, PORT_OUT_INCLUDE))
+		return OUT_REDIRECT;
+	if (cidr_listed(cookie, dst, CIDR_OUT_EXCLUDE)) {
+		count(cookie, REASON_OUT_SKIP_EXCLUDED_CIDR, 0);
+		return OUT_SKIP;
+	}
+	if (!cidr_listed(cookie, dst, CIDR_OUT_INCLUDE)) {
+		count(cookie, REASON_OUT_SKIP_NOT_INCLUDED, 0);
+		return OUT_SKIP;
+	}
+	return OUT_REDIRECT;
+}
+
+/* Is anything listening on the proxy's outbound port in this netns? Looked up in the
+ * family the redirected connect will land on (v4-mapped lands on IPv4 sockets). */
+static __always_inline int proxy_listening(struct bpf_sock_addr *ctx, int v6, __u16 port)
+{
+	struct bpf_sock_tuple tuple = {};
+	__u32 size;
+	if (v6) {
+		tuple.ipv6.saddr[3] = bpf_htonl(1);
+		tuple.ipv6.daddr[3] = bpf_htonl(1);
+		tuple.ipv6.dport = bpf_htons(port);
+		size = sizeof(tuple.ipv6);
+	} else {
+		tuple.ipv4.saddr = bpf_htonl(0x7f000001);
+		tuple.ipv4.daddr = bpf_htonl(0x7f000001);
+		tuple.ipv4.dport = bpf_htons(port);
+		size = sizeof(tuple.ipv4);
+	}
+	struct bpf_sock *sk = bpf_sk_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* Shared by connect4 and connect6. Returns 1 (let connect() proceed) in every case:
+ * a refused interception must look like iptables REDIRECT (ECONNREFUSED), not EPERM. */
+static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr16 *dst,
+					  int user_family)
+{
+	if (ctx->type != IC_SOCK_STREAM)
+		return 1;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_config *cfg = pod_lookup(cookie);
+	if (!cfg)
+		return 1;
+
+	/* A socket may be disconnected (AF_UNSPEC) and connected again elsewhere: forget
+	 * an earlier redirect before deciding anew. */
+	if (connect_orig.sk_storage_get(ctx->sk, 0, 0))
+		connect_orig.sk_storage_delete(ctx->sk);
+
+	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
+	if (outbound_verdict(cookie, cfg, dst, dst_port) != OUT_REDIRECT)
+		return 1;
+
+	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);
+	if (!proxy_listening(ctx, lands_v6, cfg->outbound_port)) {
+		if (cfg->flags & POD_F_PASSTHROUGH) {
+			count(cookie, REASON_OUT_PASSTHROUGH_NO_PROXY, 0);
+			return 1;
+		}
+		/* fall through: the connect to the closed port is refused, as with REDIRECT */
+		count(cookie, REASON_OUT_REJECTED_NO_PROXY, 0);
+	}
+
+	struct orig_dst *orig = connect_orig.sk_storage_get(ctx->sk, 0,
+							    BPF_SK_STORAGE_GET_F_CREATE);
+	if (!orig) {
+		/* Without a record SO_ORIGINAL_DST could not be answered: do not redirect. */
+		count(cookie, REASON_ORIG_DST_RECORD_FAILED, 0);
+		return 1;
+	}
+	__builtin_memcpy(orig->addr, dst, 16);
+	orig->port = dst_port;
+	orig->family = user_family;
+	orig->netns_cookie = cookie;
+	orig->created_ns = bpf_ktime_get_boot_ns();
+
+	if (user_family == IC_AF_INET) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+	} else if (lands_v6) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	}
+	ctx->user_port = bpf_htons(cfg->outbound_port);
+	count(cookie, REASON_OUT_REDIRECTED, 0);
+	return 1;
+}
+
+int connect4(struct bpf_sock_addr *ctx)
+{
+	struct addr16 dst;
+	addr_set_v4(&dst, ctx->user_ip4);
+	return handle_connect(ctx, &dst, IC_AF_INET);
+}
+
+int connect6(struct bpf_sock_addr *ctx)
+{
+	struct addr16 dst;
+	addr_set_v6(&dst, CTX_LOAD32(ctx->user_ip6[0]), CTX_LOAD32(ctx->user_ip6[1]),
+		    CTX_LOAD32(ctx->user_ip6[2]), CTX_LOAD32(ctx->user_ip6[3]));
+	return handle_connect(ctx, &dst, IC_AF_INET6);
+}
+
+/* The app must keep seeing the destination it connected to. */
+static __always_inline struct orig_dst *redirected_peer(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != IC_SOCK_STREAM)
+		return 0;
+	if (!pod_lookup(bpf_get_netns_cookie(ctx)))
+		return 0;
+	return connect_orig.sk_storage_get(ctx->sk, 0, 0);
+}
+
+int getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *orig = redirected_peer(ctx);
+	if (!orig || !addr_is_v4mapped(orig->addr))
+		return 1;
+	ctx->user_ip4 = ((struct addr16 *)orig->addr)->w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	count(orig->netns_cookie, REASON_PEERNAME_RESTORED, 0);
+	return 1;
+}
+
+int getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *orig = redirected_peer(ctx);
+	if (!orig)
+		return 1;
+	struct addr16 *a = (struct addr16 *)orig->addr;
+	ctx->user_ip6[0] = a->w[0];
+	ctx->user_ip6[1] = a->w[1];
+	ctx->user_ip6[2] = a->w[2];
+	ctx->user_ip6[3] = a->w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	count(orig->netns_cookie, REASON_PEERNAME_RESTORED, 0);
+	return 1;
+}

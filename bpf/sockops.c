@@ -1,0 +1,90 @@
+/* sock_ops at the cgroup2 root, for sockets of enrolled pods:
+ * - on connect: publish the app socket's original destination by tuple (redirected),
+ *   so the proxy's getsockopt(SO_ORIGINAL_DST) can find it; remove it on close;
+ * - on listen: register the proxy's inbound listener for sk_lookup to steer to;
+ * - on established: put same-host socket pairs in bypass_socks for sk_msg. */
+#include "lib/tuple.h"
+
+static __always_inline void publish_redirect(struct bpf_sock_ops *ops, __u64 cookie)
+{
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return;
+	struct orig_dst *orig = connect_orig.sk_storage_get(sk, 0, 0);
+	if (!orig)
+		return;
+	struct sock_tuple t = {};
+	TUPLE_FROM_CTX(ops, &t);
+	tuple_qualify(&t, cookie);
+	if (redirected.update(&t, orig)) {
+		count(cookie, REASON_ORIG_DST_RECORD_FAILED, 0);
+		return;
+	}
+	/* ask for state changes so the entry goes when the socket closes */
+	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void forget_redirect(struct bpf_sock_ops *ops, __u64 cookie)
+{
+	struct sock_tuple t = {};
+	TUPLE_FROM_CTX(ops, &t);
+	tuple_qualify(&t, cookie);
+	redirected.delete(&t);
+}
+
+static __always_inline void register_listener(struct bpf_sock_ops *ops, __u64 cookie,
+					      struct pod_config *cfg)
+{
+	if (ops->local_port != cfg->inbound_port)
+		return;
+	struct listener_key key = {};
+	key.netns_cookie = cookie;
+	key.family = ops->family;
+	int err = inbound_listeners.sock_hash_update(ops, &key, BPF_ANY);
+	(void)err;
+}
+
+static __always_inline void maybe_bypass(struct bpf_sock_ops *ops, __u64 cookie,
+					 struct pod_config *cfg)
+{
+	if (!(cfg->flags & POD_F_BYPASS) || !node_bypass_enabled())
+		return;
+	struct sock_tuple t = {};
+	TUPLE_FROM_CTX(ops, &t);
+	/* only pairs whose other end is a socket on this node can be short-circuited */
+	if (!addr_is_loopback(t.remote) && !pod_of_addr(t.remote))
+		return;
+	tuple_qualify(&t, cookie);
+	int err = bypass_socks.sock_hash_update(ops, &t, BPF_ANY);
+	if (!err)
+		count(cookie, REASON_BYPASS_SOCKET_ADDED, 0);
+}
+
+int sockops(struct bpf_sock_ops *ops)
+{
+	__u32 family = ops->family;
+	if (family != IC_AF_INET && family != IC_AF_INET6)
+		return 1;
+	__u64 cookie = bpf_get_netns_cookie(ops);
+	struct pod_config *cfg = pod_lookup(cookie);
+	if (!cfg)
+		return 1;
+
+	switch (ops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		publish_redirect(ops, cookie);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		register_listener(ops, cookie, cfg);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		maybe_bypass(ops, cookie, cfg);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (ops->args[1] == IC_TCP_CLOSE)
+			forget_redirect(ops, cookie);
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,245 @@
+"""The one definition of everything the BPF programs and userspace share.
+
+Constants (default ports, flags, reason codes, map sizes) and the byte layout of every
+map key and value live here and nowhere else. `bpf/lib/abi.h` is generated from this
+module (`make abi`, or `python -m interceptor.abi > bpf/lib/abi.h`); a unit test fails
+when the committed header is out of date. This module imports nothing heavy: the CNI
+path and `enroll` use it without BCC.
+"""
+import ctypes
+import enum
+
+# --- Defaults (Istio's, so that existing mesh configs carry over) --------------------
+PROXY_UID = 1337
+PROXY_GID = 1337
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+# Istio's sidecar ports that inbound steering must never capture (health/status, metrics).
+ALWAYS_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)
+
+# --- Map capacities -------------------------------------------------------------------
+MAX_PODS = 4096
+MAX_POD_ADDRS = 16384
+MAX_CIDRS = 65536
+MAX_PORT_RULES = 65536
+MAX_REDIRECTED_SOCKETS = 65536   # LRU: oldest entries go first when full
+MAX_BYPASS_SOCKETS = 65536
+MAX_LISTENERS = 2 * MAX_PODS     # one inbound listener per pod and family
+MAX_STAT_KEYS = 65536
+
+# --- Pod flags (pod_config.flags) -----------------------------------------------------
+POD_F_PASSTHROUGH = 1 << 0        # proxy not listening: let the flow through (else reject)
+POD_F_BYPASS = 1 << 1             # same-host socket pairs skip the TCP/IP stack
+POD_F_OUT_PORTS_INCLUDE = 1 << 2  # an explicit outbound include-port list exists
+POD_F_IN_PORTS_INCLUDE = 1 << 3   # only listed inbound ports are steered (else all)
+
+# --- Node-wide settings (settings map, index 0) ---------------------------------------
+NODE_F_BYPASS = 1 << 0            # `interceptor load --no-bypass` clears it
+
+
+class PortKind(enum.IntEnum):
+    """Which list a port_key entry belongs to."""
+    OUT_INCLUDE = 1
+    OUT_EXCLUDE = 2
+    IN_INCLUDE = 3
+    IN_EXCLUDE = 4
+
+
+class CidrKind(enum.IntEnum):
+    """Which list a cidr_key entry belongs to (exclude wins over include, as in Istio)."""
+    OUT_INCLUDE = 1
+    OUT_EXCLUDE = 2
+
+
+class Reason(enum.IntEnum):
+    """Stable counter codes: never renumber, only append. Userspace labels are the
+    lower-case names; the C side uses REASON_<NAME>."""
+    OUT_REDIRECTED = 1
+    OUT_SKIP_PROXY_OWNER = 2
+    OUT_SKIP_LOOPBACK = 3
+    OUT_SKIP_LOCAL_POD = 4
+    OUT_SKIP_EXCLUDED_PORT = 5
+    OUT_SKIP_EXCLUDED_CIDR = 6
+    OUT_SKIP_NOT_INCLUDED = 7
+    OUT_PASSTHROUGH_NO_PROXY = 8
+    OUT_REJECTED_NO_PROXY = 9
+    ORIG_DST_ANSWERED = 10
+    ORIG_DST_UNKNOWN = 11
+    PEERNAME_RESTORED = 12
+    IN_STEERED = 13
+    IN_SKIP_EXCLUDED_PORT = 14
+    IN_SKIP_LOCAL = 15
+    IN_PASSTHROUGH_NO_PROXY = 16
+    IN_REJECTED_NO_PROXY = 17
+    BYPASS_SOCKET_ADDED = 18
+    BYPASS_MSG_REDIRECTED = 19
+    BYPASS_MSG_NO_PEER = 20
+    ORIG_DST_RECORD_FAILED = 21
+
+
+# --- Map layouts ----------------------------------------------------------------------
+# Addresses are always 16 bytes in network order; IPv4 is stored v4-mapped (::ffff:a.b.c.d)
+# so one key shape serves both families and an AF_INET6 socket talking to a v4-mapped
+# address produces the same key as the AF_INET socket at the other end.
+Addr16 = ctypes.c_uint8 * 16
+
+
+class PodConfig(ctypes.Structure):
+    """pods[netns_cookie]: written by enroll, read by every hook."""
+    _fields_ = [
+        ("proxy_uid", ctypes.c_uint32),
+        ("proxy_gid", ctypes.c_uint32),
+        ("outbound_port", ctypes.c_uint16),   # host order
+        ("inbound_port", ctypes.c_uint16),    # host order
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class PodAddrKey(ctypes.Structure):
+    """pod_addrs[addr] = netns cookie of the pod owning addr: written by enroll, read by
+    sk_lookup (which pod is this connection for) and sock_ops (is the peer on this node)."""
+    _fields_ = [("addr", Addr16)]
+
+
+class PortKey(ctypes.Structure):
+    """port_rules[{cookie, port, kind}] = 1: written by enroll."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("port", ctypes.c_uint16),   # host order
+        ("kind", ctypes.c_uint8),    # PortKind
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+class CidrKey(ctypes.Structure):
+    """cidr_rules LPM trie: prefixlen counts bits of (kind, netns_cookie, addr), so the
+    first 96 bits always match exactly and the rest is the CIDR prefix."""
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),           # CidrKind
+        ("netns_cookie", ctypes.c_uint64),
+        ("addr", Addr16),
+    ]
+
+
+CIDR_KEY_FIXED_BITS = 32 + 64
+
+
+class ListenerKey(ctypes.Structure):
+    """inbound_listeners sockhash key: sock_ops adds the proxy's inbound listener,
+    sk_lookup assigns connections to it."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("family", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class SockTuple(ctypes.Structure):
+    """A TCP socket as seen from itself. netns_cookie is set only when the peer address
+    is loopback (loopback 4-tuples repeat across namespaces); pod addresses are unique
+    on a node, so cross-namespace pairs use 0 and both ends compute the same key."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("local", Addr16),
+        ("remote", Addr16),
+        ("local_port", ctypes.c_uint16),    # host order
+        ("remote_port", ctypes.c_uint16),   # host order
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class OrigDst(ctypes.Structure):
+    """Original destination of a redirected connect. sk_storage on the app's socket
+    (connect -> sock_ops, getpeername) and redirected_sockets[app tuple]
+    (sock_ops -> getsockopt, status; deleted when the socket closes)."""
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),          # host order
+        ("family", ctypes.c_uint16),        # AF_INET or AF_INET6: what the app asked for
+        ("pad", ctypes.c_uint32),
+        ("netns_cookie", ctypes.c_uint64),
+        ("created_ns", ctypes.c_uint64),    # CLOCK_BOOTTIME
+    ]
+
+
+class StatKey(ctypes.Structure):
+    """stats per-CPU hash: {pod, reason} -> StatValue, written by every hook."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("reason", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class StatValue(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class NodeSettings(ctypes.Structure):
+    """settings[0]: written by the loader."""
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+# Shared structures in the order the header declares them.
+STRUCTS = {
+    "pod_config": PodConfig,
+    "pod_addr_key": PodAddrKey,
+    "port_key": PortKey,
+    "cidr_key": CidrKey,
+    "listener_key": ListenerKey,
+    "sock_tuple": SockTuple,
+    "orig_dst": OrigDst,
+    "stat_key": StatKey,
+    "stat_value": StatValue,
+    "node_settings": NodeSettings,
+}
+
+# Plain constants exported to C under the same name.
+CONSTANTS = {name: globals()[name] for name in (
+    "PROXY_UID", "PROXY_GID", "OUTBOUND_PORT", "INBOUND_PORT",
+    "MAX_PODS", "MAX_POD_ADDRS", "MAX_CIDRS", "MAX_PORT_RULES", "MAX_REDIRECTED_SOCKETS",
+    "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS",
+    "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",
+    "NODE_F_BYPASS", "CIDR_KEY_FIXED_BITS",
+)}
+
+_C_TYPES = {
+    ctypes.c_uint8: "__u8", ctypes.c_uint16: "__u16",
+    ctypes.c_uint32: "__u32", ctypes.c_uint64: "__u64",
+}
+
+
+def _c_field(name, ctype):
+    if issubclass(ctype, ctypes.Array):
+        return f"{_C_TYPES[ctype._type_]} {name}[{ctype._length_}]"
+    return f"{_C_TYPES[ctype]} {name}"
+
+
+def render_header():
+    """The C view of this module, as committed in bpf/lib/abi.h."""
+    out = [
+        "/* GENERATED from interceptor/abi.py by `make abi`: do not edit by hand. */",
+        "#ifndef INTERCEPTOR_ABI_H",
+        "#define INTERCEPTOR_ABI_H",
+        "",
+    ]
+    for name, value in CONSTANTS.items():
+        out.append(f"#define {name} {value}")
+    for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (Reason, "REASON_")):
+        out.append("")
+        for member in enum_cls:
+            out.append(f"#define {prefix}{member.name} {member.value}")
+    out.append(f"#define REASON_MAX {max(Reason) + 1}")
+    for name, struct in STRUCTS.items():
+        out += ["", f"struct {name} {{"]
+        out += [f"\t{_c_field(fname, ftype)};" for fname, ftype in struct._fields_]
+        out.append("};")
+        out.append(f"_Static_assert(sizeof(struct {name}) == {ctypes.sizeof(struct)}, "
+                   f"\"{name} layout differs from interceptor/abi.py\");")
+    out += ["", "#endif", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render_header(), end="")

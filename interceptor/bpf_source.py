@@ -1,0 +1,40 @@
+"""Assembles the C files in bpf/ into the one translation unit BCC compiles.
+
+BCC rewrites map method calls (`pods.lookup(&k)`) only in the text it was given, not in
+files reached through #include, and turns only functions of that text into programs.
+So our own quoted includes are inlined here (each once, with #line markers so compiler
+errors still name the right file); system includes stay as they are.
+"""
+import pathlib
+import re
+
+BPF_DIR = pathlib.Path(__file__).resolve().parent.parent / "bpf"
+
+# One file per hook family; all share lib/maps.h, so they are compiled together.
+HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c")
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def assemble(files=HOOK_FILES, bpf_dir=BPF_DIR):
+    seen = set()
+    out = []
+
+    def inline(path):
+        path = path.resolve()
+        if path in seen:
+            return
+        seen.add(path)
+        rel = path.relative_to(bpf_dir.parent)
+        out.append(f'#line 1 "{rel}"')
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            m = _LOCAL_INCLUDE.match(line)
+            if m:
+                inline(path.parent / m.group(1))
+                out.append(f'#line {lineno + 1} "{rel}"')
+            else:
+                out.append(line)
+
+    for name in files:
+        inline(bpf_dir / name)
+    return "\n".join(out) + "\n"

@@ -1,0 +1,133 @@
+"""`interceptor`: the node CLI. Each command is a thin shell over one module."""
+import json
+import sys
+
+import click
+
+from . import abi
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _fail(msg, code=1):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings=CONTEXT)
+def main():
+    """Intercept pod traffic for a sidecar proxy with eBPF."""
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def doctor(output):
+    """Probe each kernel capability the datapath needs; exit 0 when eBPF mode works."""
+    from . import doctor as doc
+    report = doc.run()
+    if output == "json":
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(report.render())
+    sys.exit(0 if report.ebpf_usable else 1)
+
+
+@main.command()
+@click.option("--cgroup", type=click.Path(file_okay=False),
+              help="Attach at this cgroup2 directory instead of the cgroup2 root.")
+@click.option("--bypass/--no-bypass", default=True, show_default=True,
+              help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg).")
+def load(cgroup, bypass):
+    """Compile, pin and attach the datapath (idempotent)."""
+    from . import loader
+    try:
+        result = loader.load(cgroup=cgroup, bypass=bypass, log=lambda m: click.echo(m, err=True))
+    except (loader.LoadError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(result)
+
+
+@main.command()
+def unload():
+    """Unenroll every pod, detach and unpin everything (idempotent)."""
+    from . import loader
+    loader.unload(log=lambda m: click.echo(m, err=True))
+    click.echo("unloaded")
+
+
+def _pod_name(ctx, param, value):
+    if value is not None and "/" not in value:
+        raise click.BadParameter("expected NAMESPACE/NAME")
+    return value
+
+
+@main.command()
+@click.option("--netns", "netns_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).")
+@click.option("--pod", callback=_pod_name, help="NAMESPACE/NAME, for status and unenroll.")
+@click.option("--proxy-uid", type=int, default=abi.PROXY_UID, show_default=True)
+@click.option("--proxy-gid", type=int, default=abi.PROXY_GID, show_default=True)
+@click.option("--outbound-port", type=click.IntRange(1, 65535), default=abi.OUTBOUND_PORT,
+              show_default=True)
+@click.option("--inbound-port", type=click.IntRange(1, 65535), default=abi.INBOUND_PORT,
+              show_default=True)
+@click.option("--include-outbound-cidrs", default="*", show_default=True,
+              help="Comma-separated CIDRs to capture ('*' = all, '' = none).")
+@click.option("--exclude-outbound-cidrs", default="", help="Comma-separated CIDRs never captured.")
+@click.option("--include-outbound-ports", default="",
+              help="Ports captured whatever their CIDR.")
+@click.option("--exclude-outbound-ports", default="", help="Ports never captured.")
+@click.option("--include-inbound-ports", default="*", show_default=True,
+              help="Inbound ports steered to the proxy ('*' = all).")
+@click.option("--exclude-inbound-ports", default="",
+              help=f"Inbound ports never steered (always: {', '.join(map(str, abi.ALWAYS_EXCLUDED_INBOUND_PORTS))}"
+                   " and the proxy's own ports).")
+@click.option("--no-proxy", type=click.Choice(["reject", "passthrough"]), default="reject",
+              show_default=True, help="When the proxy is not listening yet.")
+@click.option("--bypass/--no-bypass", default=True, show_default=True,
+              help="Allow same-host bypass for this pod.")
+def enroll(netns_path, pod, **opts):
+    """Intercept one network namespace's traffic (no compile: uses the pinned datapath)."""
+    from .enrollment import EnrollError, PodSettings, enroll as do_enroll
+    settings = PodSettings(**opts)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    try:
+        rec = do_enroll(netns_path, settings, pod=pod)
+    except (EnrollError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"enrolled netns cookie {rec['cookie']} ({', '.join(rec['addresses']) or 'no addresses'})")
+
+
+@main.command()
+@click.option("--netns", "netns_path", type=click.Path(dir_okay=False))
+@click.option("--pod", callback=_pod_name)
+@click.option("--cookie", type=int)
+def unenroll(netns_path, pod, cookie):
+    """Stop intercepting a namespace (idempotent)."""
+    if netns_path is None and pod is None and cookie is None:
+        raise click.UsageError("give --netns, --pod or --cookie")
+    from .enrollment import unenroll as do_unenroll
+    removed = do_unenroll(netns_path=netns_path, cookie=cookie, pod=pod)
+    click.echo(f"unenrolled {len(removed)} namespace(s)")
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def status(output):
+    """What is intercepted: loader state, pods, counters. Exit 1 on errors."""
+    from . import status as st
+    report = st.collect()
+    if output == "json":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        click.echo(st.render(report))
+    sys.exit(1 if report["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Enroll a pod's network namespace into the loaded datapath, and remove it.
+
+This path runs for every pod start (CNI ADD), so it never imports BCC or compiles: it
+opens the pinned maps and programs through libbpf. Entries are written in an order that
+keeps the datapath consistent at every instant: rules and addresses first, the pods
+entry (which switches the hooks on for the namespace) last; removal the other way round.
+"""
+import ctypes
+import ipaddress
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import abi, libbpf, listeners, netns, paths, state
+from .maps import Maps, addr16
+from .programs import BY_NAME, SK_LOOKUP_PROG
+
+SK_LOOKUP_LINK = "sk_lookup"
+
+
+class EnrollError(Exception):
+    pass
+
+
+@dataclass
+class PodSettings:
+    """What `interceptor enroll` options and the CNI config/annotations set per pod.
+    Defaults are Istio's."""
+    proxy_uid: int = abi.PROXY_UID
+    proxy_gid: int = abi.PROXY_GID
+    outbound_port: int = abi.OUTBOUND_PORT
+    inbound_port: int = abi.INBOUND_PORT
+    include_outbound_cidrs: list = field(default_factory=lambda: ["*"])
+    exclude_outbound_cidrs: list = field(default_factory=list)
+    include_outbound_ports: list = field(default_factory=list)
+    exclude_outbound_ports: list = field(default_factory=list)
+    include_inbound_ports: list = field(default_factory=lambda: ["*"])
+    exclude_inbound_ports: list = field(default_factory=list)
+    no_proxy: str = "reject"          # or "passthrough"
+    bypass: bool = True
+
+    def validate(self):
+        """Normalise in place; raise ValueError naming the offending setting."""
+        for name in ("proxy_uid", "proxy_gid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ValueError(f"{name}: {value!r} is not a uid/gid")
+        for name in ("outbound_port", "inbound_port"):
+            setattr(self, name, parse_port(getattr(self, name), name))
+        if self.outbound_port == self.inbound_port:
+            raise ValueError("outbound_port and inbound_port must differ")
+        for name in ("include_outbound_cidrs", "exclude_outbound_cidrs"):
+            setattr(self, name, [str(c) for c in parse_cidrs(getattr(self, name), name)])
+        for name in ("include_outbound_ports", "exclude_outbound_ports", "exclude_inbound_ports"):
+            setattr(self, name, parse_ports(getattr(self, name), name))
+        inc = self.include_inbound_ports
+        self.include_inbound_ports = ["*"] if _is_star(inc) else parse_ports(inc, "include_inbound_ports")
+        if self.no_proxy not in ("reject", "passthrough"):
+            raise ValueError(f"no_proxy: {self.no_proxy!r} is not 'reject' or 'passthrough'")
+        self.bypass = bool(self.bypass)
+        return self
+
+    def flags(self):
+        flags = 0
+        if self.no_proxy == "passthrough":
+            flags |= abi.POD_F_PASSTHROUGH
+        if self.bypass:
+            flags |= abi.POD_F_BYPASS
+        if self.include_outbound_ports:
+            flags |= abi.POD_F_OUT_PORTS_INCLUDE
+        if self.include_inbound_ports != ["*"]:
+            flags |= abi.POD_F_IN_PORTS_INCLUDE
+        return flags
+
+
+def _is_star(values):
+    return list(values) == ["*"] or values == "*"
+
+
+def _split(values):
+    if isinstance(values, str):
+        values = values.split(",")
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+def parse_port(value, what):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{what}: {port} is not in 1-65535")
+    return port
+
+
+def parse_ports(values, what):
+    return sorted({parse_port(v, what) for v in _split(values)})
+
+
+def parse_cidrs(values, what):
+    """'*' means every address of both families."""
+    out = []
+    for v in _split(values):
+        if v == "*":
+            out += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+            continue
+        try:
+            out.append(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise ValueError(f"{what}: {v!r} is not a CIDR") from None
+    return sorted(set(out), key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def _cidr_key(cookie, kind, net):
+    key = abi.CidrKey(kind=kind, netns_cookie=cookie, addr=addr16(net.network_address))
+    prefix = net.prefixlen + (96 if net.version == 4 else 0)   # v4-mapped
+    key.prefixlen = abi.CIDR_KEY_FIXED_BITS + prefix
+    return key
+
+
+def _port_key(cookie, kind, port):
+    return abi.PortKey(netns_cookie=cookie, port=port, kind=kind)
+
+
+def enroll(netns_path, settings, pod=None, addresses=None, container_id=None):
+    """Enroll (or re-enroll with new settings) the namespace at netns_path. Returns the
+    pod record. addresses: the pod's IPs when the caller knows them (CNI prevResult);
+    read from the namespace otherwise."""
+    settings.validate()
+    try:
+        cookie = netns.cookie_of(netns_path)
+    except OSError as exc:
+        raise EnrollError(f"cannot open network namespace {netns_path}: {exc.strerror}") from exc
+    if cookie == netns.host_cookie():
+        raise EnrollError("refusing to enroll the host network namespace")
+    if addresses is None:
+        addresses = netns.addresses_of(netns_path)
+    addresses = sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a))
+    with state.node_lock(), _open_maps() as maps:
+        _check_address_owners(maps, cookie, addresses)
+        _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
+        _write_rules(maps, cookie, settings)
+        for a in addresses:
+            maps.pod_addrs.put(abi.PodAddrKey(addr=addr16(a)), ctypes.c_uint64(cookie))
+        maps.pods.put(ctypes.c_uint64(cookie), abi.PodConfig(
+            proxy_uid=settings.proxy_uid, proxy_gid=settings.proxy_gid,
+            outbound_port=settings.outbound_port, inbound_port=settings.inbound_port,
+            flags=settings.flags()))
+        try:
+            _attach_sk_lookup(cookie, netns_path)
+            # a proxy that listened before enrollment was not seen by sock_ops
+            listeners.register_existing(maps, cookie, netns_path, settings.inbound_port)
+        except OSError:
+            remove_pod(cookie)
+            raise
+        record = {
+            "cookie": cookie, "netns": str(netns_path), "pod": pod,
+            "container_id": container_id, "addresses": [str(a) for a in addresses],
+            "settings": asdict(settings), "enrolled_at": time.time(),
+        }
+        state.write_json(paths.pod_state_file(cookie), record)
+    return record
+
+
+def _open_maps():
+    maps = Maps()
+    try:
+        maps.pods   # noqa: B018 -- fail early with a clear message
+    except OSError as exc:
+        maps.close()
+        raise EnrollError("the datapath is not loaded (run `interceptor load`)") from exc
+    return maps
+
+
+def _check_address_owners(maps, cookie, addresses):
+    for a in addresses:
+        owner = maps.pod_addrs.get(abi.PodAddrKey(addr=addr16(a)))
+        if owner is not None and owner.value != cookie and \
+                maps.pods.get(ctypes.c_uint64(owner.value)) is not None:
+            raise EnrollError(f"address {a} already belongs to enrolled netns cookie {owner.value}")
+
+
+def _write_rules(maps, cookie, s):
+    for port in s.exclude_outbound_ports:
+        maps.port_rules.put(_port_key(cookie, abi.PortKind.OUT_EXCLUDE, port), ctypes.c_uint8(1))
+    for port in s.include_outbound_ports:
+        maps.port_rules.put(_port_key(cookie, abi.PortKind.OUT_INCLUDE, port), ctypes.c_uint8(1))
+    if s.include_inbound_ports != ["*"]:
+        for port in s.include_inbound_ports:
+            maps.port_rules.put(_port_key(cookie, abi.PortKind.IN_INCLUDE, port), ctypes.c_uint8(1))
+    excluded_in = set(s.exclude_inbound_ports) | set(abi.ALWAYS_EXCLUDED_INBOUND_PORTS)
+    for port in sorted(excluded_in):
+        maps.port_rules.put(_port_key(cookie, abi.PortKind.IN_EXCLUDE, port), ctypes.c_uint8(1))
+    for kind, cidrs in ((abi.CidrKind.OUT_INCLUDE, s.include_outbound_cidrs),
+                        (abi.CidrKind.OUT_EXCLUDE, s.exclude_outbound_cidrs)):
+        for net in parse_cidrs(cidrs, "cidrs"):
+            maps.cidr_rules.put(_cidr_key(cookie, kind, net), ctypes.c_uint8(1))
+
+
+def _attach_sk_lookup(cookie, netns_path):
+    pin = paths.pod_pin_dir(cookie) / SK_LOOKUP_LINK
+    if pin.exists():
+        return
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    prog_fd = libbpf.obj_get(paths.PIN_PROGS / SK_LOOKUP_PROG)
+    ns_fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        link = libbpf.link_create(prog_fd, ns_fd, BY_NAME[SK_LOOKUP_PROG].attach_type)
+        try:
+            libbpf.obj_pin(link, pin)
+        finally:
+            os.close(link)
+    finally:
+        os.close(ns_fd)
+        os.close(prog_fd)
+
+
+def _remove_entries(maps, cookie, keep_pod=False):
+    """Delete every map entry of this netns. Iterates the maps rather than trusting the
+    record, so entries left by a crashed enroll go too."""
+    if not keep_pod:
+        maps.pods.delete(ctypes.c_uint64(cookie))
+    for key in maps.port_rules.keys():
+        if key.netns_cookie == cookie:
+            maps.port_rules.delete(key)
+    for key in maps.cidr_rules.keys():
+        if key.netns_cookie == cookie:
+            maps.cidr_rules.delete(key)
+    for key, owner in list(maps.pod_addrs.items()):
+        if owner.value == cookie:
+            maps.pod_addrs.delete(key)
+    if not keep_pod:
+        for key in maps.stats.keys():
+            if key.netns_cookie == cookie:
+                maps.stats.delete(key)
+        for key, orig in list(maps.redirected.items()):
+            if orig.netns_cookie == cookie:
+                maps.redirected.delete(key)
+
+
+def remove_pod(cookie):
+    """Everything of one netns: hooks off first (pods entry), then the sk_lookup link,
+    map entries, pins and record. Safe when parts are already gone; caller holds the lock."""
+    pin_dir = paths.pod_pin_dir(cookie)
+    try:
+        maps = Maps()
+        maps.pods   # noqa: B018
+    except OSError:
+        maps = None
+    if maps is not None:
+        with maps:
+            maps.pods.delete(ctypes.c_uint64(cookie))
+            _detach_pins(pin_dir)
+            _remove_entries(maps, cookie)
+    else:
+        _detach_pins(pin_dir)
+    state.remove(paths.pod_state_file(cookie))
+
+
+def _detach_pins(pin_dir):
+    if not pin_dir.is_dir():
+        return
+    for pin in pin_dir.iterdir():
+        try:
+            fd = libbpf.obj_get(pin)
+            try:
+                libbpf.link_detach(fd)
+            except OSError:
+                pass    # defunct: its netns is already gone
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        os.unlink(pin)
+    os.rmdir(pin_dir)
+
+
+def unenroll(netns_path=None, cookie=None, pod=None):
+    """Remove one pod, found by netns path, cookie or pod name. Returns the cookies
+    removed (empty when nothing matched: unenroll is idempotent)."""
+    with state.node_lock():
+        cookies = set()
+        if cookie is not None:
+            cookies.add(int(cookie))
+        if netns_path is not None:
+            try:
+                cookies.add(netns.cookie_of(netns_path))
+            except OSError:
+                pass    # namespace gone: match by the recorded path instead
+            cookies |= {c for c, r in state.pod_records().items() if r.get("netns") == str(netns_path)}
+        if pod is not None:
+            cookies |= {c for c, r in state.pod_records().items() if r.get("pod") == pod}
+        for c in cookies:
+            remove_pod(c)
+        return sorted(cookies)

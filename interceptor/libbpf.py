@@ -1,0 +1,246 @@
+"""The few libbpf calls userspace needs, through ctypes on libbpf.so.1.
+
+Used by every path that must stay fast and must not compile (enroll, CNI, status):
+opening pinned objects, map element access, links and attachments. libbpf >= 1.0
+returns -errno directly, which is turned into OSError here.
+"""
+import ctypes
+import ctypes.util
+import errno
+import os
+
+# Kernel UAPI numbers (linux/bpf.h); these are the kernel's, not ours.
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_F_ALLOW_MULTI = 1 << 1
+
+
+class AttachType:
+    CGROUP_SOCK_OPS = 3
+    SK_MSG_VERDICT = 7
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
+    CGROUP_GETSOCKOPT = 21
+    CGROUP_INET4_GETPEERNAME = 29
+    CGROUP_INET6_GETPEERNAME = 30
+    SK_LOOKUP = 36
+    XDP = 37
+
+
+class ProgType:
+    SOCKET_FILTER = 1
+    XDP = 6
+    SOCK_OPS = 13
+    SK_MSG = 16
+    CGROUP_SOCK_ADDR = 18
+    CGROUP_SOCKOPT = 25
+    SK_LOOKUP = 30
+
+
+class MapType:
+    HASH = 1
+    SOCKHASH = 18
+
+
+_lib = None
+
+
+def lib():
+    """libbpf.so.1, loaded on first use."""
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            _lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise OSError(errno.ENOENT, f"libbpf is not installed ({exc})") from exc
+        _declare(_lib)
+    return _lib
+
+
+def _declare(l):
+    c_int, c_uint, c_char_p, c_void_p = ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_void_p
+    sigs = {
+        "bpf_obj_get": ([c_char_p], c_int),
+        "bpf_obj_pin": ([c_int, c_char_p], c_int),
+        "bpf_map_lookup_elem": ([c_int, c_void_p, c_void_p], c_int),
+        "bpf_map_update_elem": ([c_int, c_void_p, c_void_p, ctypes.c_uint64], c_int),
+        "bpf_map_delete_elem": ([c_int, c_void_p], c_int),
+        "bpf_map_get_next_key": ([c_int, c_void_p, c_void_p], c_int),
+        "bpf_link_create": ([c_int, c_int, c_uint, c_void_p], c_int),
+        "bpf_link_detach": ([c_int], c_int),
+        "bpf_prog_attach": ([c_int, c_int, c_uint, c_uint], c_int),
+        "bpf_prog_detach2": ([c_int, c_int, c_uint], c_int),
+        "bpf_obj_get_info_by_fd": ([c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32)], c_int),
+        "bpf_prog_query": ([c_int, c_uint, c_uint, ctypes.POINTER(ctypes.c_uint32),
+                            ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32)], c_int),
+        "bpf_prog_load": ([c_uint, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p], c_int),
+        "bpf_map_create": ([c_uint, c_char_p, c_uint, c_uint, c_uint, c_void_p], c_int),
+        "libbpf_num_possible_cpus": ([], c_int),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(l, name)
+        fn.argtypes = args
+        fn.restype = res
+
+
+def _check(ret, what):
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def obj_get(path):
+    """fd of a pinned object (map, program or link)."""
+    return _check(lib().bpf_obj_get(os.fsencode(path)), f"open pinned {path}")
+
+
+def obj_pin(fd, path):
+    _check(lib().bpf_obj_pin(fd, os.fsencode(path)), f"pin {path}")
+
+
+def map_update(fd, key, value, flags=BPF_ANY):
+    _check(lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags),
+           "map update")
+
+
+def map_lookup(fd, key, value):
+    """Fill value for key; False when the key is absent."""
+    ret = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map lookup")
+    return True
+
+
+def map_delete(fd, key):
+    """Delete key; False when it was already absent."""
+    ret = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "map delete")
+    return True
+
+
+def map_keys(fd, key_type):
+    """All keys of a map (a snapshot: entries may come and go meanwhile)."""
+    keys = []
+    prev = None
+    while True:
+        nxt = key_type()
+        ret = lib().bpf_map_get_next_key(fd, ctypes.byref(prev) if prev is not None else None,
+                                         ctypes.byref(nxt))
+        if ret == -errno.ENOENT:
+            return keys
+        _check(ret, "map iterate")
+        keys.append(nxt)
+        prev = nxt
+
+
+def num_possible_cpus():
+    return _check(lib().libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+def link_create(prog_fd, target_fd, attach_type):
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "create link")
+
+
+def link_detach(link_fd):
+    _check(lib().bpf_link_detach(link_fd), "detach link")
+
+
+def prog_attach(prog_fd, target_fd, attach_type, flags=0):
+    _check(lib().bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "attach program")
+
+
+def prog_detach(prog_fd, target_fd, attach_type):
+    ret = lib().bpf_prog_detach2(prog_fd, target_fd, attach_type)
+    if ret == -errno.ENOENT:
+        return False
+    _check(ret, "detach program")
+    return True
+
+
+def prog_query(target_fd, attach_type):
+    """IDs of the programs attached to target_fd for attach_type."""
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(len(ids))
+    flags = ctypes.c_uint32(0)
+    ret = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids,
+                               ctypes.byref(count))
+    _check(ret, "query attached programs")
+    return list(ids[:count.value])
+
+
+class MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("tag", ctypes.c_uint8 * 8)]
+
+
+class LinkInfo(ctypes.Structure):
+    # struct bpf_link_info: type, id, prog_id, then a union; for netns links the union
+    # starts with netns_ino, attach_type; for cgroup links cgroup_id (u64), attach_type.
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("u0", ctypes.c_uint64), ("u1", ctypes.c_uint64)]
+
+
+def obj_info(fd, info_type):
+    info = info_type()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+           "object info")
+    return info
+
+
+class ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts (libbpf 1.1), the fields up to expected_attach_type.
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_char_p),
+    ]
+
+
+def load_trivial_prog(prog_type, expected_attach_type, return_value):
+    """Load `r0 = return_value; exit`: enough to ask the kernel whether it supports a
+    program type and attach point, without a compiler."""
+    insns = (ctypes.c_uint64 * 2)(
+        0xb7 | (return_value << 32),   # BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+        0x95,                          # BPF_JMP | BPF_EXIT
+    )
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type)
+    return _check(lib().bpf_prog_load(prog_type, b"ic_probe", b"GPL", insns, 2,
+                                      ctypes.byref(opts)), "load probe program")
+
+
+def map_create(map_type, key_size, value_size, max_entries):
+    return _check(lib().bpf_map_create(map_type, b"ic_probe", key_size, value_size,
+                                       max_entries, None), "create map")

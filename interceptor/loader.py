@@ -1,0 +1,196 @@
+"""The node loader: compile the datapath once, pin it, attach the node-wide hooks.
+
+This is the only module that imports BCC. Everything it creates is pinned under
+paths.PIN_ROOT so that other processes (enroll, the CNI plugin, status) reach it through
+libbpf, and so that unload can remove exactly what load made.
+"""
+import os
+import shutil
+import time
+
+from . import abi, libbpf, mounts, netns, paths, state
+from .bpf_source import assemble
+from .maps import LAYOUT, Maps
+from .programs import BYPASS_MAP, BY_NAME, CGROUP, PROGRAMS, SOCKHASH
+
+
+class LoadError(Exception):
+    pass
+
+
+def expected_pins():
+    """Every pin a complete load leaves (per-pod pins excluded)."""
+    pins = [paths.PIN_MAPS / name for name in LAYOUT]
+    pins += [paths.PIN_PROGS / p.name for p in PROGRAMS]
+    pins += [paths.PIN_LINKS / p.name for p in PROGRAMS if p.scope == CGROUP]
+    return pins
+
+
+def is_loaded():
+    return paths.NODE_STATE.exists() and all(p.exists() for p in expected_pins())
+
+
+def load(cgroup=None, bypass=True, log=lambda msg: None):
+    """Idempotent: a complete earlier load is kept (only the bypass switch is applied);
+    leftovers of an interrupted one are removed first. Returns a short summary."""
+    mounts.ensure_bpffs()
+    with state.node_lock():
+        if is_loaded():
+            changed = _apply_bypass(bypass)
+            node = state.read_json(paths.NODE_STATE)
+            if cgroup and os.path.realpath(cgroup) != os.path.realpath(node["cgroup"]):
+                raise LoadError(f"already loaded at cgroup {node['cgroup']}; "
+                                "unload first to attach elsewhere")
+            return "bypass switched" if changed else "already loaded"
+        if paths.PIN_ROOT.exists() or paths.NODE_STATE.exists():
+            log("removing leftovers of an incomplete load")
+            _teardown()
+        try:
+            _load(cgroup, bypass, log)
+        except BaseException:
+            _teardown()
+            raise
+        return "loaded"
+
+
+def _load(cgroup, bypass, log):
+    if cgroup:
+        if not os.path.isdir(cgroup):
+            raise LoadError(f"--cgroup {cgroup}: no such directory")
+        cg_path, mounted_by_us = cgroup, False
+    else:
+        cg_path, mounted_by_us = mounts.ensure_cgroup2()
+    # Record first, so a failure below still lets _teardown undo the mount.
+    node = {"cgroup": cg_path, "cgroup_mounted_by_us": mounted_by_us, "bypass": bypass,
+            "complete": False}
+    state.write_json(paths.NODE_STATE, node)
+
+    from bcc import BPF, lib as bcclib    # only here: compiling is the loader's job
+    host_cookie = netns.host_cookie()
+    started = time.monotonic()
+    bpf = BPF(text=assemble().encode(), cflags=[f"-DHOST_NETNS_COOKIE={host_cookie}"])
+    compile_s = time.monotonic() - started
+    log(f"compiled datapath in {compile_s:.2f}s")
+
+    for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in LAYOUT:
+        fd = bcclib.bpf_table_fd(bpf.module, name.encode())
+        if fd < 0:
+            raise LoadError(f"map {name} missing from the compiled datapath")
+        libbpf.obj_pin(fd, paths.PIN_MAPS / name)
+    prog_fds = {}
+    for prog in PROGRAMS:
+        fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
+        prog_fds[prog.name] = fn.fd
+        libbpf.obj_pin(fn.fd, paths.PIN_PROGS / prog.name)
+
+    with Maps() as maps:
+        maps.settings.put(libbpf_key(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
+
+    # Links, not legacy attachments: they coexist with other programs on the same hook
+    # (multi-attach) and go away with their pin, which is what makes unload clean.
+    cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog in PROGRAMS:
+            if prog.scope != CGROUP:
+                continue
+            link = libbpf.link_create(prog_fds[prog.name], cg_fd, prog.attach_type)
+            try:
+                libbpf.obj_pin(link, paths.PIN_LINKS / prog.name)
+            finally:
+                os.close(link)
+    finally:
+        os.close(cg_fd)
+    if bypass:
+        _attach_sk_msg(True)
+    node.update(complete=True, host_netns_cookie=host_cookie, compile_seconds=round(compile_s, 3),
+                loaded_at=time.time())
+    state.write_json(paths.NODE_STATE, node)
+    bpf.cleanup()   # our fds only; pins and links keep everything alive
+
+
+def libbpf_key(index):
+    import ctypes
+    return ctypes.c_uint32(index)
+
+
+def _sk_msg_prog():
+    return next(p for p in PROGRAMS if p.scope == SOCKHASH)
+
+
+def _attach_sk_msg(attach):
+    """sk_msg attaches to the bypass sockhash itself (legacy attach; it is detached
+    explicitly on unload)."""
+    prog = _sk_msg_prog()
+    prog_fd = libbpf.obj_get(paths.PIN_PROGS / prog.name)
+    map_fd = libbpf.obj_get(paths.PIN_MAPS / BYPASS_MAP)
+    try:
+        if attach:
+            libbpf.prog_attach(prog_fd, map_fd, prog.attach_type)
+        else:
+            libbpf.prog_detach(prog_fd, map_fd, prog.attach_type)
+    finally:
+        os.close(prog_fd)
+        os.close(map_fd)
+
+
+def _apply_bypass(bypass):
+    node = state.read_json(paths.NODE_STATE)
+    if node.get("bypass") == bypass:
+        return False
+    with Maps() as maps:
+        maps.settings.put(libbpf_key(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
+    _attach_sk_msg(bypass)
+    node["bypass"] = bypass
+    state.write_json(paths.NODE_STATE, node)
+    return True
+
+
+def unload(log=lambda msg: None):
+    """Remove every pod enrollment, detach and unpin everything load made. Idempotent."""
+    with state.node_lock():
+        _teardown(log)
+
+
+def _teardown(log=lambda msg: None):
+    from . import enrollment
+    node = state.read_json(paths.NODE_STATE) or {}
+    cookies = set(state.pod_records())
+    if paths.PIN_PODS.is_dir():
+        cookies |= {int(d.name) for d in paths.PIN_PODS.iterdir() if d.name.isdigit()}
+    for cookie in sorted(cookies):
+        enrollment.remove_pod(cookie)
+        log(f"unenrolled netns cookie {cookie}")
+    if paths.PIN_LINKS.is_dir():
+        for pin in paths.PIN_LINKS.iterdir():
+            _detach_link_pin(pin)
+    prog = _sk_msg_prog()
+    if (paths.PIN_PROGS / prog.name).exists() and (paths.PIN_MAPS / BYPASS_MAP).exists():
+        _attach_sk_msg(False)
+    if paths.PIN_ROOT.exists():
+        shutil.rmtree(paths.PIN_ROOT)   # unlinking a bpffs pin drops its reference
+    if node.get("cgroup_mounted_by_us"):
+        mounts.release_own_cgroup2()
+    state.remove(paths.NODE_STATE)
+    if paths.POD_STATE.is_dir():
+        shutil.rmtree(paths.POD_STATE)
+
+
+def _detach_link_pin(pin):
+    try:
+        fd = libbpf.obj_get(pin)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            libbpf.link_detach(fd)
+        except OSError:
+            pass   # already defunct (its cgroup or netns went away)
+        finally:
+            os.close(fd)
+    os.unlink(pin)
+
+
+def program_by_name(name):
+    return BY_NAME[name]

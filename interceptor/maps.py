@@ -1,0 +1,99 @@
+"""Typed handles on the pinned maps, for userspace that must not import BCC."""
+import ctypes
+import os
+
+from . import abi, libbpf, paths
+
+# name -> (key type, value type); per-CPU maps hold one value per possible CPU.
+LAYOUT = {
+    "pods": (ctypes.c_uint64, abi.PodConfig),
+    "pod_addrs": (abi.PodAddrKey, ctypes.c_uint64),
+    "port_rules": (abi.PortKey, ctypes.c_uint8),
+    "cidr_rules": (abi.CidrKey, ctypes.c_uint8),
+    "inbound_listeners": (abi.ListenerKey, None),
+    "bypass_socks": (abi.SockTuple, None),
+    "redirected": (abi.SockTuple, abi.OrigDst),
+    "connect_orig": (ctypes.c_int, abi.OrigDst),
+    "stats": (abi.StatKey, abi.StatValue),
+    "settings": (ctypes.c_uint32, abi.NodeSettings),
+}
+PERCPU = {"stats"}
+# Maps whose content userspace reads or writes (sockhashes and sk_storage are the
+# kernel's own; they are only pinned so unload can account for them).
+DATA_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats", "settings")
+
+
+class PinnedMap:
+    def __init__(self, name):
+        self.name = name
+        self.key_type, self.value_type = LAYOUT[name]
+        self.fd = libbpf.obj_get(paths.PIN_MAPS / name)
+        self.percpu = name in PERCPU
+        if self.percpu:
+            self.ncpus = libbpf.num_possible_cpus()
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _value_buf(self):
+        if self.percpu:
+            return (self.value_type * self.ncpus)()
+        return self.value_type()
+
+    def get(self, key):
+        value = self._value_buf()
+        if not libbpf.map_lookup(self.fd, key, value):
+            return None
+        return list(value) if self.percpu else value
+
+    def put(self, key, value, flags=libbpf.BPF_ANY):
+        libbpf.map_update(self.fd, key, value, flags)
+
+    def delete(self, key):
+        return libbpf.map_delete(self.fd, key)
+
+    def keys(self):
+        return libbpf.map_keys(self.fd, self.key_type)
+
+    def items(self):
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def info(self):
+        return libbpf.obj_info(self.fd, libbpf.MapInfo)
+
+
+class Maps:
+    """Lazily opened pinned maps: `Maps().pods.get(...)`. Raises FileNotFoundError-like
+    OSError when the datapath is not loaded."""
+
+    def __init__(self):
+        self._open = {}
+
+    def __getattr__(self, name):
+        if name not in LAYOUT:
+            raise AttributeError(name)
+        if name not in self._open:
+            self._open[name] = PinnedMap(name)
+        return self._open[name]
+
+    def close(self):
+        for m in self._open.values():
+            m.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def addr16(ip):
+    """ip_address -> abi.Addr16, IPv4 v4-mapped (the datapath's one address shape)."""
+    packed = ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
+    return abi.Addr16.from_buffer_copy(packed)

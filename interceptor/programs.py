@@ -1,0 +1,32 @@
+"""The datapath's programs: C function, program type, attach point and scope."""
+from dataclasses import dataclass
+
+from .libbpf import AttachType, ProgType
+
+CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in links/
+SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
+NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str            # C function name, also the pin name
+    prog_type: int
+    attach_type: int
+    scope: str
+
+
+PROGRAMS = (
+    Program("connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT, CGROUP),
+    Program("connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT, CGROUP),
+    Program("getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME, CGROUP),
+    Program("getpeername6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_GETPEERNAME, CGROUP),
+    Program("getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT, CGROUP),
+    Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP),
+    Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH),
+    Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS),
+)
+
+BY_NAME = {p.name: p for p in PROGRAMS}
+BYPASS_MAP = "bypass_socks"
+SK_LOOKUP_PROG = "steer_inbound"
