@@ -4,6 +4,7 @@ This is the only module that imports BCC. Everything it creates is pinned under
 paths.PIN_ROOT so that other processes (enroll, the CNI plugin, status) reach it through
 libbpf, and so that unload can remove exactly what load made.
 """
+import ctypes
 import os
 import shutil
 import time
@@ -11,7 +12,7 @@ import time
 from . import abi, libbpf, mounts, netns, paths, state
 from .bpf_source import assemble
 from .maps import LAYOUT, Maps
-from .programs import BYPASS_MAP, BY_NAME, CGROUP, PROGRAMS, SOCKHASH
+from .programs import BYPASS_MAP, CGROUP, PROGRAMS, SOCKHASH
 
 
 class LoadError(Exception):
@@ -86,7 +87,7 @@ def _load(cgroup, bypass, log):
         libbpf.obj_pin(fn.fd, paths.PIN_PROGS / prog.name)
 
     with Maps() as maps:
-        maps.settings.put(libbpf_key(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
+        maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
 
     # Links, not legacy attachments: they coexist with other programs on the same hook
     # (multi-attach) and go away with their pin, which is what makes unload clean.
@@ -108,11 +109,6 @@ def _load(cgroup, bypass, log):
                 loaded_at=time.time())
     state.write_json(paths.NODE_STATE, node)
     bpf.cleanup()   # our fds only; pins and links keep everything alive
-
-
-def libbpf_key(index):
-    import ctypes
-    return ctypes.c_uint32(index)
 
 
 def _sk_msg_prog():
@@ -140,7 +136,7 @@ def _apply_bypass(bypass):
     if node.get("bypass") == bypass:
         return False
     with Maps() as maps:
-        maps.settings.put(libbpf_key(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
+        maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
     _attach_sk_msg(bypass)
     node["bypass"] = bypass
     state.write_json(paths.NODE_STATE, node)
@@ -190,7 +186,3 @@ def _detach_link_pin(pin):
         finally:
             os.close(fd)
     os.unlink(pin)
-
-
-def program_by_name(name):
-    return BY_NAME[name]

@@ -2,13 +2,11 @@
 
 A basic version for the datapath issue: loader state, enrolled pods with their counters,
 live redirected connections. Errors make the exit code 1."""
-import ctypes
 import ipaddress
-import os
 import platform
 import time
 
-from . import abi, counters, libbpf, paths, state
+from . import counters, paths, state
 from .loader import expected_pins, is_loaded
 from .maps import Maps
 
@@ -94,8 +92,9 @@ def render(report):
     ]
     if n["loaded"]:
         lines.append(f"{'Pods:':<14}{n['pods_enrolled']} enrolled")
-        lines.append(f"{'Maps:':<14}" + ", ".join(
-            f"{k} {v['entries']}/{v['capacity']}" for k, v in report["maps"].items()))
+        maps = [f"{k} {v['entries']}/{v['capacity']}" for k, v in report["maps"].items()]
+        for i in range(0, len(maps), 3):    # three per line keeps 80 columns
+            lines.append(f"{'Maps:' if i == 0 else '':<14}" + ", ".join(maps[i:i + 3]))
     if report["pods"]:
         lines += ["", f"{'POD':<24}{'ADDRESSES':<28}{'OUT':>6}{'IN':>6}{'BYPASS':>8}"]
         for p in report["pods"]:

@@ -1,0 +1,292 @@
+"""`interceptor doctor`: ask the kernel, not a version table, what the datapath can use.
+
+Each probe loads a two-instruction program of the right type and attaches it where the
+datapath would (a throw-away child cgroup, a throw-away network namespace or veth), then
+removes it. Nothing here compiles except the BCC probe, so doctor also works where BCC
+cannot run. INTERCEPTOR_DISABLE_FEATURES=a,b makes probes report features absent, to
+exercise fallbacks on a kernel that has them.
+"""
+import ctypes
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+from . import libbpf, mounts
+from .libbpf import AttachType, MapType, ProgType
+
+DISABLE_ENV = "INTERCEPTOR_DISABLE_FEATURES"
+
+# Capabilities eBPF mode needs; bypass and XDP only add to it.
+REQUIRED_FOR_EBPF = ("bpffs", "cgroup2", "connect4", "connect6", "getpeername", "getsockopt",
+                     "sock_ops", "sk_lookup", "netns_cookie", "bcc_compile")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: str = ""
+
+
+@dataclass
+class Report:
+    kernel: str
+    checks: list
+
+    @property
+    def by_name(self):
+        return {c.name: c for c in self.checks}
+
+    @property
+    def ebpf_usable(self):
+        found = self.by_name
+        return all(found[n].ok for n in REQUIRED_FOR_EBPF if n in found)
+
+    @property
+    def mode(self):
+        if self.ebpf_usable:
+            return "ebpf"
+        return "unavailable (eBPF mode needs: " + ", ".join(
+            n for n in REQUIRED_FOR_EBPF if not self.by_name[n].ok) + ")"
+
+    def to_json(self):
+        return {"kernel": self.kernel, "mode": self.mode, "ebpf_usable": self.ebpf_usable,
+                "bypass": self.by_name["sockmap"].ok,
+                "checks": [asdict(c) for c in self.checks]}
+
+    def render(self):
+        lines = [f"{'Kernel:':<16}{self.kernel}", ""]
+        for c in self.checks:
+            state = "OK" if c.ok else "missing"
+            lines.append(f"{c.name:<16}{state:<9}{c.detail}")
+            if c.warning:
+                lines.append(f"{'':<25}warning: {c.warning}")
+        lines += ["", f"{'Mode:':<16}{self.mode}",
+                  f"{'Bypass:':<16}{'available' if self.by_name['sockmap'].ok else 'unavailable'}"]
+        return "\n".join(lines)
+
+
+def disabled_features():
+    return {f.strip() for f in os.environ.get(DISABLE_ENV, "").split(",") if f.strip()}
+
+
+def run():
+    disabled = disabled_features()
+    checks = []
+
+    def probe(name, fn):
+        if name in disabled:
+            checks.append(Check(name, False, f"disabled by {DISABLE_ENV}"))
+            return
+        try:
+            result = fn()
+        except OSError as exc:
+            checks.append(Check(name, False, exc.strerror or str(exc)))
+            return
+        except Exception as exc:   # a probe must never take doctor down
+            checks.append(Check(name, False, str(exc)))
+            return
+        detail, warning = result if isinstance(result, tuple) else (result, "")
+        checks.append(Check(name, True, detail, warning))
+
+    probe("bpffs", _probe_bpffs)
+    probe("cgroup2", _probe_cgroup2)
+    with _scratch_cgroup() as cg:
+        probe("connect4", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+                                                     AttachType.CGROUP_INET4_CONNECT))
+        probe("connect6", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+                                                     AttachType.CGROUP_INET6_CONNECT))
+        probe("getpeername", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+                                                        AttachType.CGROUP_INET4_GETPEERNAME))
+        probe("getsockopt", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCKOPT,
+                                                       AttachType.CGROUP_GETSOCKOPT))
+        probe("sock_ops", lambda: _probe_cgroup_hook(cg, ProgType.SOCK_OPS,
+                                                     AttachType.CGROUP_SOCK_OPS))
+    probe("sockmap", _probe_sockmap)
+    probe("sk_lookup", _probe_sk_lookup)
+    probe("netns_cookie", _probe_netns_cookie)
+    probe("xdp_native", lambda: _probe_xdp(native=True))
+    probe("xdp_generic", lambda: _probe_xdp(native=False))
+    probe("bcc_compile", _probe_bcc)
+    return Report(kernel=platform.release(), checks=checks)
+
+
+# --- probes ---------------------------------------------------------------------------
+def _probe_bpffs():
+    where = mounts.find("bpf")
+    if where:
+        return f"mounted at {where}"
+    return "not mounted; `interceptor load` mounts it at /sys/fs/bpf"
+
+
+def _probe_cgroup2():
+    where = mounts.find("cgroup2")
+    if where:
+        return f"mounted at {where}"
+    return "no cgroup2 mount; `interceptor load` mounts one at /run/interceptor/cgroup2"
+
+
+class _scratch_cgroup:
+    """A throw-away child cgroup to attach probe programs to (never the root: a probe
+    must not affect any real process)."""
+
+    def __enter__(self):
+        self.path = None
+        self.tmp_mount = None
+        root = mounts.find("cgroup2")
+        try:
+            if root is None:
+                self.tmp_mount = f"/run/interceptor/doctor-cgroup2-{os.getpid()}"
+                os.makedirs(self.tmp_mount, exist_ok=True)
+                if _libc.mount(b"cgroup2", self.tmp_mount.encode(), b"cgroup2", 0, None) != 0:
+                    return None
+                root = self.tmp_mount
+            self.path = os.path.join(root, f"interceptor-doctor-{os.getpid()}")
+            os.makedirs(self.path, exist_ok=True)
+        except OSError:
+            self.path = None
+        return self.path
+
+    def __exit__(self, *exc):
+        if self.path:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
+        if self.tmp_mount:
+            _libc.umount2(self.tmp_mount.encode(), 2)
+            try:
+                os.rmdir(self.tmp_mount)
+            except OSError:
+                pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _probe_cgroup_hook(cgroup, prog_type, attach_type):
+    if cgroup is None:
+        raise OSError(0, "no cgroup2 hierarchy to attach to")
+    prog = libbpf.load_trivial_prog(prog_type, attach_type, 1)
+    try:
+        cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            link = libbpf.link_create(prog, cg, attach_type)
+            os.close(link)
+        finally:
+            os.close(cg)
+    finally:
+        os.close(prog)
+    return "loads and attaches to a cgroup"
+
+
+def _probe_sockmap():
+    m = libbpf.map_create(MapType.SOCKHASH, 4, 4, 1)
+    try:
+        prog = libbpf.load_trivial_prog(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, 1)
+        try:
+            libbpf.prog_attach(prog, m, AttachType.SK_MSG_VERDICT)
+            libbpf.prog_detach(prog, m, AttachType.SK_MSG_VERDICT)
+        finally:
+            os.close(prog)
+    finally:
+        os.close(m)
+    return "sockhash + sk_msg verdict attach"
+
+
+def _in_scratch_netns(fn):
+    """Run fn() in a forked child inside a new network namespace; returns its errno
+    (0 on success). Our own namespace is never changed."""
+    pid = os.fork()
+    if pid == 0:   # child
+        code = 0
+        try:
+            if _libc.unshare(0x40000000) != 0:
+                code = ctypes.get_errno() or 1
+            else:
+                fn()
+        except OSError as exc:
+            code = exc.errno or 1
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _probe_sk_lookup():
+    prog = libbpf.load_trivial_prog(ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, 1)
+    try:
+        def attach():
+            ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+            os.close(libbpf.link_create(prog, ns, AttachType.SK_LOOKUP))
+        err = _in_scratch_netns(attach)
+    finally:
+        os.close(prog)
+    if err:
+        raise OSError(err, f"attach to a network namespace: {os.strerror(err)}")
+    return "loads and attaches to a network namespace"
+
+
+def _probe_netns_cookie():
+    from . import netns
+    cookie = netns.current_cookie()
+    return f"SO_NETNS_COOKIE works (this namespace: {cookie})"
+
+
+def _probe_xdp(native):
+    lib = libbpf.lib()
+    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+    flags = 1 << 2 if native else 1 << 1    # XDP_FLAGS_DRV_MODE / XDP_FLAGS_SKB_MODE
+    prog = libbpf.load_trivial_prog(ProgType.XDP, 0, 2)
+    try:
+        def attach():
+            subprocess.run(["ip", "link", "add", "ic0", "type", "veth", "peer", "name", "ic1"],
+                           check=True, capture_output=True)
+            subprocess.run(["ip", "link", "set", "ic0", "up"], check=True, capture_output=True)
+            subprocess.run(["ip", "link", "set", "ic1", "up"], check=True, capture_output=True)
+            ret = lib.bpf_xdp_attach(socket_if_index("ic0"), prog, flags, None)
+            if ret < 0:
+                raise OSError(-ret, os.strerror(-ret))
+        err = _in_scratch_netns(attach)
+    finally:
+        os.close(prog)
+    if err:
+        raise OSError(err, f"attach to a veth: {os.strerror(err)}")
+    return f"{'native (driver)' if native else 'generic (skb)'} mode on veth"
+
+
+def socket_if_index(name):
+    import socket
+    return socket.if_nametoindex(name)
+
+
+def headers_note():
+    """Which kernel the build headers BCC uses belong to, and a warning when that is not
+    the running kernel (borrowed headers: fine for UAPI-only programs like ours)."""
+    release = platform.release()
+    build = f"/lib/modules/{release}/build"
+    if not os.path.exists(build):
+        raise OSError(0, f"{build} is missing (make setup links Debian's headers there)")
+    target = os.path.realpath(build)
+    name = os.path.basename(target)
+    if release in name:
+        return f"headers {target}", ""
+    return (f"headers {target}",
+            f"headers belong to another kernel ({name.replace('linux-headers-', '')}, running "
+            f"{release}); fine for the UAPI-only datapath")
+
+
+def _probe_bcc():
+    detail, warning = headers_note()
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise OSError(0, f"BCC Python bindings missing ({exc}); install python3-bpfcc") from exc
+    started = time.monotonic()
+    b = BPF(text=b"int probe(void *ctx) { return 0; }")
+    b.cleanup()
+    return f"{detail}, compile {time.monotonic() - started:.2f}s", warning
