@@ -1,0 +1,209 @@
+"""The test apps: a server and a client that report what they saw, as JSON.
+
+    apps.py serve PORT            reads each connection to EOF, answers with a JSON report
+                                  (its sockname/peername, byte count, sha256), closes
+    apps.py connect HOST PORT [--bytes N] [--uid U] [--gid G]
+                                  sends N random bytes (default: b"hello"), half-closes,
+                                  prints {peername, sent_sha256, reply} or {error}
+    apps.py stream-checks PORT    see stream_checks(): FIONREAD, splice, half-close, RST
+
+Run inside pod namespaces by the tests (ip netns exec). Standard library only.
+"""
+import argparse
+import errno
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+
+CHUNK = 1 << 16
+
+
+def _addr(sa):
+    return f"{sa[0]}:{sa[1]}"
+
+
+def _listen(port, family, host):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    s.listen(128)
+    return s
+
+
+def serve(port):
+    def handle(conn):
+        # A timeout puts the socket in non-blocking mode (Python polls and retries on
+        # EAGAIN): see test_blocking_recv_on_a_bypassed_socket for why that matters.
+        conn.settimeout(60)
+        with conn:
+            h = hashlib.sha256()
+            n = 0
+            while True:
+                data = conn.recv(CHUNK)
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+            report = {"sockname": _addr(conn.getsockname()), "peername": _addr(conn.getpeername()),
+                      "bytes": n, "sha256": h.hexdigest()}
+            conn.sendall(json.dumps(report).encode())
+
+    listeners = [_listen(port, socket.AF_INET, "0.0.0.0"), _listen(port, socket.AF_INET6, "::")]
+    print("listening", flush=True)
+
+    def accept_loop(s):
+        while True:
+            conn, _ = s.accept()
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    for s in listeners[1:]:
+        threading.Thread(target=accept_loop, args=(s,), daemon=True).start()
+    accept_loop(listeners[0])
+
+
+def connect(host, port, nbytes=None, uid=None, gid=None):
+    if gid is not None:
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(20)
+    try:
+        s.connect((host, port))
+    except OSError as exc:
+        return {"error": errno.errorcode.get(exc.errno, str(exc))}
+    out = {"peername": _addr(s.getpeername()), "sockname": _addr(s.getsockname())}
+    h = hashlib.sha256()
+    if nbytes is None:
+        payload = b"hello"
+        h.update(payload)
+        s.sendall(payload)
+    else:
+        left = nbytes
+        while left:
+            chunk = os.urandom(min(CHUNK * 4, left))
+            h.update(chunk)
+            s.sendall(chunk)
+            left -= len(chunk)
+    s.shutdown(socket.SHUT_WR)     # half-close: the server answers after EOF
+    reply = b""
+    try:
+        while True:
+            data = s.recv(CHUNK)
+            if not data:
+                break
+            reply += data
+    except OSError as exc:
+        out["error"] = errno.errorcode.get(exc.errno, str(exc))
+    s.close()
+    out["sent_sha256"] = h.hexdigest()
+    out["reply"] = json.loads(reply) if reply else None
+    return out
+
+
+def stream_checks(port):
+    """Stream semantics over one connection inside a pod (a loopback pair, which the
+    bypass short-circuits when on): FIONREAD sees queued bytes, splice() moves them,
+    half-close delivers EOF after the data, and a RST is reported as a reset."""
+    import fcntl
+    import struct
+    import termios
+    import time
+
+    srv = _listen(port, socket.AF_INET, "127.0.0.1")
+    result = {}
+    cli = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn, _ = srv.accept()
+    conn.settimeout(10)
+
+    # FIONREAD: bytes sent by the peer are counted before they are read.
+    cli.sendall(b"x" * 1000)
+    deadline = time.monotonic() + 5
+    queued = 0
+    while time.monotonic() < deadline and queued < 1000:
+        queued = struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0\0\0\0"))[0]
+        time.sleep(0.01)
+    result["fionread"] = queued
+    assert conn.recv(2000) == b"x" * 1000
+
+    # splice(): from the socket into a pipe, as nginx/HAProxy do.
+    cli.sendall(b"y" * 4096)
+    r, w = os.pipe()
+    moved = 0
+    deadline = time.monotonic() + 5
+    conn.setblocking(False)
+    while moved < 4096 and time.monotonic() < deadline:
+        try:
+            moved += os.splice(conn.fileno(), w, 4096 - moved)
+        except BlockingIOError:
+            time.sleep(0.01)
+    conn.setblocking(True)
+    conn.settimeout(10)
+    result["splice"] = moved
+    result["splice_data_ok"] = moved > 0 and os.read(r, 8192) == b"y" * moved
+    if moved < 4096:   # drain what splice could not see, to go on with the checks
+        conn.recv(4096 - moved)
+    os.close(r)
+    os.close(w)
+
+    # half-close: data then EOF, and the other direction still works.
+    cli.sendall(b"last words")
+    cli.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        d = conn.recv(100)
+        if not d:
+            break
+        got += d
+    result["half_close_data"] = got.decode()
+    conn.sendall(b"reply after half-close")
+    result["reply_after_half_close"] = cli.recv(100).decode()
+
+    # RST: the server aborts (SO_LINGER 0); the client sees a reset, not a clean EOF.
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    try:
+        time.sleep(0.1)
+        cli.sendall(b"after reset")
+        time.sleep(0.1)
+        data = cli.recv(100)
+        result["after_rst"] = "eof" if data == b"" else "data"
+    except ConnectionResetError:
+        result["after_rst"] = "reset"
+    except BrokenPipeError:
+        result["after_rst"] = "reset"
+    cli.close()
+    srv.close()
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve")
+    p.add_argument("port", type=int)
+    p = sub.add_parser("connect")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--bytes", type=int)
+    p.add_argument("--uid", type=int)
+    p.add_argument("--gid", type=int)
+    p = sub.add_parser("stream-checks")
+    p.add_argument("port", type=int)
+    args = ap.parse_args()
+    if args.cmd == "serve":
+        serve(args.port)
+    elif args.cmd == "connect":
+        print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid)))
+    else:
+        print(json.dumps(stream_checks(args.port)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

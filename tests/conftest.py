@@ -1,0 +1,111 @@
+"""Fixtures for tests against the real kernel: the loaded datapath, pods in network
+namespaces, the test apps and sidecars.
+
+Tests use their own pin root and state dir, so a datapath loaded on the machine for real
+is neither used nor disturbed by a test run.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+os.environ.setdefault("INTERCEPTOR_PIN_ROOT", "/sys/fs/bpf/interceptor-test")
+os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-test")
+
+import pytest  # noqa: E402
+
+from interceptor import abi, counters, enrollment, lab as labmod, loader, paths  # noqa: E402
+from interceptor.maps import Maps  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+APPS = os.path.join(TESTS, "apps.py")
+SIDECAR = os.path.join(TESTS, "sidecar.py")
+SERVER_PORT = 8080
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        for item in items:
+            if "kernel" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs root and the real kernel"))
+
+
+@pytest.fixture(scope="module")
+def datapath():
+    """The datapath loaded for one test module, unloaded after it (and checked gone)."""
+    loader.unload()
+    loader.load()
+    yield
+    loader.unload()
+    assert not paths.PIN_ROOT.exists(), "unload left pins behind"
+
+
+@pytest.fixture
+def lab():
+    with labmod.Lab(prefix=f"ict{uuid.uuid4().hex[:5]}", net=77) as the_lab:
+        yield the_lab
+        for pod in the_lab.pods.values():
+            enrollment.unenroll(netns_path=pod.netns_path)
+
+
+def start_server(pod, port=SERVER_PORT):
+    proc = pod.spawn(sys.executable, APPS, "serve", str(port),
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "listening"
+    return proc
+
+
+def start_sidecar(lab, pod, outbound_port=abi.OUTBOUND_PORT, inbound_port=abi.INBOUND_PORT):
+    """The Python test proxy (IPv4 and IPv6), as uid/gid 1337. Returns its log path."""
+    log = os.path.join(lab.workdir, f"sidecar-{pod.name}.log")
+    open(log, "w").close()
+    pod.spawn(sys.executable, SIDECAR, "--log", log, "--outbound-port", str(outbound_port),
+              "--inbound-port", str(inbound_port), stderr=subprocess.DEVNULL)
+    labmod.wait_listening(pod, outbound_port)
+    labmod.wait_listening(pod, inbound_port)
+    return log
+
+
+def client(pod, host, port=SERVER_PORT, nbytes=None, uid=None, gid=None, timeout=60):
+    argv = [sys.executable, APPS, "connect", str(host), str(port)]
+    if nbytes is not None:
+        argv += ["--bytes", str(nbytes)]
+    if uid is not None:
+        argv += ["--uid", str(uid)]
+    if gid is not None:
+        argv += ["--gid", str(gid)]
+    out = pod.run(*argv, timeout=timeout).stdout
+    return json.loads(out)
+
+
+def log_lines(path, settle=0.3):
+    """The proxy log's lines; waits briefly for the last connection's line to land."""
+    time.sleep(settle)
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def sidecar_entries(path, settle=0.3):
+    return [json.loads(line) for line in log_lines(path, settle)]
+
+
+def pod_counters(pod):
+    """Counters of the pod's netns, summed over CPUs: {reason label: count}."""
+    from interceptor import netns
+    cookie = netns.cookie_of(pod.netns_path)
+    with Maps() as maps:
+        return {k: v["count"] for k, v in counters.by_pod(maps).get(cookie, {}).items()}
+
+
+def pod_bytes(pod, label):
+    from interceptor import netns
+    cookie = netns.cookie_of(pod.netns_path)
+    with Maps() as maps:
+        return counters.by_pod(maps).get(cookie, {}).get(label, {}).get("bytes", 0)
+
+
+def enroll(pod, **settings):
+    return enrollment.enroll(pod.netns_path, enrollment.PodSettings(**settings),
+                             pod=f"test/{pod.name}")

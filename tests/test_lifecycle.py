@@ -1,0 +1,128 @@
+"""load / unload against the real kernel: idempotent, repairable, and leaving nothing
+behind (checked with bpftool, not with our own bookkeeping)."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import client, enroll, sidecar_entries, start_server, start_sidecar
+from interceptor import enrollment, libbpf, loader, paths
+from interceptor.programs import BYPASS_MAP, PROGRAMS
+
+pytestmark = pytest.mark.kernel
+
+OUR_PROGS = {p.name for p in PROGRAMS}
+
+
+def bpftool(*args):
+    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
+                                     capture_output=True, text=True).stdout or "[]")
+
+
+def cgroup_attachments():
+    node = json.load(open(paths.NODE_STATE))
+    return [a for a in bpftool("cgroup", "show", node["cgroup"]) if a.get("name") in OUR_PROGS]
+
+
+def live_objects():
+    """Our programs, maps and links still known to the kernel (freeing is deferred a
+    little after the last reference goes, so callers poll)."""
+    progs = [p for p in bpftool("prog", "show") if p.get("name") in OUR_PROGS]
+    prog_ids = {p["id"] for p in progs}
+    links = [link for link in bpftool("link", "show") if link.get("prog_id") in prog_ids]
+    return progs, links
+
+
+def wait_gone(timeout=5):
+    deadline = time.monotonic() + timeout
+    while True:
+        progs, links = live_objects()
+        if not progs and not links or time.monotonic() > deadline:
+            return progs, links
+        time.sleep(0.1)
+
+
+def pinned_prog_ids():
+    ids = {}
+    for p in PROGRAMS:
+        fd = libbpf.obj_get(paths.PIN_PROGS / p.name)
+        ids[p.name] = libbpf.obj_info(fd, libbpf.ProgInfo).id
+        os.close(fd)
+    return ids
+
+
+def sk_msg_attached():
+    fd = libbpf.obj_get(paths.PIN_MAPS / BYPASS_MAP)
+    try:
+        return len(libbpf.prog_query(fd, libbpf.AttachType.SK_MSG_VERDICT)) > 0
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def clean():
+    loader.unload()
+    yield
+    loader.unload()
+
+
+def test_load_twice_changes_nothing(clean):
+    assert loader.load() == "loaded"
+    ids = pinned_prog_ids()
+    attached = cgroup_attachments()
+    assert sorted(a["name"] for a in attached) == sorted(
+        p.name for p in PROGRAMS if p.scope == "cgroup")
+    assert loader.load() == "already loaded"
+    assert pinned_prog_ids() == ids
+    assert len(cgroup_attachments()) == len(attached)
+
+
+def test_unload_leaves_nothing(clean, lab):
+    loader.load()
+    pod = lab.add_pod("a")
+    enroll(pod)
+    assert (paths.pod_pin_dir(enrollment.netns.cookie_of(pod.netns_path)) / "sk_lookup").exists()
+    loader.unload()
+    loader.unload()     # idempotent
+    assert not paths.PIN_ROOT.exists()
+    assert not paths.NODE_STATE.exists()
+    assert not paths.POD_STATE.exists()
+    progs, links = wait_gone()
+    assert progs == [] and links == [], "programs or links outlived unload"
+
+
+def test_interrupted_load_is_repaired(clean):
+    loader.load()
+    ids = pinned_prog_ids()
+    # simulate a crash that left one attachment missing
+    loader._detach_link_pin(paths.PIN_LINKS / "connect4")
+    assert not loader.is_loaded()
+    assert loader.load() == "loaded"
+    assert loader.is_loaded()
+    assert pinned_prog_ids() != ids       # a fresh, complete load
+    assert len(cgroup_attachments()) == sum(p.scope == "cgroup" for p in PROGRAMS)
+
+
+def test_bypass_switch_attaches_and_detaches_sk_msg(clean):
+    loader.load(bypass=False)
+    assert not sk_msg_attached()
+    assert loader.load(bypass=True) == "bypass switched"
+    assert sk_msg_attached()
+    assert loader.load(bypass=False) == "bypass switched"
+    assert not sk_msg_attached()
+
+
+def test_without_the_datapath_nothing_is_intercepted(clean, lab):
+    """The control for every datapath test: same pods, same proxy, same client, no
+    programs: the client still gets its answer, and the proxy sees nothing."""
+    a = lab.add_pod("a")
+    b = lab.add_pod("b")
+    start_server(b)
+    log = start_sidecar(lab, a)
+    with pytest.raises(enrollment.EnrollError, match="not loaded"):
+        enroll(a)
+    out = client(a, b.ipv4)
+    assert out["reply"]["bytes"] == 5
+    assert sidecar_entries(log) == []
