@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything interceptor needs on a fresh Debian 12 node, installed only when missing, so
+# a second run takes about a second. Used by `make demo`, `make test`, CI and the Vagrant VMs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (it installs packages and loads BPF programs)" >&2
+    exit 1
+fi
+
+# python3-bpfcc: BCC bindings for Debian's /usr/bin/python3 (the PyPI "bcc" is unrelated).
+# linux-headers-amd64: BCC needs a kernel build tree (see below).
+PACKAGES=(python3-bpfcc python3-venv libbpf1 bpftool linux-headers-amd64 haproxy curl
+          iproute2 procps)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# BCC compiles against /lib/modules/$(uname -r)/build. Nodes whose kernel has no Debian
+# headers package borrow Debian's: the datapath includes UAPI headers only, which are
+# stable across versions. `interceptor doctor` reports the borrowing.
+release=$(uname -r)
+if [ ! -e "/lib/modules/$release/build/include" ]; then
+    build=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$build" ] || [ -z "$common" ]; then
+        echo "setup: no kernel headers found under /usr/src" >&2
+        exit 1
+    fi
+    mkdir -p "/lib/modules/$release"
+    ln -sfn "$build" "/lib/modules/$release/build"
+    ln -sfn "$common" "/lib/modules/$release/source"
+    echo "setup: linked kernel headers $build for $release"
+fi
+
+# A venv on Debian's python3 that sees the Debian BCC bindings.
+stamp=.venv/.installed
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; then
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
