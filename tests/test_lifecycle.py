@@ -18,7 +18,7 @@ OUR_PROGS = {p.name for p in PROGRAMS}
 
 def bpftool(*args):
     return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
-                                     capture_output=True, text=True).stdout or "[]")
+                                     capture_output=True, text=True).stdout.strip() or "[]")
 
 
 def cgroup_attachments():
@@ -126,3 +126,21 @@ def test_without_the_datapath_nothing_is_intercepted(clean, lab):
     out = client(a, b.ipv4)
     assert out["reply"]["bytes"] == 5
     assert sidecar_entries(log) == []
+
+
+def test_load_at_a_given_cgroup(clean):
+    from interceptor import mounts
+    root, _ = mounts.ensure_cgroup2()
+    child = os.path.join(root, f"interceptor-test-{os.getpid()}")
+    os.makedirs(child, exist_ok=True)
+    try:
+        loader.load(cgroup=child)
+        names = {a["name"] for a in bpftool("cgroup", "show", child)}
+        assert names == {p.name for p in PROGRAMS if p.scope == "cgroup"}
+        with pytest.raises(loader.LoadError, match="already loaded at cgroup"):
+            loader.load(cgroup=root)
+        loader.unload()
+        assert bpftool("cgroup", "show", child) == []
+    finally:
+        loader.unload()
+        os.rmdir(child)
