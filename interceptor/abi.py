@@ -7,7 +7,6 @@ when the committed header is out of date. This module imports nothing heavy: the
 path and `enroll` use it without BCC.
 """
 import ctypes
-import enum
 
 # --- Defaults (Istio's, so that existing mesh configs carry over) --------------------
 PROXY_UID = 1337
@@ -37,7 +36,20 @@ POD_F_IN_PORTS_INCLUDE = 1 << 3   # only listed inbound ports are steered (else 
 NODE_F_BYPASS = 1 << 0            # `interceptor load --no-bypass` clears it
 
 
-class PortKind(enum.IntEnum):
+class Codes:
+    """A named set of stable integer codes. Plain class attributes rather than enum: this
+    module is imported on every CNI call, and enum (with re) costs milliseconds there."""
+
+    @classmethod
+    def items(cls):
+        return [(k, v) for k, v in vars(cls).items() if k.isupper()]
+
+    @classmethod
+    def name_of(cls, value):
+        return next((k for k, v in cls.items() if v == value), None)
+
+
+class PortKind(Codes):
     """Which list a port_key entry belongs to."""
     OUT_INCLUDE = 1
     OUT_EXCLUDE = 2
@@ -45,13 +57,13 @@ class PortKind(enum.IntEnum):
     IN_EXCLUDE = 4
 
 
-class CidrKind(enum.IntEnum):
+class CidrKind(Codes):
     """Which list a cidr_key entry belongs to (exclude wins over include, as in Istio)."""
     OUT_INCLUDE = 1
     OUT_EXCLUDE = 2
 
 
-class Reason(enum.IntEnum):
+class Reason(Codes):
     """Stable counter codes: never renumber, only append. Userspace labels are the
     lower-case names; the C side uses REASON_<NAME>."""
     OUT_REDIRECTED = 1
@@ -228,9 +240,9 @@ def render_header():
         out.append(f"#define {name} {value}")
     for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (Reason, "REASON_")):
         out.append("")
-        for member in enum_cls:
-            out.append(f"#define {prefix}{member.name} {member.value}")
-    out.append(f"#define REASON_MAX {max(Reason) + 1}")
+        for name, value in enum_cls.items():
+            out.append(f"#define {prefix}{name} {value}")
+    out.append(f"#define REASON_MAX {max(v for _, v in Reason.items()) + 1}")
     for name, struct in STRUCTS.items():
         out += ["", f"struct {name} {{"]
         out += [f"\t{_c_field(fname, ftype)};" for fname, ftype in struct._fields_]

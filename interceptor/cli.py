@@ -129,5 +129,56 @@ def status(output):
     sys.exit(1 if report["errors"] else 0)
 
 
+@main.group()
+def bench():
+    """Benchmarks that print numbers (never pass/fail)."""
+
+
+@bench.command("cni")
+@click.option("--sequential", default=100, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--concurrent", default=20, show_default=True, type=click.IntRange(1, 500))
+def bench_cni(sequential, concurrent):
+    """Plugin latency as the runtime sees it: VERSION, ADD and DEL."""
+    from . import bench_cni as b
+    b.run(sequential=sequential, concurrent=concurrent)
+
+
+@main.group()
+def cni():
+    """Install the CNI chained plugin on this node, or remove it."""
+
+
+_bin_dir = click.option("--bin-dir", default="/opt/cni/bin", show_default=True,
+                        type=click.Path(file_okay=False), help="CNI plugin directory.")
+_conf_dir = click.option("--conf-dir", default="/etc/cni/net.d", show_default=True,
+                         type=click.Path(file_okay=False), help="CNI network configuration directory.")
+
+
+@cni.command("install")
+@_bin_dir
+@_conf_dir
+def cni_install(bin_dir, conf_dir):
+    """Put interceptor-cni in BIN_DIR and chain it into the active configuration."""
+    from . import cni_install as inst
+    try:
+        done = inst.install(bin_dir, conf_dir)
+    except (inst.InstallError, OSError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo("\n".join(done) if done else "already installed")
+
+
+@cni.command("uninstall")
+@_bin_dir
+@_conf_dir
+def cni_uninstall(bin_dir, conf_dir):
+    """Remove exactly what `cni install` added."""
+    from . import cni_install as inst
+    try:
+        done = inst.uninstall(bin_dir, conf_dir)
+    except (inst.InstallError, OSError) as exc:
+        _fail(str(exc))
+    click.echo("\n".join(done) if done else "not installed")
+
+
 if __name__ == "__main__":
     main()

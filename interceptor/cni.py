@@ -1,20 +1,278 @@
-"""`interceptor-cni`: the CNI chained plugin. A stub until the CNI issue: it answers
-VERSION and reports every other command as unsupported, in the spec's error format."""
+"""`interceptor-cni`: the CNI chained plugin (spec 0.3.0 - 1.1.0).
+
+Stdout carries exactly one JSON document, the result or the error; logs go to stderr and
+the log file. The request is validated once, here at the edge, before anything is
+changed, so a malformed request leaves nothing behind. Imports are lazy and nothing on
+this path compiles or imports BCC: the runtime calls VERSION before every ADD and DEL.
+"""
 import json
 import os
 import sys
+import time
 
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+LATEST = SUPPORTED_VERSIONS[-1]
+DEFAULT_LOG = "/var/log/interceptor-cni.log"
+
+# Error codes of the CNI spec, and ours (100+) for CHECK.
+E_INCOMPATIBLE_VERSION = 1
+E_UNSUPPORTED_FIELD = 2
+E_UNKNOWN_CONTAINER = 3
+E_INVALID_ENV = 4
+E_IO = 5
+E_DECODE = 6
+E_INVALID_CONFIG = 7
+E_TRY_AGAIN = 11
+E_PLUGIN_NOT_AVAILABLE = 50
+E_CHECK_NOT_ENROLLED = 100
+E_CHECK_POD_ENTRY_MISSING = 101
+E_CHECK_INBOUND_LINK_MISSING = 102
+E_CHECK_NETNS_MISMATCH = 103
+E_INTERNAL = 999
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+
+
+class CniError(Exception):
+    def __init__(self, code, msg, details=""):
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+def _is_semver(v):
+    # (no `re`: it costs milliseconds of import on every call)
+    parts = v.split(".") if isinstance(v, str) else []
+    return len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def _version_tuple(v):
+    return tuple(int(x) for x in v.split("."))
+
+
+class Request:
+    """The validated request: environment and network configuration."""
+
+    def __init__(self, environ, stdin_text):
+        self.command = environ.get("CNI_COMMAND", "")
+        if self.command not in _COMMANDS:
+            raise CniError(E_INVALID_ENV, f"CNI_COMMAND {self.command or '(unset)'} is not one of "
+                           f"{', '.join(_COMMANDS)}")
+        self.container_id = environ.get("CNI_CONTAINERID", "")
+        self.netns = environ.get("CNI_NETNS", "")
+        self.ifname = environ.get("CNI_IFNAME", "")
+        self.raw_args = environ.get("CNI_ARGS", "")
+        self.cni_version = LATEST
+        try:
+            self.config = json.loads(stdin_text) if stdin_text.strip() else {}
+        except ValueError as exc:
+            raise CniError(E_DECODE, "network configuration is not valid JSON", str(exc)) from None
+        if not isinstance(self.config, dict):
+            raise CniError(E_DECODE, "network configuration must be a JSON object")
+        version = self.config.get("cniVersion")
+        if self.command == "VERSION":
+            if isinstance(version, str) and version in SUPPORTED_VERSIONS:
+                self.cni_version = version
+            return
+        if not _is_semver(version):
+            raise CniError(E_INVALID_CONFIG, "network configuration has no valid cniVersion")
+        if version not in SUPPORTED_VERSIONS:
+            raise CniError(E_INCOMPATIBLE_VERSION, f"cniVersion {version} is not supported",
+                           f"supported: {', '.join(SUPPORTED_VERSIONS)}")
+        self.cni_version = version
+        minimum = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}.get(self.command)
+        if minimum and _version_tuple(version) < _version_tuple(minimum):
+            raise CniError(E_INCOMPATIBLE_VERSION,
+                           f"{self.command} needs cniVersion {minimum} or later, got {version}")
+        if self.command in ("ADD", "DEL", "CHECK"):
+            self._validate_container_env()
+
+    def _validate_container_env(self):
+        missing = [name for name, value in (("CNI_CONTAINERID", self.container_id),
+                                            ("CNI_IFNAME", self.ifname)) if not value]
+        if self.command != "DEL" and not self.netns:
+            missing.append("CNI_NETNS")   # DEL may come after the namespace is gone
+        if missing:
+            raise CniError(E_INVALID_ENV, f"missing {', '.join(missing)}")
+        if not (set(self.container_id) <= _ID_CHARS and self.container_id[0].isalnum()):
+            raise CniError(E_INVALID_ENV, f"CNI_CONTAINERID {self.container_id!r} is not a valid ID")
+        if len(self.ifname) > 15 or "/" in self.ifname or self.ifname in (".", ".."):
+            raise CniError(E_INVALID_ENV, f"CNI_IFNAME {self.ifname!r} is not a valid interface name")
+        if self.netns and not os.path.isabs(self.netns):
+            raise CniError(E_INVALID_ENV, f"CNI_NETNS {self.netns!r} is not an absolute path")
+
+
+class Log:
+    """Plain lines to stderr and the log file; the logging module costs start-up time."""
+
+    def __init__(self, config):
+        self.path = os.environ.get("INTERCEPTOR_CNI_LOG") or config.get("logFile") or DEFAULT_LOG
+
+    def __call__(self, msg):
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{os.getpid()}] {msg}\n"
+        sys.stderr.write(line)
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError:
+            pass   # a log file we cannot write must not fail the pod
+
+
+def _prev_result_addresses(prev):
+    out = []
+    for ip in prev.get("ips", []) or []:
+        addr = str(ip.get("address", "")).split("/")[0]
+        if addr:
+            out.append(addr)
+    return out
+
+
+def cmd_add(req, log):
+    from . import cni_config, enrollment
+    prev = req.config.get("prevResult")
+    if not isinstance(prev, dict):
+        raise CniError(E_INVALID_CONFIG, "no prevResult: interceptor-cni must be chained after "
+                       "an interface plugin (e.g. bridge) in a conflist")
+    try:
+        decision = cni_config.decide(req.config, cni_config.parse_cni_args(req.raw_args))
+    except cni_config.ConfigError as exc:
+        raise CniError(E_INVALID_CONFIG, str(exc)) from None
+    result = dict(prev, cniVersion=req.cni_version)
+    if not decision.enroll:
+        log(f"ADD {req.container_id}: skipped ({decision.reason})")
+        return result
+    if not os.path.exists(req.netns):
+        raise CniError(E_UNKNOWN_CONTAINER, f"network namespace {req.netns} does not exist")
+    addresses = _prev_result_addresses(prev) or None
+    try:
+        rec = enrollment.enroll(req.netns, decision.settings, pod=decision.pod,
+                                addresses=addresses, container_id=req.container_id,
+                                ifname=req.ifname)
+    except enrollment.NotLoadedError as exc:
+        raise CniError(E_TRY_AGAIN, str(exc), "run `interceptor load` on the node") from None
+    except enrollment.EnrollError as exc:
+        raise CniError(E_INVALID_CONFIG, str(exc)) from None
+    except OSError as exc:
+        raise CniError(E_IO, f"enroll failed: {exc}") from None
+    log(f"ADD {req.container_id}: enrolled {decision.pod or req.netns} (cookie {rec['cookie']}, "
+        f"{', '.join(rec['addresses'])})")
+    return result
+
+
+def cmd_del(req, log):
+    from . import enrollment
+    try:
+        removed = enrollment.unenroll_container(req.container_id, req.ifname)
+    except OSError as exc:
+        raise CniError(E_TRY_AGAIN, f"removing {req.container_id} failed: {exc}") from None
+    log(f"DEL {req.container_id}: removed {len(removed)} enrollment(s)")
+    return None
+
+
+def cmd_check(req, log):
+    from . import enrollment
+    rec = enrollment.find_container(req.container_id, req.ifname)
+    if rec is None:
+        from . import cni_config
+        try:
+            decision = cni_config.decide(req.config, cni_config.parse_cni_args(req.raw_args))
+        except cni_config.ConfigError as exc:
+            raise CniError(E_INVALID_CONFIG, str(exc)) from None
+        if not decision.enroll:
+            return None   # skipped at ADD, nothing to verify
+        raise CniError(E_CHECK_NOT_ENROLLED, f"container {req.container_id} is not enrolled")
+    problems = enrollment.verify(rec, req.netns)
+    for code, what in ((E_CHECK_POD_ENTRY_MISSING, "pods map entry"),
+                       (E_CHECK_INBOUND_LINK_MISSING, "inbound sk_lookup link"),
+                       (E_CHECK_NETNS_MISMATCH, "network namespace")):
+        bad = [p for p in problems if p.startswith(what)]
+        if bad:
+            raise CniError(code, f"container {req.container_id}: {bad[0]}", "; ".join(problems))
+    log(f"CHECK {req.container_id}: ok")
+    return None
+
+
+def cmd_gc(req, log):
+    from . import enrollment
+    valid = req.config.get("cni.dev/valid-attachments")
+    if valid is None:
+        valid = req.config.get("cni.dev/attachments", [])
+    if not isinstance(valid, list):
+        raise CniError(E_INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
+    keep = set()
+    for item in valid:
+        if not isinstance(item, dict) or "containerID" not in item:
+            raise CniError(E_INVALID_CONFIG, "each valid attachment needs a containerID")
+        keep.add((item["containerID"], item.get("ifname")))
+    removed = enrollment.garbage_collect(keep)
+    log(f"GC: removed {len(removed)} stale enrollment(s)")
+    return None
+
+
+def cmd_status(req, log):
+    from .loader import is_loaded
+    if not is_loaded():
+        raise CniError(E_PLUGIN_NOT_AVAILABLE, "the interceptor datapath is not loaded on this node",
+                       "run `interceptor load`")
+    return None
+
+
+def run(environ, stdin_text):
+    """Returns (exit code, stdout document or None)."""
+    config = {}
+    version = _requested_version(stdin_text)
+    try:
+        req = Request(environ, stdin_text)
+        config, version = req.config, req.cni_version
+        if req.command == "VERSION":
+            return 0, {"cniVersion": req.cni_version, "supportedVersions": SUPPORTED_VERSIONS}
+        _apply_location_overrides(config)
+        log = Log(config)
+        handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc,
+                   "STATUS": cmd_status}[req.command]
+        return 0, handler(req, log)
+    except CniError as err:
+        return 1, _error_doc(config, version, err)
+    except Exception as exc:   # a bug: still answer in the spec's format, never a bare traceback
+        import traceback
+        traceback.print_exc()
+        return 1, _error_doc(config, version, CniError(E_INTERNAL, f"internal error: {exc}"))
+
+
+def _apply_location_overrides(config):
+    """pinRoot / runDir in the network configuration: where the node loader keeps its
+    pins and state, when not the defaults. Set before interceptor.paths is imported
+    (runtimes do not reliably pass their environment on to plugins)."""
+    for key, env in (("pinRoot", "INTERCEPTOR_PIN_ROOT"), ("runDir", "INTERCEPTOR_RUN_DIR")):
+        value = config.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not os.path.isabs(value):
+                raise CniError(E_INVALID_CONFIG, f"config {key}: {value!r} is not an absolute path")
+            os.environ[env] = value
+
+
+def _requested_version(stdin_text):
+    """The request's cniVersion when it is a supported one, for encoding errors in it."""
+    try:
+        version = json.loads(stdin_text).get("cniVersion")
+    except (ValueError, AttributeError):
+        return LATEST
+    return version if version in SUPPORTED_VERSIONS else LATEST
+
+
+def _error_doc(config, version, err):
+    Log(config if isinstance(config, dict) else {})(f"error {err.code}: {err.msg}")
+    doc = {"cniVersion": version, "code": err.code, "msg": err.msg}
+    if err.details:
+        doc["details"] = err.details
+    return doc
 
 
 def main():
-    command = os.environ.get("CNI_COMMAND", "")
-    if command == "VERSION":
-        print(json.dumps({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS}))
-        return 0
-    print(json.dumps({"cniVersion": "1.1.0", "code": 4,
-                      "msg": f"CNI_COMMAND {command or '(unset)'} is not implemented yet"}))
-    return 1
+    code, doc = run(os.environ, sys.stdin.read() if not sys.stdin.isatty() else "")
+    if doc is not None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+    return code
 
 
 if __name__ == "__main__":

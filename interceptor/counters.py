@@ -8,10 +8,8 @@ def by_pod(maps):
     """{netns cookie: {reason label: {"count": n, "bytes": n}}}, summed over CPUs."""
     out = collections.defaultdict(dict)
     for key, per_cpu in maps.stats.items():
-        try:
-            label = abi.Reason(key.reason).name.lower()
-        except ValueError:
-            label = f"reason_{key.reason}"
+        name = abi.Reason.name_of(key.reason)
+        label = name.lower() if name else f"reason_{key.reason}"
         out[key.netns_cookie][label] = {
             "count": sum(v.count for v in per_cpu),
             "bytes": sum(v.bytes for v in per_cpu),

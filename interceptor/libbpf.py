@@ -5,7 +5,6 @@ opening pinned objects, map element access, links and attachments. libbpf >= 1.0
 returns -errno directly, which is turned into OSError here.
 """
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -49,11 +48,11 @@ def lib():
     """libbpf.so.1, loaded on first use."""
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        # by soname: ctypes.util.find_library would spawn ldconfig on every CNI call
         try:
-            _lib = ctypes.CDLL(name, use_errno=True)
+            _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
         except OSError as exc:
-            raise OSError(errno.ENOENT, f"libbpf is not installed ({exc})") from exc
+            raise OSError(errno.ENOENT, f"libbpf.so.1 is not installed ({exc})") from exc
         _declare(_lib)
     return _lib
 

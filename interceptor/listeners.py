@@ -2,33 +2,54 @@
 
 sock_ops registers the proxy's inbound listener when it calls listen(), but only in an
 enrolled namespace; a proxy that started first is found here instead: its socket inode
-from /proc/net/tcp{,6} inside the namespace, the owning process from /proc/*/fd, and a
+through sock_diag inside the namespace, the owning process from /proc/*/fd, and a
 duplicate of the descriptor through pidfd_getfd() to hand to the sockhash.
 """
 import ctypes
 import os
 import socket
+import struct
 
 from . import abi, netns
 
 _SYS_pidfd_getfd = 438
 _libc = ctypes.CDLL(None, use_errno=True)
-_TCP_LISTEN = "0A"
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_DONE = 3
+_NLMSG_ERROR = 2
+_TCP_LISTEN = 10
 
 
 def _listener_inodes(port):
-    """{inode: family} of TCP listeners on port, in the current namespace."""
+    """{inode: family} of TCP listeners on port in the current namespace, through
+    sock_diag (reading /proc/net/tcp walks every socket of the node: ~10 ms)."""
     found = {}
-    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        try:
-            with open(f"/proc/thread-self/net/{name}") as f:
-                lines = f.readlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == _TCP_LISTEN and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                found[int(parts[9])] = family
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            # inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid
+            req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
+            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY,
+                                _NLM_F_REQUEST_DUMP, 1, 0) + req)
+            done = False
+            while not done:
+                data = nl.recv(65536)
+                off = 0
+                while off + 16 <= len(data):
+                    length, msg_type = struct.unpack_from("=IH", data, off)
+                    if msg_type in (_NLMSG_DONE, _NLMSG_ERROR):
+                        done = True
+                        break
+                    # inet_diag_msg: family, state, timer, retrans, sockid (sport first,
+                    # big-endian), expires, rqueue, wqueue, uid, inode
+                    sport = struct.unpack_from("!H", data, off + 16 + 4)[0]
+                    inode = struct.unpack_from("=I", data, off + 16 + 68)[0]
+                    if sport == port:
+                        found[inode] = family
+                    off += (length + 3) & ~3
     return found
 
 

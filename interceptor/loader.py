@@ -21,14 +21,14 @@ class LoadError(Exception):
 
 def expected_pins():
     """Every pin a complete load leaves (per-pod pins excluded)."""
-    pins = [paths.PIN_MAPS / name for name in LAYOUT]
-    pins += [paths.PIN_PROGS / p.name for p in PROGRAMS]
-    pins += [paths.PIN_LINKS / p.name for p in PROGRAMS if p.scope == CGROUP]
+    pins = [paths.map_pin(name) for name in LAYOUT]
+    pins += [paths.prog_pin(p.name) for p in PROGRAMS]
+    pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP]
     return pins
 
 
 def is_loaded():
-    return paths.NODE_STATE.exists() and all(p.exists() for p in expected_pins())
+    return os.path.exists(paths.NODE_STATE) and all(os.path.exists(p) for p in expected_pins())
 
 
 def load(cgroup=None, bypass=True, log=lambda msg: None):
@@ -43,7 +43,7 @@ def load(cgroup=None, bypass=True, log=lambda msg: None):
                 raise LoadError(f"already loaded at cgroup {node['cgroup']}; "
                                 "unload first to attach elsewhere")
             return "bypass switched" if changed else "already loaded"
-        if paths.PIN_ROOT.exists() or paths.NODE_STATE.exists():
+        if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
             log("removing leftovers of an incomplete load")
             _teardown()
         try:
@@ -74,17 +74,17 @@ def _load(cgroup, bypass, log):
     log(f"compiled datapath in {compile_s:.2f}s")
 
     for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
-        d.mkdir(parents=True, exist_ok=True)
+        os.makedirs(d, exist_ok=True)
     for name in LAYOUT:
         fd = bcclib.bpf_table_fd(bpf.module, name.encode())
         if fd < 0:
             raise LoadError(f"map {name} missing from the compiled datapath")
-        libbpf.obj_pin(fd, paths.PIN_MAPS / name)
+        libbpf.obj_pin(fd, paths.map_pin(name))
     prog_fds = {}
     for prog in PROGRAMS:
         fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
         prog_fds[prog.name] = fn.fd
-        libbpf.obj_pin(fn.fd, paths.PIN_PROGS / prog.name)
+        libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
 
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
@@ -98,7 +98,7 @@ def _load(cgroup, bypass, log):
                 continue
             link = libbpf.link_create(prog_fds[prog.name], cg_fd, prog.attach_type)
             try:
-                libbpf.obj_pin(link, paths.PIN_LINKS / prog.name)
+                libbpf.obj_pin(link, paths.link_pin(prog.name))
             finally:
                 os.close(link)
     finally:
@@ -119,8 +119,8 @@ def _attach_sk_msg(attach):
     """sk_msg attaches to the bypass sockhash itself (legacy attach; it is detached
     explicitly on unload)."""
     prog = _sk_msg_prog()
-    prog_fd = libbpf.obj_get(paths.PIN_PROGS / prog.name)
-    map_fd = libbpf.obj_get(paths.PIN_MAPS / BYPASS_MAP)
+    prog_fd = libbpf.obj_get(paths.prog_pin(prog.name))
+    map_fd = libbpf.obj_get(paths.map_pin(BYPASS_MAP))
     try:
         if attach:
             libbpf.prog_attach(prog_fd, map_fd, prog.attach_type)
@@ -153,23 +153,21 @@ def _teardown(log=lambda msg: None):
     from . import enrollment
     node = state.read_json(paths.NODE_STATE) or {}
     cookies = set(state.pod_records())
-    if paths.PIN_PODS.is_dir():
-        cookies |= {int(d.name) for d in paths.PIN_PODS.iterdir() if d.name.isdigit()}
+    cookies |= paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie)
         log(f"unenrolled netns cookie {cookie}")
-    if paths.PIN_LINKS.is_dir():
-        for pin in paths.PIN_LINKS.iterdir():
-            _detach_link_pin(pin)
+    for name in paths.listdir(paths.PIN_LINKS):
+        _detach_link_pin(paths.link_pin(name))
     prog = _sk_msg_prog()
-    if (paths.PIN_PROGS / prog.name).exists() and (paths.PIN_MAPS / BYPASS_MAP).exists():
+    if os.path.exists(paths.prog_pin(prog.name)) and os.path.exists(paths.map_pin(BYPASS_MAP)):
         _attach_sk_msg(False)
-    if paths.PIN_ROOT.exists():
+    if os.path.exists(paths.PIN_ROOT):
         shutil.rmtree(paths.PIN_ROOT)   # unlinking a bpffs pin drops its reference
     if node.get("cgroup_mounted_by_us"):
         mounts.release_own_cgroup2()
     state.remove(paths.NODE_STATE)
-    if paths.POD_STATE.is_dir():
+    if os.path.isdir(paths.POD_STATE):
         shutil.rmtree(paths.POD_STATE)
 
 

@@ -27,7 +27,7 @@ class PinnedMap:
     def __init__(self, name):
         self.name = name
         self.key_type, self.value_type = LAYOUT[name]
-        self.fd = libbpf.obj_get(paths.PIN_MAPS / name)
+        self.fd = libbpf.obj_get(paths.map_pin(name))
         self.percpu = name in PERCPU
         if self.percpu:
             self.ncpus = libbpf.num_possible_cpus()

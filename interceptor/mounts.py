@@ -46,7 +46,7 @@ def ensure_cgroup2():
     if existing:
         return existing, False
     _mount("cgroup2", paths.OWN_CGROUP2)
-    return str(paths.OWN_CGROUP2), True
+    return paths.OWN_CGROUP2, True
 
 
 def release_own_cgroup2():
@@ -54,7 +54,7 @@ def release_own_cgroup2():
     users of the same hierarchy are unaffected)."""
     if is_mounted(paths.OWN_CGROUP2, "cgroup2"):
         MNT_DETACH = 2
-        if _libc.umount2(str(paths.OWN_CGROUP2).encode(), MNT_DETACH) != 0:
+        if _libc.umount2(paths.OWN_CGROUP2.encode(), MNT_DETACH) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"umount {paths.OWN_CGROUP2}: {os.strerror(err)}")
     try:

@@ -1,25 +1,56 @@
 """Where interceptor keeps things on a node. One place, so that load, enroll, status and
-unload agree, and tests can see exactly what must be gone after unload."""
+unload agree, and tests can see exactly what must be gone after unload.
+
+Plain strings and os.path, not pathlib: this module is imported by every CNI call, and
+pathlib's imports cost more than the rest of an ADD.
+"""
 import os
-import pathlib
 
-BPFFS = pathlib.Path("/sys/fs/bpf")
-PIN_ROOT = pathlib.Path(os.environ.get("INTERCEPTOR_PIN_ROOT", BPFFS / "interceptor"))
-PIN_MAPS = PIN_ROOT / "maps"
-PIN_PROGS = PIN_ROOT / "progs"
-PIN_LINKS = PIN_ROOT / "links"          # node-wide cgroup attachments
-PIN_PODS = PIN_ROOT / "pods"            # PIN_PODS/<netns cookie>/<link>: per-netns attachments
+BPFFS = "/sys/fs/bpf"
+PIN_ROOT = os.environ.get("INTERCEPTOR_PIN_ROOT", os.path.join(BPFFS, "interceptor"))
+PIN_MAPS = os.path.join(PIN_ROOT, "maps")
+PIN_PROGS = os.path.join(PIN_ROOT, "progs")
+PIN_LINKS = os.path.join(PIN_ROOT, "links")     # node-wide cgroup attachments
+PIN_PODS = os.path.join(PIN_ROOT, "pods")       # PIN_PODS/<netns cookie>/<link>: per-netns attachments
 
-RUN_DIR = pathlib.Path(os.environ.get("INTERCEPTOR_RUN_DIR", "/run/interceptor"))
-OWN_CGROUP2 = RUN_DIR / "cgroup2"       # mounted only when no cgroup2 mount exists
-NODE_STATE = RUN_DIR / "node.json"
-POD_STATE = RUN_DIR / "pods"            # POD_STATE/<netns cookie>.json
-LOCK = RUN_DIR / "lock"
+RUN_DIR = os.environ.get("INTERCEPTOR_RUN_DIR", "/run/interceptor")
+OWN_CGROUP2 = os.path.join(RUN_DIR, "cgroup2")  # mounted only when no cgroup2 mount exists
+NODE_STATE = os.path.join(RUN_DIR, "node.json")
+POD_STATE = os.path.join(RUN_DIR, "pods")       # POD_STATE/<netns cookie>.json
+LOCK = os.path.join(RUN_DIR, "lock")
+
+
+def map_pin(name):
+    return os.path.join(PIN_MAPS, name)
+
+
+def prog_pin(name):
+    return os.path.join(PIN_PROGS, name)
+
+
+def link_pin(name):
+    return os.path.join(PIN_LINKS, name)
 
 
 def pod_pin_dir(cookie):
-    return PIN_PODS / str(cookie)
+    return os.path.join(PIN_PODS, str(cookie))
+
+
+def pod_link_pin(cookie, name):
+    return os.path.join(PIN_PODS, str(cookie), name)
 
 
 def pod_state_file(cookie):
-    return POD_STATE / f"{cookie}.json"
+    return os.path.join(POD_STATE, f"{cookie}.json")
+
+
+def listdir(path):
+    """Entry names of a directory, [] when it does not exist."""
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
+
+
+def pinned_pod_cookies():
+    return {int(name) for name in listdir(PIN_PODS) if name.isdigit()}

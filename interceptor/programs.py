@@ -1,6 +1,4 @@
 """The datapath's programs: C function, program type, attach point and scope."""
-from dataclasses import dataclass
-
 from .libbpf import AttachType, ProgType
 
 CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in links/
@@ -8,12 +6,15 @@ SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
 NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
 
 
-@dataclass(frozen=True)
 class Program:
-    name: str            # C function name, also the pin name
-    prog_type: int
-    attach_type: int
-    scope: str
+    """One program of the datapath (a plain class: this module is on the CNI path)."""
+    __slots__ = ("name", "prog_type", "attach_type", "scope")
+
+    def __init__(self, name, prog_type, attach_type, scope):
+        self.name = name                  # C function name, also the pin name
+        self.prog_type = prog_type
+        self.attach_type = attach_type
+        self.scope = scope
 
 
 PROGRAMS = (

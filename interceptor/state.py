@@ -11,7 +11,7 @@ from . import paths
 
 @contextlib.contextmanager
 def node_lock():
-    paths.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    os.makedirs(paths.RUN_DIR, exist_ok=True)
     fd = os.open(paths.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -22,8 +22,8 @@ def node_lock():
 
 def write_json(path, data):
     """Atomic: readers see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -49,9 +49,9 @@ def remove(path):
 def pod_records():
     """All enrolled pods' records, by cookie."""
     out = {}
-    if paths.POD_STATE.is_dir():
-        for f in sorted(paths.POD_STATE.glob("*.json")):
-            rec = read_json(f)
+    for name in paths.listdir(paths.POD_STATE):
+        if name.endswith(".json") and name[:-5].isdigit():
+            rec = read_json(os.path.join(paths.POD_STATE, name))
             if rec is not None:
-                out[int(f.stem)] = rec
+                out[int(name[:-5])] = rec
     return out

@@ -3,6 +3,7 @@
 A basic version for the datapath issue: loader state, enrolled pods with their counters,
 live redirected connections. Errors make the exit code 1."""
 import ipaddress
+import os
 import platform
 import time
 
@@ -32,9 +33,9 @@ def collect():
         },
         "pods": [], "redirected": [], "maps": {}, "errors": [], "warnings": [],
     }
-    missing = [str(p) for p in expected_pins() if not p.exists()]
+    missing = [p for p in expected_pins() if not os.path.exists(p)]
     if not report["node"]["loaded"]:
-        if node or paths.PIN_ROOT.exists():
+        if node or os.path.exists(paths.PIN_ROOT):
             report["errors"].append(f"incomplete load: missing {', '.join(missing) or 'node state'}")
         else:
             report["warnings"].append("datapath not loaded (run `interceptor load`)")
@@ -52,11 +53,11 @@ def collect():
         enrolled = {k.value for k in maps.pods.keys()}
         for cookie in sorted(enrolled | set(records)):
             rec = records.get(cookie, {})
-            link = paths.pod_pin_dir(cookie) / "sk_lookup"
+            link = paths.pod_link_pin(cookie, "sk_lookup")
             pod = {
                 "cookie": cookie, "pod": rec.get("pod"), "netns": rec.get("netns"),
                 "addresses": rec.get("addresses", []),
-                "inbound_attached": link.exists(),
+                "inbound_attached": os.path.exists(link),
                 "counters": {k: v["count"] for k, v in sorted(stats.get(cookie, {}).items())},
             }
             report["pods"].append(pod)
@@ -65,7 +66,7 @@ def collect():
                 report["errors"].append(f"{name}: recorded but missing from the pods map")
             elif not rec:
                 report["errors"].append(f"{name}: in the pods map but has no record")
-            elif not link.exists():
+            elif not os.path.exists(link):
                 report["errors"].append(f"{name}: inbound sk_lookup link is missing")
         now = _boot_now_ns()
         for key, orig in maps.redirected.items():

@@ -11,8 +11,10 @@ fi
 
 # python3-bpfcc: BCC bindings for Debian's /usr/bin/python3 (the PyPI "bcc" is unrelated).
 # linux-headers-amd64: BCC needs a kernel build tree (see below).
+# podman, containernetworking-plugins, runc, busybox-static: the real CNI runtime the
+# plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
 PACKAGES=(python3-bpfcc python3-venv libbpf1 bpftool linux-headers-amd64 haproxy curl
-          iproute2 procps)
+          iproute2 procps podman containernetworking-plugins runc busybox-static)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

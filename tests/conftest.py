@@ -39,7 +39,7 @@ def datapath():
     loader.load()
     yield
     loader.unload()
-    assert not paths.PIN_ROOT.exists(), "unload left pins behind"
+    assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ programs unloaded the app still gets its answer, directly.
 """
 import ctypes
 import ipaddress
+import os
 import re
 
 import pytest
@@ -345,8 +346,8 @@ def test_unenroll_removes_everything_of_the_pod(pods):
         assert not [k for k, v in maps.pod_addrs.items() if v.value == cookie]
         assert not [k for k in maps.stats.keys() if k.netns_cookie == cookie]
     from interceptor import paths
-    assert not paths.pod_pin_dir(cookie).exists()
-    assert not paths.pod_state_file(cookie).exists()
+    assert not os.path.exists(paths.pod_pin_dir(cookie))
+    assert not os.path.exists(paths.pod_state_file(cookie))
     # and traffic goes direct again
     client(a, b.ipv4)
     assert len(sidecar_entries(log)) == 1

@@ -47,14 +47,14 @@ def wait_gone(timeout=5):
 def pinned_prog_ids():
     ids = {}
     for p in PROGRAMS:
-        fd = libbpf.obj_get(paths.PIN_PROGS / p.name)
+        fd = libbpf.obj_get(paths.prog_pin(p.name))
         ids[p.name] = libbpf.obj_info(fd, libbpf.ProgInfo).id
         os.close(fd)
     return ids
 
 
 def sk_msg_attached():
-    fd = libbpf.obj_get(paths.PIN_MAPS / BYPASS_MAP)
+    fd = libbpf.obj_get(paths.map_pin(BYPASS_MAP))
     try:
         return len(libbpf.prog_query(fd, libbpf.AttachType.SK_MSG_VERDICT)) > 0
     finally:
@@ -83,12 +83,12 @@ def test_unload_leaves_nothing(clean, lab):
     loader.load()
     pod = lab.add_pod("a")
     enroll(pod)
-    assert (paths.pod_pin_dir(enrollment.netns.cookie_of(pod.netns_path)) / "sk_lookup").exists()
+    assert os.path.exists(paths.pod_link_pin(enrollment.netns.cookie_of(pod.netns_path), "sk_lookup"))
     loader.unload()
     loader.unload()     # idempotent
-    assert not paths.PIN_ROOT.exists()
-    assert not paths.NODE_STATE.exists()
-    assert not paths.POD_STATE.exists()
+    assert not os.path.exists(paths.PIN_ROOT)
+    assert not os.path.exists(paths.NODE_STATE)
+    assert not os.path.exists(paths.POD_STATE)
     progs, links = wait_gone()
     assert progs == [] and links == [], "programs or links outlived unload"
 
@@ -97,7 +97,7 @@ def test_interrupted_load_is_repaired(clean):
     loader.load()
     ids = pinned_prog_ids()
     # simulate a crash that left one attachment missing
-    loader._detach_link_pin(paths.PIN_LINKS / "connect4")
+    loader._detach_link_pin(paths.link_pin("connect4"))
     assert not loader.is_loaded()
     assert loader.load() == "loaded"
     assert loader.is_loaded()

@@ -25,7 +25,7 @@ def test_assemble_inlines_each_local_header_once():
 
 
 def test_reason_codes_are_unique_and_stable():
-    values = [r.value for r in abi.Reason]
+    values = [v for _, v in abi.Reason.items()]
     assert len(values) == len(set(values))
     assert abi.Reason.OUT_REDIRECTED == 1    # renumbering breaks dashboards
 
@@ -74,7 +74,7 @@ def test_bad_flags_are_usage_errors(argv):
     assert result.exit_code == 2, result.output
 
 
-def test_cni_stub_answers_version():
+def test_cni_plugin_answers_version_without_config():
     out = subprocess.run([sys.executable, "-m", "interceptor.cni"], capture_output=True, text=True,
                          env={"CNI_COMMAND": "VERSION"})
     assert out.returncode == 0

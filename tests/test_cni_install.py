@@ -1,0 +1,77 @@
+"""`interceptor cni install|uninstall` on a conf dir: pure file work, no kernel."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from interceptor import cni_install
+
+BRIDGE = {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.1.0.0/16"}}
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "interceptor.cli", "cni", *args],
+                          capture_output=True, text=True)
+
+
+def snapshot(d):
+    return {name: open(os.path.join(d, name), "rb").read() for name in sorted(os.listdir(d))}
+
+
+def test_install_chains_into_the_first_conflist_and_uninstall_restores_it(tmp_path):
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    (conf / "10-net.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "net", "plugins": [BRIDGE]}, indent=1))
+    (conf / "20-other.conflist").write_text(json.dumps(
+        {"cniVersion": "1.0.0", "name": "other", "plugins": [BRIDGE]}))
+    before = snapshot(conf)
+
+    r = cli("install", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((conf / "10-net.conflist").read_text())
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "interceptor-cni"]
+    assert doc["plugins"][1]["capabilities"] == {"io.kubernetes.cri.pod-annotations": True}
+    assert (conf / "20-other.conflist").read_bytes() == before["20-other.conflist"]
+    assert os.access(bins / "interceptor-cni", os.X_OK)
+    assert (conf / ("10-net.conflist" + cni_install.BACKUP_SUFFIX)).exists()
+
+    after_first = snapshot(conf)
+    r = cli("install", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 0 and "already installed" in r.stdout
+    assert snapshot(conf) == after_first
+
+    r = cli("uninstall", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((conf / "10-net.conflist").read_text()) == json.loads(before["10-net.conflist"])
+    assert set(snapshot(conf)) == set(before)
+    assert not (bins / "interceptor-cni").exists()
+
+
+def test_single_plugin_conf_is_converted_and_restored_byte_for_byte(tmp_path):
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    original = json.dumps(dict(BRIDGE, cniVersion="0.4.0", name="net"), indent=3)
+    (conf / "10-net.conf").write_text(original)
+    assert cli("install", "--bin-dir", str(bins), "--conf-dir", str(conf)).returncode == 0
+    assert not (conf / "10-net.conf").exists()
+    doc = json.loads((conf / "10-net.conflist").read_text())
+    assert doc["cniVersion"] == "0.4.0" and doc["name"] == "net"
+    assert [p["type"] for p in doc["plugins"]] == ["bridge", "interceptor-cni"]
+    assert cli("uninstall", "--bin-dir", str(bins), "--conf-dir", str(conf)).returncode == 0
+    assert sorted(os.listdir(conf)) == ["10-net.conf"]
+    assert (conf / "10-net.conf").read_text() == original
+
+
+@pytest.mark.parametrize("command", ["install", "uninstall"])
+def test_refuses_a_conf_dir_without_network_config(tmp_path, command):
+    conf = tmp_path / "net.d"
+    conf.mkdir()
+    (conf / "README").write_text("not a config")
+    r = cli(command, "--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(conf))
+    assert r.returncode == 1
+    assert "no network configuration" in r.stderr
+    assert sorted(os.listdir(conf)) == ["README"]
+    assert not (tmp_path / "bin" / "interceptor-cni").exists()
