@@ -15,6 +15,30 @@ static __always_inline int no_proxy(__u64 cookie, struct pod_config *cfg)
 	return SK_DROP;
 }
 
+/* For status: the connection the proxy is about to accept, keyed by the accepted
+ * socket's own tuple. sock_ops marks it established and removes it on close. */
+static __always_inline void record_steered(struct bpf_sk_lookup *ctx, __u64 cookie,
+					   struct pod_config *cfg, struct addr16 *dst,
+					   struct addr16 *src, __u16 port)
+{
+	struct sock_tuple t = {};
+	__builtin_memcpy(t.local, dst, 16);
+	__builtin_memcpy(t.remote, src, 16);
+	t.local_port = port;
+	t.remote_port = bpf_ntohs(ctx->remote_port);
+	/* never loopback here (made-inside-the-pod connections are not steered) */
+	t.netns_cookie = 0;
+	struct orig_dst conn = {};
+	__builtin_memcpy(conn.addr, dst, 16);
+	conn.port = port;
+	conn.family = ctx->family;
+	conn.direction = DIR_INBOUND;
+	conn.proxy_port = cfg->inbound_port;
+	conn.netns_cookie = cookie;
+	conn.created_ns = bpf_ktime_get_boot_ns();
+	redirected.update(&t, &conn);
+}
+
 static __always_inline struct bpf_sock *find_listener(__u64 cookie, __u32 family)
 {
 	struct listener_key key = {};
@@ -82,5 +106,6 @@ int steer_inbound(struct bpf_sk_lookup *ctx)
 	if (err)
 		return no_proxy(cookie, cfg);
 	count(cookie, REASON_IN_STEERED, 0);
+	record_steered(ctx, cookie, cfg, &dst, &src, port);
 	return SK_PASS;
 }

@@ -106,6 +106,9 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr
 	__builtin_memcpy(orig->addr, dst, 16);
 	orig->port = dst_port;
 	orig->family = user_family;
+	orig->direction = DIR_OUTBOUND;
+	orig->flags = 0;
+	orig->proxy_port = cfg->outbound_port;
 	orig->netns_cookie = cookie;
 	orig->created_ns = bpf_ktime_get_boot_ns();
 

@@ -2,7 +2,8 @@
  * - on connect: publish the app socket's original destination by tuple (redirected),
  *   so the proxy's getsockopt(SO_ORIGINAL_DST) can find it; remove it on close;
  * - on listen: register the proxy's inbound listener for sk_lookup to steer to;
- * - on established: put same-host socket pairs in bypass_socks for sk_msg. */
+ * - on established: mark redirected connections live, put same-host socket pairs in
+ *   bypass_socks for sk_msg. */
 #include "lib/tuple.h"
 
 static __always_inline void publish_redirect(struct bpf_sock_ops *ops, __u64 cookie)
@@ -44,20 +45,38 @@ static __always_inline void register_listener(struct bpf_sock_ops *ops, __u64 co
 	(void)err;
 }
 
-static __always_inline void maybe_bypass(struct bpf_sock_ops *ops, __u64 cookie,
-					 struct pod_config *cfg)
+/* Returns 1 when the socket was put in bypass_socks. */
+static __always_inline int maybe_bypass(struct bpf_sock_ops *ops, __u64 cookie,
+					struct pod_config *cfg, struct sock_tuple *t)
 {
 	if (!(cfg->flags & POD_F_BYPASS) || !node_bypass_enabled())
-		return;
+		return 0;
+	/* only pairs whose other end is a socket on this node can be short-circuited */
+	if (!addr_is_loopback(t->remote) && !pod_of_addr(t->remote))
+		return 0;
+	int err = bypass_socks.sock_hash_update(ops, t, BPF_ANY);
+	if (err)
+		return 0;
+	count(cookie, REASON_BYPASS_SOCKET_ADDED, 0);
+	return 1;
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *ops, __u64 cookie,
+					   struct pod_config *cfg)
+{
 	struct sock_tuple t = {};
 	TUPLE_FROM_CTX(ops, &t);
-	/* only pairs whose other end is a socket on this node can be short-circuited */
-	if (!addr_is_loopback(t.remote) && !pod_of_addr(t.remote))
-		return;
 	tuple_qualify(&t, cookie);
-	int err = bypass_socks.sock_hash_update(ops, &t, BPF_ANY);
-	if (!err)
-		count(cookie, REASON_BYPASS_SOCKET_ADDED, 0);
+	/* a redirected connection (outbound app socket, or the proxy's accepted socket of
+	 * a steered inbound one): mark it live, and have its entry removed on close */
+	struct orig_dst *conn = redirected.lookup(&t);
+	if (conn) {
+		conn->flags |= CONN_F_ESTABLISHED;
+		bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags |
+					       BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
+	if (maybe_bypass(ops, cookie, cfg, &t) && conn)
+		conn->flags |= CONN_F_BYPASSED;
 }
 
 int sockops(struct bpf_sock_ops *ops)
@@ -79,7 +98,7 @@ int sockops(struct bpf_sock_ops *ops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		maybe_bypass(ops, cookie, cfg);
+		on_established(ops, cookie, cfg);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (ops->args[1] == IC_TCP_CLOSE)

@@ -162,17 +162,27 @@ class SockTuple(ctypes.Structure):
 
 
 class OrigDst(ctypes.Structure):
-    """Original destination of a redirected connect. sk_storage on the app's socket
-    (connect -> sock_ops, getpeername) and redirected_sockets[app tuple]
-    (sock_ops -> getsockopt, status; deleted when the socket closes)."""
+    """A redirected connection and the destination it was meant for.
+    Outbound: sk_storage on the app's socket (connect -> sock_ops, getpeername), then
+    redirected[app socket tuple] (sock_ops -> getsockopt, status).
+    Inbound: redirected[proxy's accepted socket tuple] (sk_lookup -> sock_ops, status).
+    Entries go when the socket closes (sock_ops state callback); the map is an LRU."""
     _fields_ = [
         ("addr", Addr16),
         ("port", ctypes.c_uint16),          # host order
         ("family", ctypes.c_uint16),        # AF_INET or AF_INET6: what the app asked for
-        ("pad", ctypes.c_uint32),
+        ("direction", ctypes.c_uint8),      # DIR_OUTBOUND / DIR_INBOUND
+        ("flags", ctypes.c_uint8),          # CONN_F_*
+        ("proxy_port", ctypes.c_uint16),    # the proxy port it was sent to, host order
         ("netns_cookie", ctypes.c_uint64),
         ("created_ns", ctypes.c_uint64),    # CLOCK_BOOTTIME
     ]
+
+
+DIR_OUTBOUND = 1
+DIR_INBOUND = 2
+CONN_F_ESTABLISHED = 1 << 0    # inbound: the steered SYN became a connection
+CONN_F_BYPASSED = 1 << 1       # the socket is in bypass_socks
 
 
 class StatKey(ctypes.Structure):
@@ -214,6 +224,7 @@ CONSTANTS = {name: globals()[name] for name in (
     "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS",
     "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",
     "NODE_F_BYPASS", "CIDR_KEY_FIXED_BITS",
+    "DIR_OUTBOUND", "DIR_INBOUND", "CONN_F_ESTABLISHED", "CONN_F_BYPASSED",
 )}
 
 _C_TYPES = {

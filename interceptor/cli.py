@@ -115,18 +115,78 @@ def unenroll(netns_path, pod, cookie):
     click.echo(f"unenrolled {len(removed)} namespace(s)")
 
 
-@main.command()
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
-def status(output):
-    """What is intercepted: loader state, pods, counters. Exit 1 on errors."""
+_status_output = click.option("-o", "--output", type=click.Choice(["text", "wide", "json"]),
+                              default="text", show_default=True,
+                              help="text fits 80 columns; wide shows everything; json is the "
+                                   "documented report object.")
+_status_pod = click.option("--pod", callback=_pod_name, help="Only this pod (NAMESPACE/NAME).")
+_status_watch = click.option("--watch", is_flag=True, help="Redraw every 2 s until interrupted.")
+
+
+def _show(render_once, watch):
+    import time
+    if not watch:
+        sys.exit(render_once())
+    try:
+        while True:
+            click.clear()
+            render_once()
+            time.sleep(2)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group(invoke_without_command=True)
+@_status_output
+@_status_pod
+@_status_watch
+@click.pass_context
+def status(ctx, output, pod, watch):
+    """What is intercepted and how; exit 1 when there are errors."""
+    if ctx.invoked_subcommand is not None:
+        return
     from . import status as st
-    report = st.collect()
-    if output == "json":
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        click.echo(st.render(report))
-    sys.exit(1 if report["errors"] else 0)
+
+    def once():
+        report = st.collect(pod_filter=pod)
+        if output == "json":
+            click.echo(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            click.echo(st.render(report, wide=output == "wide", color=sys.stdout.isatty()))
+        return 1 if report["errors"] else 0
+    _show(once, watch)
+
+
+@status.command("sockets")
+@_status_output
+@_status_pod
+@_status_watch
+def status_sockets(output, pod, watch):
+    """Live intercepted connections: pod, direction, source, original destination."""
+    from . import status as st
+
+    def once():
+        report = st.collect(pod_filter=pod)
+        if output == "json":
+            click.echo(json.dumps(report["sockets"], indent=2, sort_keys=True))
+        elif report["sockets"]:
+            click.echo("\n".join(st.sockets_table(report["sockets"], wide=output == "wide")))
+        else:
+            click.echo("no live intercepted connections")
+        return 1 if report["errors"] else 0
+    _show(once, watch)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9464", show_default=True,
+              help="ADDRESS:PORT for the Prometheus endpoint.")
+def metrics(listen):
+    """Serve Prometheus metrics (read from the maps at every scrape)."""
+    from . import metrics as m
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter("expected ADDRESS:PORT", param_hint="--listen")
+    m.serve(host.strip("[]"), int(port))
 
 
 @main.group()

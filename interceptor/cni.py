@@ -230,7 +230,15 @@ def run(environ, stdin_text):
         log = Log(config)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc,
                    "STATUS": cmd_status}[req.command]
-        return 0, handler(req, log)
+        started = time.monotonic()
+        ok = False
+        try:
+            result = handler(req, log)
+            ok = True
+            return 0, result
+        finally:
+            from . import opstats
+            opstats.record(f"cni {req.command}", ok, time.monotonic() - started)
     except CniError as err:
         return 1, _error_doc(config, version, err)
     except Exception as exc:   # a bug: still answer in the spec's format, never a bare traceback

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import time
 
-from . import abi, libbpf, listeners, netns, paths, state
+from . import abi, libbpf, listeners, netns, opstats, paths, state
 from .maps import Maps, addr16
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
@@ -145,6 +145,16 @@ def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, if
     """Enroll (or re-enroll with new settings) the namespace at netns_path. Returns the
     pod record. addresses: the pod's IPs when the caller knows them (CNI prevResult);
     read from the namespace otherwise."""
+    try:
+        record = _enroll(netns_path, settings, pod, addresses, container_id, ifname)
+    except BaseException:
+        opstats.record("enroll", ok=False)
+        raise
+    opstats.record("enroll", ok=True)
+    return record
+
+
+def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
     settings.validate()
     try:
         cookie = netns.cookie_of(netns_path)
@@ -313,6 +323,7 @@ def unenroll(netns_path=None, cookie=None, pod=None):
             cookies |= {c for c, r in state.pod_records().items() if r.get("pod") == pod}
         for c in cookies:
             remove_pod(c)
+            opstats.record("unenroll", ok=True)
         return sorted(cookies)
 
 
@@ -335,6 +346,7 @@ def unenroll_container(container_id, ifname=None):
                    if _container_matches(rec, container_id, ifname)]
         for c in cookies:
             remove_pod(c)
+            opstats.record("unenroll", ok=True)
         return cookies
 
 

@@ -1,15 +1,23 @@
-"""`interceptor status`: one report object, rendered as text or JSON.
+"""`interceptor status`: one report object, three renderings (text, wide, json).
 
-A basic version for the datapath issue: loader state, enrolled pods with their counters,
-live redirected connections. Errors make the exit code 1."""
+The JSON is the contract (documented in docs/status.md, `version` bumps on incompatible
+changes); the text is rendered from the same object. Nothing here changes state.
+"""
 import ipaddress
 import os
 import platform
+import textwrap
 import time
 
-from . import counters, paths, state
+from . import abi, counters, libbpf, listeners, netns, paths, state
 from .loader import expected_pins, is_loaded
 from .maps import Maps
+from .programs import CGROUP, PROGRAMS, SOCKHASH
+
+REPORT_VERSION = 1
+MAP_WARN_FRACTION = 0.8
+REPORTED_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats",
+                 "inbound_listeners", "bypass_socks")
 
 
 def _addr(raw):
@@ -17,99 +25,277 @@ def _addr(raw):
     return ip.ipv4_mapped or ip
 
 
+def _endpoint(raw, port):
+    ip = _addr(raw)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
 def _boot_now_ns():
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
-def collect():
+def _headers():
+    from .doctor import headers_note
+    try:
+        detail, warning = headers_note()
+    except OSError as exc:
+        return {"detail": str(exc.strerror or exc), "borrowed": False, "warning": ""}
+    return {"detail": detail, "borrowed": bool(warning), "warning": warning}
+
+
+def _programs(node):
+    out = []
+    for p in PROGRAMS:
+        pin = paths.prog_pin(p.name)
+        entry = {"name": p.name, "pinned": os.path.exists(pin), "id": None}
+        if entry["pinned"]:
+            fd = libbpf.obj_get(pin)
+            try:
+                entry["id"] = libbpf.obj_info(fd, libbpf.ProgInfo).id
+            finally:
+                os.close(fd)
+        if p.scope == CGROUP:
+            entry["attached"] = f"cgroup {node.get('cgroup')}" if os.path.exists(paths.link_pin(p.name)) else None
+        elif p.scope == SOCKHASH:
+            entry["attached"] = "bypass_socks" if node.get("bypass") else None
+        else:
+            entry["attached"] = "per pod netns"
+        out.append(entry)
+    return out
+
+
+def _live_connections(maps, records, now):
+    rows = []
+    for key, conn in maps.redirected.items():
+        if not conn.flags & abi.CONN_F_ESTABLISHED:
+            continue    # a steered SYN that never completed, or a connect in flight
+        outbound = conn.direction == abi.DIR_OUTBOUND
+        rec = records.get(conn.netns_cookie, {})
+        rows.append({
+            "pod": rec.get("pod") or f"cookie:{conn.netns_cookie}",
+            "cookie": conn.netns_cookie,
+            "direction": "outbound" if outbound else "inbound",
+            # who connected: the app (outbound) or the remote client (inbound)
+            "source": _endpoint(key.local, key.local_port) if outbound else _endpoint(key.remote, key.remote_port),
+            "original_dst": _endpoint(conn.addr, conn.port),
+            "proxy_port": conn.proxy_port,
+            "bypassed": bool(conn.flags & abi.CONN_F_BYPASSED),
+            "age_s": round(max(0, now - conn.created_ns) / 1e9, 1),
+        })
+    rows.sort(key=lambda r: (r["pod"], r["direction"], r["age_s"]))
+    return rows
+
+
+def _proxy_listening(rec, cookie, listener_keys):
+    settings = rec.get("settings", {})
+    out = {"inbound": any(k.netns_cookie == cookie for k in listener_keys), "outbound": None}
+    netns_path = rec.get("netns")
+    if netns_path and os.path.exists(netns_path):
+        try:
+            with netns.entered(netns_path):
+                out["outbound"] = bool(listeners._listener_inodes(
+                    settings.get("outbound_port", abi.OUTBOUND_PORT)))
+        except OSError:
+            pass
+    return out
+
+
+def collect(pod_filter=None):
     node = state.read_json(paths.NODE_STATE) or {}
+    loaded = is_loaded()
     report = {
+        "version": REPORT_VERSION,
         "node": {
             "kernel": platform.release(),
-            "loaded": is_loaded(),
-            "mode": "ebpf" if is_loaded() else "none",
-            "bypass": node.get("bypass"),
+            "loaded": loaded,
+            "mode": "ebpf" if loaded else "none",
+            "capabilities": {
+                "outbound": "ebpf" if loaded else "off",
+                "inbound": "ebpf" if loaded else "off",
+                "bypass": ("ebpf" if node.get("bypass") else "off") if loaded else "off",
+                "xdp": "not implemented",
+            },
             "cgroup": node.get("cgroup"),
+            "bypass": node.get("bypass"),
+            "headers": _headers(),
+            "programs": [],
+            "pins_missing": [],
+            "pods_enrolled": 0,
         },
-        "pods": [], "redirected": [], "maps": {}, "errors": [], "warnings": [],
+        "maps": {}, "pods": [], "sockets": [], "errors": [], "warnings": [],
     }
+    if report["node"]["headers"]["warning"]:
+        report["warnings"].append(report["node"]["headers"]["warning"])
     missing = [p for p in expected_pins() if not os.path.exists(p)]
-    if not report["node"]["loaded"]:
+    report["node"]["pins_missing"] = missing
+    if not loaded:
         if node or os.path.exists(paths.PIN_ROOT):
-            report["errors"].append(f"incomplete load: missing {', '.join(missing) or 'node state'}")
+            report["errors"].append("incomplete load: missing " + (", ".join(missing) or paths.NODE_STATE)
+                                    + " (run `interceptor load` to repair)")
         else:
             report["warnings"].append("datapath not loaded (run `interceptor load`)")
         return report
+    report["node"]["programs"] = _programs(node)
     records = state.pod_records()
+    now = _boot_now_ns()
     with Maps() as maps:
         stats = counters.by_pod(maps)
-        for name in ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats"):
+        for name in REPORTED_MAPS:
             m = getattr(maps, name)
-            entries = len(m.keys())
-            cap = m.info().max_entries
-            report["maps"][name] = {"entries": entries, "capacity": cap}
-            if entries > 0.8 * cap:
+            entries, cap = len(m.keys()), m.info().max_entries
+            report["maps"][name] = {"entries": entries, "capacity": cap,
+                                    "percent": round(100 * entries / cap, 1)}
+            if entries > MAP_WARN_FRACTION * cap:
                 report["warnings"].append(f"map {name} is {entries}/{cap} full")
         enrolled = {k.value for k in maps.pods.keys()}
-        for cookie in sorted(enrolled | set(records)):
-            rec = records.get(cookie, {})
-            link = paths.pod_link_pin(cookie, "sk_lookup")
-            pod = {
-                "cookie": cookie, "pod": rec.get("pod"), "netns": rec.get("netns"),
-                "addresses": rec.get("addresses", []),
-                "inbound_attached": os.path.exists(link),
-                "counters": {k: v["count"] for k, v in sorted(stats.get(cookie, {}).items())},
-            }
-            report["pods"].append(pod)
-            name = rec.get("pod") or f"cookie {cookie}"
-            if cookie not in enrolled:
-                report["errors"].append(f"{name}: recorded but missing from the pods map")
-            elif not rec:
-                report["errors"].append(f"{name}: in the pods map but has no record")
-            elif not os.path.exists(link):
-                report["errors"].append(f"{name}: inbound sk_lookup link is missing")
-        now = _boot_now_ns()
-        for key, orig in maps.redirected.items():
-            rec = records.get(orig.netns_cookie, {})
-            report["redirected"].append({
-                "pod": rec.get("pod") or str(orig.netns_cookie),
-                "app": f"{_addr(key.local)}:{key.local_port}",
-                "original_dst": f"{_addr(orig.addr)}:{orig.port}",
-                "proxy": f"{_addr(key.remote)}:{key.remote_port}",
-                "direction": "outbound",
-                "age_s": round(max(0, now - orig.created_ns) / 1e9, 1),
-            })
-    report["node"]["pods_enrolled"] = len(report["pods"])
+        listener_keys = maps.inbound_listeners.keys()
+        sockets = _live_connections(maps, records, now)
+    from .enrollment import verify
+    for cookie in sorted(enrolled | set(records)):
+        rec = records.get(cookie, {})
+        name = rec.get("pod") or f"cookie:{cookie}"
+        if pod_filter and name != pod_filter:
+            continue
+        problems = verify(rec, None) if rec else ["no record (enrolled behind interceptor's back?)"]
+        live = [s for s in sockets if s["cookie"] == cookie]
+        c = stats.get(cookie, {})
+        pod = {
+            "pod": name, "cookie": cookie, "netns": rec.get("netns"),
+            "container_id": rec.get("container_id"), "addresses": rec.get("addresses", []),
+            "mode": {"outbound": "ebpf", "inbound": "ebpf"},
+            "proxy_listening": _proxy_listening(rec, cookie, listener_keys) if rec else {},
+            "redirected": {"outbound": c.get("out_redirected", {}).get("count", 0),
+                           "inbound": c.get("in_steered", {}).get("count", 0)},
+            "live": {"outbound": sum(s["direction"] == "outbound" for s in live),
+                     "inbound": sum(s["direction"] == "inbound" for s in live)},
+            "bypassed_sockets": sum(s["bypassed"] for s in live),
+            "bypass_bytes": c.get("bypass_msg_redirected", {}).get("bytes", 0),
+            "xdp": None,
+            "counters": {k: v["count"] for k, v in sorted(c.items())},
+            "problems": problems,
+        }
+        report["pods"].append(pod)
+        for p in problems:
+            report["errors"].append(f"{name}: {p}")
+        listening = pod["proxy_listening"]
+        if rec and listening.get("inbound") is False and listening.get("outbound") is False:
+            policy = rec.get("settings", {}).get("no_proxy", "reject")
+            report["warnings"].append(f"{name}: proxy not listening (connections are {policy}ed)"
+                                      if policy == "reject" else
+                                      f"{name}: proxy not listening (connections pass through)")
+    report["pods"].sort(key=lambda p: (p["pod"], p["cookie"]))
+    names = {p["pod"] for p in report["pods"]}
+    report["sockets"] = [s for s in sockets if not pod_filter or s["pod"] in names]
+    report["node"]["pods_enrolled"] = len(enrolled)
     return report
 
 
-def render(report):
+# --- text ---------------------------------------------------------------------------------
+def _style(text, ok, color):
+    if not color:
+        return text
+    import click
+    return click.style(text, fg="green" if ok else "red")
+
+
+def _row(key, value):
+    return f"{key + ':':<14}{value}"
+
+
+def render(report, wide=False, color=False):
     n = report["node"]
+    caps = n["capabilities"]
     lines = [
-        f"{'Mode:':<14}{n['mode']}",
-        f"{'Kernel:':<14}{n['kernel']}",
-        f"{'Loader:':<14}{'loaded' if n['loaded'] else 'not loaded'}"
-        + (f" (cgroup {n['cgroup']}, bypass {'on' if n['bypass'] else 'off'})" if n["loaded"] else ""),
+        _row("Mode", f"{n['mode']} (outbound {caps['outbound']}, inbound {caps['inbound']}, "
+                     f"bypass {caps['bypass']})"),
+        _row("Kernel", n["kernel"]),
     ]
-    if n["loaded"]:
-        lines.append(f"{'Pods:':<14}{n['pods_enrolled']} enrolled")
-        maps = [f"{k} {v['entries']}/{v['capacity']}" for k, v in report["maps"].items()]
-        for i in range(0, len(maps), 3):    # three per line keeps 80 columns
-            lines.append(f"{'Maps:' if i == 0 else '':<14}" + ", ".join(maps[i:i + 3]))
+    if not n["loaded"]:
+        lines.append(_row("Loader", _style("not loaded", False, color)))
+    else:
+        progs = n["programs"]
+        attached = sum(1 for p in progs if p["attached"] and p["attached"].startswith("cgroup"))
+        ok = not n["pins_missing"]
+        lines.append(_row("Loader", _style("OK" if ok else "incomplete", ok, color) +
+                          f", {sum(p['pinned'] for p in progs)}/{len(progs)} programs pinned, "
+                          f"{attached} attached"))
+        lines.append(_row("Cgroup", n["cgroup"]))
+        healthy = sum(1 for p in report["pods"] if not p["problems"])
+        lines.append(_row("Pods", f"{healthy}/{len(report['pods'])} healthy"))
+        live_out = sum(1 for s in report["sockets"] if s["direction"] == "outbound")
+        live_in = len(report["sockets"]) - live_out
+        bypassed = sum(s["bypassed"] for s in report["sockets"])
+        lines.append(_row("Connections", f"{live_out} outbound, {live_in} inbound live "
+                                         f"({bypassed} bypassed)"))
+        fullest = max(report["maps"].items(), key=lambda kv: kv[1]["percent"])
+        lines.append(_row("Maps", f"{len(report['maps'])}, fullest {fullest[0]} "
+                                  f"{fullest[1]['entries']}/{fullest[1]['capacity']} "
+                                  f"({fullest[1]['percent']:g}%)"))
+        if wide:
+            lines.append("")
+            lines.append(f"{'PROGRAM':<16}{'ID':>6}  ATTACHED")
+            for p in progs:
+                lines.append(f"{p['name']:<16}{p['id'] or '-':>6}  {p['attached'] or '-'}")
+            lines.append("")
+            lines.append(f"{'MAP':<20}{'ENTRIES':>9}{'CAPACITY':>10}{'%':>7}")
+            for name, m in report["maps"].items():
+                lines.append(f"{name:<20}{m['entries']:>9}{m['capacity']:>10}{m['percent']:>7g}")
     if report["pods"]:
-        lines += ["", f"{'POD':<24}{'ADDRESSES':<28}{'OUT':>6}{'IN':>6}{'BYPASS':>8}"]
-        for p in report["pods"]:
-            c = p["counters"]
-            lines.append(f"{(p['pod'] or str(p['cookie']))[:23]:<24}"
-                         f"{','.join(p['addresses'])[:27]:<28}"
-                         f"{c.get('out_redirected', 0):>6}{c.get('in_steered', 0):>6}"
-                         f"{c.get('bypass_msg_redirected', 0):>8}")
-    if report["redirected"]:
-        lines += ["", f"{'POD':<20}{'APP':<22}{'ORIGINAL DST':<26}{'AGE':>6}"]
-        for r in report["redirected"]:
-            lines.append(f"{r['pod'][:19]:<20}{r['app'][:21]:<22}{r['original_dst'][:25]:<26}"
-                         f"{r['age_s']:>5}s")
+        lines.append("")
+        lines += _pods_table(report["pods"], wide)
+    if report["sockets"]:
+        lines.append("")
+        lines += sockets_table(report["sockets"], wide)
     for title in ("errors", "warnings"):
         if report[title]:
-            lines += ["", f"{title.capitalize()}:"] + [f"  - {e}" for e in report[title]]
+            lines += ["", f"{title.capitalize()}:"]
+            for e in report[title]:
+                lines += textwrap.wrap(e, 80, initial_indent="  - ", subsequent_indent="    ")
     return "\n".join(lines)
+
+
+_DIR = {"outbound": "out", "inbound": "in"}
+
+
+def _yes(value):
+    return "-" if value is None else ("yes" if value else "no")
+
+
+def _pods_table(pods, wide):
+    if wide:
+        head = (f"{'POD':<24}{'COOKIE':>8} {'ADDRESSES':<30}{'PROXY OUT/IN':<14}"
+                f"{'REDIR OUT':>10}{'REDIR IN':>9}{'LIVE':>6}{'BYPASS':>8}{'BYPASS BYTES':>14}  NETNS")
+    else:
+        head = f"{'POD':<22}{'ADDRESS':<17}{'PROXY':<7}{'OUT':>6}{'IN':>6}{'LIVE':>6}{'BYPASS':>8}"
+    out = [head]
+    for p in pods:
+        listening = p["proxy_listening"]
+        proxy = "yes" if listening.get("outbound") and listening.get("inbound") else (
+            "no" if listening else "-")
+        live = p["live"]["outbound"] + p["live"]["inbound"]
+        if wide:
+            out.append(f"{p['pod']:<24}{p['cookie']:>8} {','.join(p['addresses']):<30}"
+                       f"{_yes(listening.get('outbound')) + '/' + _yes(listening.get('inbound')):<14}"
+                       f"{p['redirected']['outbound']:>10}{p['redirected']['inbound']:>9}{live:>6}"
+                       f"{p['bypassed_sockets']:>8}{p['bypass_bytes']:>14}  {p['netns'] or '-'}")
+        else:
+            addr = p["addresses"][0] if p["addresses"] else "-"
+            out.append(f"{p['pod'][:21]:<22}{addr[:16]:<17}{proxy:<7}{p['redirected']['outbound']:>6}"
+                       f"{p['redirected']['inbound']:>6}{live:>6}{p['bypassed_sockets']:>8}")
+    return out
+
+
+def sockets_table(sockets, wide=False):
+    if wide:
+        out = [f"{'POD':<24}{'DIR':<5}{'SOURCE':<44}{'ORIGINAL DST':<44}{'PROXY':>6}{'BYPASS':>7}{'AGE':>8}"]
+        for s in sockets:
+            out.append(f"{s['pod']:<24}{_DIR[s['direction']]:<5}{s['source']:<44}{s['original_dst']:<44}"
+                       f"{s['proxy_port']:>6}{_yes(s['bypassed']):>7}{s['age_s']:>7}s")
+        return out
+    out = [f"{'POD':<18}{'DIR':<5}{'SOURCE':<21}{'ORIGINAL DST':<21}{'PROXY':>6}{'BYP':>4}{'AGE':>5}"]
+    for s in sockets:
+        age = s["age_s"]
+        age = f"{age:.0f}s" if age < 100 else f"{age / 60:.0f}m" if age < 6000 else f"{age / 3600:.0f}h"
+        out.append(f"{s['pod'][:17]:<18}{_DIR[s['direction']]:<5}{s['source'][:20]:<21}"
+                   f"{s['original_dst'][:20]:<21}{s['proxy_port']:>6}{_yes(s['bypassed']):>4}{age:>5}")
+    return out

@@ -20,6 +20,10 @@
 #define POD_F_IN_PORTS_INCLUDE 8
 #define NODE_F_BYPASS 1
 #define CIDR_KEY_FIXED_BITS 96
+#define DIR_OUTBOUND 1
+#define DIR_INBOUND 2
+#define CONN_F_ESTABLISHED 1
+#define CONN_F_BYPASSED 2
 
 #define PORT_OUT_INCLUDE 1
 #define PORT_OUT_EXCLUDE 2
@@ -103,7 +107,9 @@ struct orig_dst {
 	__u8 addr[16];
 	__u16 port;
 	__u16 family;
-	__u32 pad;
+	__u8 direction;
+	__u8 flags;
+	__u16 proxy_port;
 	__u64 netns_cookie;
 	__u64 created_ns;
 };
