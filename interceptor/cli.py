@@ -38,11 +38,15 @@ def doctor(output):
               help="Attach at this cgroup2 directory instead of the cgroup2 root.")
 @click.option("--bypass/--no-bypass", default=True, show_default=True,
               help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg).")
-def load(cgroup, bypass):
-    """Compile, pin and attach the datapath (idempotent)."""
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+              show_default=True, help="auto: eBPF for each capability the kernel offers, "
+              "REDIRECT rules for the rest; nftables/iptables: rules only (no BPF).")
+def load(cgroup, bypass, mode):
+    """Decide the mode, compile, pin and attach the datapath (idempotent)."""
     from . import loader
     try:
-        result = loader.load(cgroup=cgroup, bypass=bypass, log=lambda m: click.echo(m, err=True))
+        result = loader.load(cgroup=cgroup, bypass=bypass, mode=mode,
+                             log=lambda m: click.echo(m, err=True))
     except (loader.LoadError, OSError) as exc:
         _fail(str(exc))
     click.echo(result)

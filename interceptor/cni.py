@@ -28,6 +28,7 @@ E_CHECK_NOT_ENROLLED = 100
 E_CHECK_POD_ENTRY_MISSING = 101
 E_CHECK_INBOUND_LINK_MISSING = 102
 E_CHECK_NETNS_MISMATCH = 103
+E_CHECK_RULES_MISSING = 104
 E_INTERNAL = 999
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -184,8 +185,9 @@ def cmd_check(req, log):
     problems = enrollment.verify(rec, req.netns)
     for code, what in ((E_CHECK_POD_ENTRY_MISSING, "pods map entry"),
                        (E_CHECK_INBOUND_LINK_MISSING, "inbound sk_lookup link"),
+                       (E_CHECK_RULES_MISSING, "rules missing"),
                        (E_CHECK_NETNS_MISMATCH, "network namespace")):
-        bad = [p for p in problems if p.startswith(what)]
+        bad = [p for p in problems if what in p]
         if bad:
             raise CniError(code, f"container {req.container_id}: {bad[0]}", "; ".join(problems))
     log(f"CHECK {req.container_id}: ok")

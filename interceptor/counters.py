@@ -1,11 +1,13 @@
-"""Reading the per-CPU stats map: sums over CPUs, by pod and reason label."""
+"""Per-pod counters by reason label, whatever serves the pod: the datapath's per-CPU
+stats map (summed over CPUs) and, for directions on REDIRECT rules, the rules' own
+counters (each rule carries its reason label as comment)."""
 import collections
 
-from . import abi
+from . import abi, rules
 
 
-def by_pod(maps):
-    """{netns cookie: {reason label: {"count": n, "bytes": n}}}, summed over CPUs."""
+def from_maps(maps):
+    """{netns cookie: {reason label: {"count": n, "bytes": n}}} from the stats map."""
     out = collections.defaultdict(dict)
     for key, per_cpu in maps.stats.items():
         name = abi.Reason.name_of(key.reason)
@@ -15,3 +17,19 @@ def by_pod(maps):
             "bytes": sum(v.bytes for v in per_cpu),
         }
     return dict(out)
+
+
+def by_pod(maps, records=None):
+    """Counters of every pod: the stats map (maps may be None in a rules-only mode)
+    merged with the counters of the rules applied in each recorded pod's netns."""
+    out = from_maps(maps) if maps is not None else {}
+    for cookie, rec in (records or {}).items():
+        applied = rec.get("rules")
+        if not applied or rules.netns_gone(rec.get("netns")):
+            continue
+        pod = out.setdefault(cookie, {})
+        for label, value in rules.backend_named(applied["backend"]).counters(rec["netns"]).items():
+            mine = pod.setdefault(label, {"count": 0, "bytes": 0})
+            mine["count"] += value["count"]
+            mine["bytes"] += value["bytes"]
+    return out

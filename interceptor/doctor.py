@@ -46,15 +46,20 @@ class Report:
         return all(found[n].ok for n in REQUIRED_FOR_EBPF if n in found)
 
     @property
+    def plan(self):
+        from .capabilities import plan
+        try:
+            return plan("auto", self)
+        except ValueError as exc:
+            return {"mode": f"unavailable ({exc})"}
+
+    @property
     def mode(self):
-        if self.ebpf_usable:
-            return "ebpf"
-        return "unavailable (eBPF mode needs: " + ", ".join(
-            n for n in REQUIRED_FOR_EBPF if not self.by_name[n].ok) + ")"
+        return self.plan["mode"]
 
     def to_json(self):
         return {"kernel": self.kernel, "mode": self.mode, "ebpf_usable": self.ebpf_usable,
-                "bypass": self.by_name["sockmap"].ok,
+                "plan": self.plan, "bypass": self.by_name["sockmap"].ok,
                 "checks": [asdict(c) for c in self.checks]}
 
     def render(self):
@@ -64,8 +69,12 @@ class Report:
             lines.append(f"{c.name:<16}{state:<9}{c.detail}")
             if c.warning:
                 lines.append(f"{'':<25}warning: {c.warning}")
-        lines += ["", f"{'Mode:':<16}{self.mode}",
-                  f"{'Bypass:':<16}{'available' if self.by_name['sockmap'].ok else 'unavailable'}"]
+        plan = self.plan
+        lines += ["", f"{'Mode:':<16}{plan['mode']}"]
+        if "outbound" in plan:
+            lines += [f"{'Outbound:':<16}{plan['outbound']}", f"{'Inbound:':<16}{plan['inbound']}",
+                      f"{'Bypass:':<16}{'ebpf' if plan['bypass'] else 'off'}",
+                      f"{'Rules backend:':<16}{plan['rules_backend'] or '-'}"]
         return "\n".join(lines)
 
 
@@ -111,6 +120,8 @@ def run():
     probe("xdp_native", lambda: _probe_xdp(native=True))
     probe("xdp_generic", lambda: _probe_xdp(native=False))
     probe("bcc_compile", _probe_bcc)
+    probe("nftables", _probe_nftables)
+    probe("iptables", _probe_iptables)
     return Report(kernel=platform.release(), checks=checks)
 
 
@@ -257,6 +268,34 @@ def _probe_xdp(native):
     if err:
         raise OSError(err, f"attach to a veth: {os.strerror(err)}")
     return f"{'native (driver)' if native else 'generic (skb)'} mode on veth"
+
+
+def _probe_nftables():
+    import shutil
+    if not shutil.which("nft"):
+        raise OSError(0, "nft is not installed")
+
+    def nat_table():
+        subprocess.run(["nft", "add table inet ic_probe; add chain inet ic_probe o "
+                        "{ type nat hook output priority -100; }"], check=True, capture_output=True)
+    err = _in_scratch_netns(nat_table)
+    if err:
+        raise OSError(err, "cannot create an inet nat table")
+    return "inet nat table with REDIRECT (preferred fallback)"
+
+
+def _probe_iptables():
+    from .rules import iptables_backends
+    usable = []
+    for backend in iptables_backends():
+        def nat_chain(b=backend):
+            subprocess.run([f"iptables-{b}", "-t", "nat", "-N", "IC_PROBE"], check=True,
+                           capture_output=True)
+        if _in_scratch_netns(nat_chain) == 0:
+            usable.append(backend)
+    if not usable:
+        raise OSError(0, "no working iptables (legacy or nft backend)")
+    return "backends: " + ", ".join(usable)
 
 
 def socket_if_index(name):

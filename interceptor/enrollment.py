@@ -10,7 +10,8 @@ import ipaddress
 import os
 import time
 
-from . import abi, libbpf, listeners, netns, opstats, paths, state
+from . import abi, libbpf, listeners, netns, opstats, paths, rules, state
+from .capabilities import uses_bpf
 from .maps import Maps, addr16
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
@@ -155,7 +156,15 @@ def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, if
 
 
 def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
+    from .loader import node_plan
     settings.validate()
+    plan = node_plan()
+    if plan is None:
+        raise NotLoadedError("the datapath is not loaded (run `interceptor load`)")
+    rule_directions = [d for d in ("outbound", "inbound") if plan[d] == "rules"]
+    if rule_directions and settings.no_proxy == "passthrough":
+        raise EnrollError(f"no_proxy passthrough needs eBPF capture, and {' and '.join(rule_directions)}"
+                          f" runs on {plan['rules_backend']} rules here (REDIRECT always redirects)")
     try:
         cookie = netns.cookie_of(netns_path)
     except OSError as exc:
@@ -165,7 +174,38 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
     if addresses is None:
         addresses = netns.addresses_of(netns_path)
     addresses = sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a))
-    with state.node_lock(), _open_maps() as maps:
+    record = {
+        "cookie": cookie, "netns": str(netns_path), "pod": pod,
+        "container_id": container_id, "ifname": ifname,
+        "addresses": [str(a) for a in addresses],
+        "settings": settings.to_dict(), "enrolled_at": time.time(),
+        "mode": {"outbound": plan["outbound"], "inbound": plan["inbound"]},
+    }
+    with state.node_lock():
+        try:
+            if uses_bpf(plan):
+                _enroll_bpf(plan, cookie, netns_path, settings, addresses)
+            if rule_directions:
+                backend = _rules_backend(plan, netns_path)
+                record["rules"] = {"backend": backend.name, "directions": rule_directions}
+                # recorded before applying, so a failure half-way is undone below
+                state.write_json(paths.pod_state_file(cookie), record)
+                record["rules"]["created"] = backend.apply(netns_path, settings, rule_directions)
+        except (OSError, rules.RulesError):
+            remove_pod(cookie)
+            raise
+        state.write_json(paths.pod_state_file(cookie), record)
+    return record
+
+
+def _rules_backend(plan, netns_path):
+    if plan["rules_backend"] == "nftables":
+        return rules.Nftables()
+    return rules.Iptables(rules.detect_iptables_backend(netns_path))
+
+
+def _enroll_bpf(plan, cookie, netns_path, settings, addresses):
+    with _open_maps() as maps:
         _check_address_owners(maps, cookie, addresses)
         _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
         _write_rules(maps, cookie, settings)
@@ -175,21 +215,10 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
             proxy_uid=settings.proxy_uid, proxy_gid=settings.proxy_gid,
             outbound_port=settings.outbound_port, inbound_port=settings.inbound_port,
             flags=settings.flags()))
-        try:
+        if plan["inbound"] == "ebpf":
             _attach_sk_lookup(cookie, netns_path)
             # a proxy that listened before enrollment was not seen by sock_ops
             listeners.register_existing(maps, cookie, netns_path, settings.inbound_port)
-        except OSError:
-            remove_pod(cookie)
-            raise
-        record = {
-            "cookie": cookie, "netns": str(netns_path), "pod": pod,
-            "container_id": container_id, "ifname": ifname,
-            "addresses": [str(a) for a in addresses],
-            "settings": settings.to_dict(), "enrolled_at": time.time(),
-        }
-        state.write_json(paths.pod_state_file(cookie), record)
-    return record
 
 
 def _open_maps():
@@ -270,7 +299,9 @@ def _remove_entries(maps, cookie, keep_pod=False):
 
 def remove_pod(cookie):
     """Everything of one netns: hooks off first (pods entry), then the sk_lookup link,
-    map entries, pins and record. Safe when parts are already gone; caller holds the lock."""
+    map entries, rules, pins and record. Safe when parts are already gone; caller holds
+    the lock."""
+    record = state.read_json(paths.pod_state_file(cookie)) or {}
     pin_dir = paths.pod_pin_dir(cookie)
     try:
         maps = Maps()
@@ -284,6 +315,9 @@ def remove_pod(cookie):
             _remove_entries(maps, cookie)
     else:
         _detach_pins(pin_dir)
+    applied = record.get("rules")
+    if applied and not rules.netns_gone(record.get("netns")):
+        rules.backend_named(applied["backend"]).remove(record["netns"], applied.get("created"))
     state.remove(paths.pod_state_file(cookie))
 
 
@@ -354,32 +388,45 @@ def verify(rec, netns_path=None):
     """Problems with one enrollment (CNI CHECK, status), as short sentences."""
     problems = []
     cookie = rec["cookie"]
-    try:
-        with Maps() as maps:
-            if maps.pods.get(ctypes.c_uint64(cookie)) is None:
-                problems.append("pods map entry missing")
-    except OSError:
-        return ["pods map entry missing: the datapath is not loaded"]
-    pin = paths.pod_link_pin(cookie, SK_LOOKUP_LINK)
-    if not os.path.exists(pin):
-        problems.append("inbound sk_lookup link missing")
-    else:
-        fd = libbpf.obj_get(pin)
-        try:
-            info = libbpf.obj_info(fd, libbpf.LinkInfo)
-        finally:
-            os.close(fd)
-        netns_ino = info.u0 & 0xffffffff     # bpf_link_info.netns.netns_ino
-        if netns_ino == 0:
-            problems.append("inbound sk_lookup link detached (its namespace is gone)")
-        elif netns_path and os.stat(netns_path).st_ino != netns_ino:
-            problems.append(f"network namespace {netns_path} is not the enrolled one")
+    mode = rec.get("mode", {"outbound": "ebpf", "inbound": "ebpf"})
+    applied = rec.get("rules")
+    if applied and not rules.netns_gone(rec.get("netns")) and \
+            not rules.backend_named(applied["backend"]).present(rec["netns"]):
+        problems.append(f"{applied['backend']} rules missing")
+    if "ebpf" in mode.values():
+        problems += _verify_bpf(cookie, mode, netns_path)
     if netns_path:
         try:
             if netns.cookie_of(netns_path) != cookie:
                 problems.append(f"network namespace {netns_path} is not the enrolled one")
         except OSError:
             problems.append(f"network namespace {netns_path} cannot be opened")
+    return problems
+
+
+def _verify_bpf(cookie, mode, netns_path):
+    problems = []
+    try:
+        with Maps() as maps:
+            if maps.pods.get(ctypes.c_uint64(cookie)) is None:
+                problems.append("pods map entry missing")
+    except OSError:
+        return ["pods map entry missing: the datapath is not loaded"]
+    if mode["inbound"] != "ebpf":
+        return problems
+    pin = paths.pod_link_pin(cookie, SK_LOOKUP_LINK)
+    if not os.path.exists(pin):
+        return problems + ["inbound sk_lookup link missing"]
+    fd = libbpf.obj_get(pin)
+    try:
+        info = libbpf.obj_info(fd, libbpf.LinkInfo)
+    finally:
+        os.close(fd)
+    netns_ino = info.u0 & 0xffffffff     # bpf_link_info.netns.netns_ino
+    if netns_ino == 0:
+        problems.append("inbound sk_lookup link detached (its namespace is gone)")
+    elif netns_path and os.stat(netns_path).st_ino != netns_ino:
+        problems.append(f"network namespace {netns_path} is not the enrolled one")
     return problems
 
 

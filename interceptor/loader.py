@@ -1,8 +1,11 @@
-"""The node loader: compile the datapath once, pin it, attach the node-wide hooks.
+"""The node loader: decide the mode, compile the datapath once, pin it, attach the
+node-wide hooks.
 
 This is the only module that imports BCC. Everything it creates is pinned under
 paths.PIN_ROOT so that other processes (enroll, the CNI plugin, status) reach it through
-libbpf, and so that unload can remove exactly what load made.
+libbpf, and so that unload can remove exactly what load made. Which capabilities run on
+eBPF and which on rules (the plan) is decided here, once, from doctor's probes, and
+recorded in the node state for everyone else.
 """
 import ctypes
 import os
@@ -10,7 +13,7 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, state
-from .bpf_source import assemble
+from .capabilities import plan as make_plan, uses_bpf
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, PROGRAMS, SOCKHASH
 
@@ -19,54 +22,89 @@ class LoadError(Exception):
     pass
 
 
-def expected_pins():
-    """Every pin a complete load leaves (per-pod pins excluded)."""
+def node_state():
+    return state.read_json(paths.NODE_STATE) or {}
+
+
+def node_plan():
+    """The plan of the current load, or None when nothing is loaded."""
+    node = node_state()
+    return node.get("plan") if node.get("complete") else None
+
+
+def expected_pins(plan=None):
+    """Every pin a complete load with this plan leaves (per-pod pins excluded)."""
+    plan = plan or node_plan()
+    if plan is None:
+        plan = {"outbound": "ebpf", "inbound": "ebpf", "bypass": True}
+    if not uses_bpf(plan):
+        return []
     pins = [paths.map_pin(name) for name in LAYOUT]
     pins += [paths.prog_pin(p.name) for p in PROGRAMS]
-    pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP]
+    pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP and p.needed(plan)]
     return pins
 
 
 def is_loaded():
-    return os.path.exists(paths.NODE_STATE) and all(os.path.exists(p) for p in expected_pins())
+    plan = node_plan()
+    return plan is not None and all(os.path.exists(p) for p in expected_pins(plan))
 
 
-def load(cgroup=None, bypass=True, log=lambda msg: None):
+def load(cgroup=None, bypass=True, mode="auto", log=lambda msg: None):
     """Idempotent: a complete earlier load is kept (only the bypass switch is applied);
     leftovers of an interrupted one are removed first. Returns a short summary."""
-    mounts.ensure_bpffs()
+    from . import doctor
     with state.node_lock():
         if is_loaded():
-            changed = _apply_bypass(bypass)
-            node = state.read_json(paths.NODE_STATE)
-            if cgroup and os.path.realpath(cgroup) != os.path.realpath(node["cgroup"]):
+            node = node_state()
+            if mode != node.get("requested_mode", "auto"):
+                raise LoadError(f"already loaded with --mode {node.get('requested_mode')}; "
+                                "unload first to change the mode")
+            if cgroup and node.get("cgroup") and \
+                    os.path.realpath(cgroup) != os.path.realpath(node["cgroup"]):
                 raise LoadError(f"already loaded at cgroup {node['cgroup']}; "
                                 "unload first to attach elsewhere")
-            return "bypass switched" if changed else "already loaded"
+            return "bypass switched" if _apply_bypass(bypass) else "already loaded"
         if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
             log("removing leftovers of an incomplete load")
             _teardown()
         try:
-            _load(cgroup, bypass, log)
+            plan = make_plan(mode, doctor.run())
+        except ValueError as exc:
+            raise LoadError(str(exc)) from None
+        plan["bypass"] = plan["bypass"] and bypass
+        log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
+            f"bypass {'on' if plan['bypass'] else 'off'}")
+        try:
+            _load(plan, mode, cgroup, log)
         except BaseException:
             _teardown()
             raise
         return "loaded"
 
 
-def _load(cgroup, bypass, log):
-    if cgroup:
-        if not os.path.isdir(cgroup):
-            raise LoadError(f"--cgroup {cgroup}: no such directory")
-        cg_path, mounted_by_us = cgroup, False
-    else:
-        cg_path, mounted_by_us = mounts.ensure_cgroup2()
-    # Record first, so a failure below still lets _teardown undo the mount.
-    node = {"cgroup": cg_path, "cgroup_mounted_by_us": mounted_by_us, "bypass": bypass,
-            "complete": False}
+def _load(plan, mode, cgroup, log):
+    node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
+            "cgroup": None, "cgroup_mounted_by_us": False}
+    state.write_json(paths.NODE_STATE, node)     # first, so a failure can be undone
+    if uses_bpf(plan):
+        mounts.ensure_bpffs()
+        if cgroup:
+            if not os.path.isdir(cgroup):
+                raise LoadError(f"--cgroup {cgroup}: no such directory")
+            node["cgroup"] = cgroup
+        else:
+            node["cgroup"], node["cgroup_mounted_by_us"] = mounts.ensure_cgroup2()
+        state.write_json(paths.NODE_STATE, node)
+        node.update(_load_bpf(plan, node["cgroup"], log))
+    node["complete"] = True
+    node["loaded_at"] = time.time()
     state.write_json(paths.NODE_STATE, node)
 
+
+def _load_bpf(plan, cg_path, log):
     from bcc import BPF, lib as bcclib    # only here: compiling is the loader's job
+    from .bpf_source import assemble
     host_cookie = netns.host_cookie()
     started = time.monotonic()
     bpf = BPF(text=assemble().encode(), cflags=[f"-DHOST_NETNS_COOKIE={host_cookie}"])
@@ -87,14 +125,15 @@ def _load(cgroup, bypass, log):
         libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
 
     with Maps() as maps:
-        maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
+        maps.settings.put(ctypes.c_uint32(0),
+                          abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
 
     # Links, not legacy attachments: they coexist with other programs on the same hook
     # (multi-attach) and go away with their pin, which is what makes unload clean.
     cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for prog in PROGRAMS:
-            if prog.scope != CGROUP:
+            if prog.scope != CGROUP or not prog.needed(plan):
                 continue
             link = libbpf.link_create(prog_fds[prog.name], cg_fd, prog.attach_type)
             try:
@@ -103,12 +142,10 @@ def _load(cgroup, bypass, log):
                 os.close(link)
     finally:
         os.close(cg_fd)
-    if bypass:
+    if plan["bypass"]:
         _attach_sk_msg(True)
-    node.update(complete=True, host_netns_cookie=host_cookie, compile_seconds=round(compile_s, 3),
-                loaded_at=time.time())
-    state.write_json(paths.NODE_STATE, node)
     bpf.cleanup()   # our fds only; pins and links keep everything alive
+    return {"host_netns_cookie": host_cookie, "compile_seconds": round(compile_s, 3)}
 
 
 def _sk_msg_prog():
@@ -132,13 +169,16 @@ def _attach_sk_msg(attach):
 
 
 def _apply_bypass(bypass):
-    node = state.read_json(paths.NODE_STATE)
+    node = node_state()
+    plan = node["plan"]
     if node.get("bypass") == bypass:
         return False
+    if bypass and not uses_bpf(plan):
+        raise LoadError(f"mode {plan['mode']} has no same-host bypass")
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
     _attach_sk_msg(bypass)
-    node["bypass"] = bypass
+    node["bypass"] = plan["bypass"] = bypass
     state.write_json(paths.NODE_STATE, node)
     return True
 
@@ -151,9 +191,8 @@ def unload(log=lambda msg: None):
 
 def _teardown(log=lambda msg: None):
     from . import enrollment
-    node = state.read_json(paths.NODE_STATE) or {}
-    cookies = set(state.pod_records())
-    cookies |= paths.pinned_pod_cookies()
+    node = node_state()
+    cookies = set(state.pod_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie)
         log(f"unenrolled netns cookie {cookie}")

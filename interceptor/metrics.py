@@ -9,7 +9,8 @@ from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFa
                                     HistogramMetricFamily)
 
 from . import counters, opstats, state
-from .loader import is_loaded
+from .capabilities import uses_bpf
+from .loader import is_loaded, node_plan
 from .maps import Maps
 from .opstats import DURATION_BUCKETS
 from .status import REPORTED_MAPS
@@ -56,11 +57,14 @@ class DatapathCollector:
                                                     labels=["pod", *labels])
             return families[key]
 
-        with Maps() as maps:
-            by_pod = counters.by_pod(maps)
-            enrolled = {k.value for k in maps.pods.keys()}
-            sizes = {name: (len(getattr(maps, name).keys()), getattr(maps, name).info().max_entries)
-                     for name in REPORTED_MAPS}
+        if uses_bpf(node_plan()):
+            with Maps() as maps:
+                by_pod = counters.by_pod(maps, records)
+                enrolled = {k.value for k in maps.pods.keys()} | set(records)
+                sizes = {name: (len(getattr(maps, name).keys()), getattr(maps, name).info().max_entries)
+                         for name in REPORTED_MAPS}
+        else:
+            by_pod, enrolled, sizes = counters.by_pod(None, records), set(records), {}
         for cookie, reasons in sorted(by_pod.items()):
             if cookie not in enrolled:
                 continue

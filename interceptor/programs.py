@@ -6,26 +6,39 @@ SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
 NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
 
 
+# Which capability of the plan (capabilities.plan) a program serves.
+OUTBOUND, INBOUND, BYPASS, CORE = "outbound", "inbound", "bypass", "core"
+
+
 class Program:
     """One program of the datapath (a plain class: this module is on the CNI path)."""
-    __slots__ = ("name", "prog_type", "attach_type", "scope")
+    __slots__ = ("name", "prog_type", "attach_type", "scope", "serves")
 
-    def __init__(self, name, prog_type, attach_type, scope):
+    def __init__(self, name, prog_type, attach_type, scope, serves):
         self.name = name                  # C function name, also the pin name
         self.prog_type = prog_type
         self.attach_type = attach_type
         self.scope = scope
+        self.serves = serves
+
+    def needed(self, plan):
+        if self.serves == CORE:
+            return True
+        if self.serves == BYPASS:
+            return plan["bypass"]
+        return plan[self.serves] == "ebpf"
 
 
 PROGRAMS = (
-    Program("connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT, CGROUP),
-    Program("connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT, CGROUP),
-    Program("getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME, CGROUP),
-    Program("getpeername6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_GETPEERNAME, CGROUP),
-    Program("getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT, CGROUP),
-    Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP),
-    Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH),
-    Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS),
+    Program("connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT, CGROUP, OUTBOUND),
+    Program("connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT, CGROUP, OUTBOUND),
+    Program("getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME, CGROUP, OUTBOUND),
+    Program("getpeername6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_GETPEERNAME, CGROUP, OUTBOUND),
+    Program("getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT, CGROUP, OUTBOUND),
+    # sock_ops serves all: outbound original destinations, inbound listeners, bypass
+    Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP, CORE),
+    Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH, BYPASS),
+    Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS, INBOUND),
 )
 
 BY_NAME = {p.name: p for p in PROGRAMS}

@@ -10,6 +10,7 @@ import textwrap
 import time
 
 from . import abi, counters, libbpf, listeners, netns, paths, state
+from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import Maps
 from .programs import CGROUP, PROGRAMS, SOCKHASH
@@ -43,7 +44,7 @@ def _headers():
     return {"detail": detail, "borrowed": bool(warning), "warning": warning}
 
 
-def _programs(node):
+def _programs(node, plan):
     out = []
     for p in PROGRAMS:
         pin = paths.prog_pin(p.name)
@@ -59,7 +60,7 @@ def _programs(node):
         elif p.scope == SOCKHASH:
             entry["attached"] = "bypass_socks" if node.get("bypass") else None
         else:
-            entry["attached"] = "per pod netns"
+            entry["attached"] = "per pod netns" if p.needed(plan) else None
         out.append(entry)
     return out
 
@@ -87,34 +88,46 @@ def _live_connections(maps, records, now):
 
 
 def _proxy_listening(rec, cookie, listener_keys):
+    """Is the proxy listening on its ports? Inbound under eBPF: is its listener
+    registered for sk_lookup (what steering actually uses); otherwise by sock_diag."""
     settings = rec.get("settings", {})
-    out = {"inbound": any(k.netns_cookie == cookie for k in listener_keys), "outbound": None}
+    out = {"outbound": None, "inbound": None}
+    if listener_keys is not None and rec.get("mode", {}).get("inbound") == "ebpf":
+        out["inbound"] = any(k.netns_cookie == cookie for k in listener_keys)
     netns_path = rec.get("netns")
     if netns_path and os.path.exists(netns_path):
         try:
             with netns.entered(netns_path):
-                out["outbound"] = bool(listeners._listener_inodes(
-                    settings.get("outbound_port", abi.OUTBOUND_PORT)))
+                for direction, default in (("outbound", abi.OUTBOUND_PORT), ("inbound", abi.INBOUND_PORT)):
+                    if out[direction] is None:
+                        out[direction] = bool(listeners._listener_inodes(
+                            settings.get(f"{direction}_port", default)))
         except OSError:
             pass
     return out
 
 
+def _capabilities(plan):
+    if plan is None:
+        return {"outbound": "off", "inbound": "off", "bypass": "off", "xdp": "not implemented"}
+
+    def direction(d):
+        return "ebpf" if plan[d] == "ebpf" else plan["rules_backend"]
+    return {"outbound": direction("outbound"), "inbound": direction("inbound"),
+            "bypass": "ebpf" if plan["bypass"] else "off", "xdp": "not implemented"}
+
+
 def collect(pod_filter=None):
     node = state.read_json(paths.NODE_STATE) or {}
     loaded = is_loaded()
+    plan = node.get("plan") if loaded else None
     report = {
         "version": REPORT_VERSION,
         "node": {
             "kernel": platform.release(),
             "loaded": loaded,
-            "mode": "ebpf" if loaded else "none",
-            "capabilities": {
-                "outbound": "ebpf" if loaded else "off",
-                "inbound": "ebpf" if loaded else "off",
-                "bypass": ("ebpf" if node.get("bypass") else "off") if loaded else "off",
-                "xdp": "not implemented",
-            },
+            "mode": plan["mode"] if plan else "none",
+            "capabilities": _capabilities(plan),
             "cgroup": node.get("cgroup"),
             "bypass": node.get("bypass"),
             "headers": _headers(),
@@ -135,21 +148,36 @@ def collect(pod_filter=None):
         else:
             report["warnings"].append("datapath not loaded (run `interceptor load`)")
         return report
-    report["node"]["programs"] = _programs(node)
     records = state.pod_records()
-    now = _boot_now_ns()
-    with Maps() as maps:
-        stats = counters.by_pod(maps)
-        for name in REPORTED_MAPS:
-            m = getattr(maps, name)
-            entries, cap = len(m.keys()), m.info().max_entries
-            report["maps"][name] = {"entries": entries, "capacity": cap,
-                                    "percent": round(100 * entries / cap, 1)}
-            if entries > MAP_WARN_FRACTION * cap:
-                report["warnings"].append(f"map {name} is {entries}/{cap} full")
-        enrolled = {k.value for k in maps.pods.keys()}
-        listener_keys = maps.inbound_listeners.keys()
-        sockets = _live_connections(maps, records, now)
+    if uses_bpf(plan):
+        report["node"]["programs"] = _programs(node, plan)
+        with Maps() as maps:
+            enrolled, listener_keys, sockets = _from_maps(report, maps, records)
+            stats = counters.by_pod(maps, records)
+    else:
+        enrolled, listener_keys, sockets = set(), None, []
+        stats = counters.by_pod(None, records)
+    _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter)
+    report["pods"].sort(key=lambda p: (p["pod"], p["cookie"]))
+    names = {p["pod"] for p in report["pods"]}
+    report["sockets"] = [s for s in sockets if not pod_filter or s["pod"] in names]
+    report["node"]["pods_enrolled"] = len(enrolled | set(records))
+    return report
+
+
+def _from_maps(report, maps, records):
+    for name in REPORTED_MAPS:
+        m = getattr(maps, name)
+        entries, cap = len(m.keys()), m.info().max_entries
+        report["maps"][name] = {"entries": entries, "capacity": cap,
+                                "percent": round(100 * entries / cap, 1)}
+        if entries > MAP_WARN_FRACTION * cap:
+            report["warnings"].append(f"map {name} is {entries}/{cap} full")
+    enrolled = {k.value for k in maps.pods.keys()}
+    return enrolled, maps.inbound_listeners.keys(), _live_connections(maps, records, _boot_now_ns())
+
+
+def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
     from .enrollment import verify
     for cookie in sorted(enrolled | set(records)):
         rec = records.get(cookie, {})
@@ -162,7 +190,7 @@ def collect(pod_filter=None):
         pod = {
             "pod": name, "cookie": cookie, "netns": rec.get("netns"),
             "container_id": rec.get("container_id"), "addresses": rec.get("addresses", []),
-            "mode": {"outbound": "ebpf", "inbound": "ebpf"},
+            "mode": rec.get("mode", {"outbound": "ebpf", "inbound": "ebpf"}),
             "proxy_listening": _proxy_listening(rec, cookie, listener_keys) if rec else {},
             "redirected": {"outbound": c.get("out_redirected", {}).get("count", 0),
                            "inbound": c.get("in_steered", {}).get("count", 0)},
@@ -183,11 +211,6 @@ def collect(pod_filter=None):
             report["warnings"].append(f"{name}: proxy not listening (connections are {policy}ed)"
                                       if policy == "reject" else
                                       f"{name}: proxy not listening (connections pass through)")
-    report["pods"].sort(key=lambda p: (p["pod"], p["cookie"]))
-    names = {p["pod"] for p in report["pods"]}
-    report["sockets"] = [s for s in sockets if not pod_filter or s["pod"] in names]
-    report["node"]["pods_enrolled"] = len(enrolled)
-    return report
 
 
 # --- text ---------------------------------------------------------------------------------
@@ -216,10 +239,13 @@ def render(report, wide=False, color=False):
         progs = n["programs"]
         attached = sum(1 for p in progs if p["attached"] and p["attached"].startswith("cgroup"))
         ok = not n["pins_missing"]
-        lines.append(_row("Loader", _style("OK" if ok else "incomplete", ok, color) +
-                          f", {sum(p['pinned'] for p in progs)}/{len(progs)} programs pinned, "
-                          f"{attached} attached"))
-        lines.append(_row("Cgroup", n["cgroup"]))
+        if progs:
+            lines.append(_row("Loader", _style("OK" if ok else "incomplete", ok, color) +
+                              f", {sum(p['pinned'] for p in progs)}/{len(progs)} programs pinned, "
+                              f"{attached} attached"))
+            lines.append(_row("Cgroup", n["cgroup"]))
+        else:
+            lines.append(_row("Loader", _style("OK", True, color) + ", rules only (no BPF programs)"))
         healthy = sum(1 for p in report["pods"] if not p["problems"])
         lines.append(_row("Pods", f"{healthy}/{len(report['pods'])} healthy"))
         live_out = sum(1 for s in report["sockets"] if s["direction"] == "outbound")
@@ -227,10 +253,11 @@ def render(report, wide=False, color=False):
         bypassed = sum(s["bypassed"] for s in report["sockets"])
         lines.append(_row("Connections", f"{live_out} outbound, {live_in} inbound live "
                                          f"({bypassed} bypassed)"))
-        fullest = max(report["maps"].items(), key=lambda kv: kv[1]["percent"])
-        lines.append(_row("Maps", f"{len(report['maps'])}, fullest {fullest[0]} "
-                                  f"{fullest[1]['entries']}/{fullest[1]['capacity']} "
-                                  f"({fullest[1]['percent']:g}%)"))
+        if report["maps"]:
+            fullest = max(report["maps"].items(), key=lambda kv: kv[1]["percent"])
+            lines.append(_row("Maps", f"{len(report['maps'])}, fullest {fullest[0]} "
+                                      f"{fullest[1]['entries']}/{fullest[1]['capacity']} "
+                                      f"({fullest[1]['percent']:g}%)"))
         if wide:
             lines.append("")
             lines.append(f"{'PROGRAM':<16}{'ID':>6}  ATTACHED")

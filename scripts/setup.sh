@@ -13,8 +13,10 @@ fi
 # linux-headers-amd64: BCC needs a kernel build tree (see below).
 # podman, containernetworking-plugins, runc, busybox-static: the real CNI runtime the
 # plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
+# nftables, iptables: the fallback path (REDIRECT rules) where the kernel lacks BPF features.
 PACKAGES=(python3-bpfcc python3-venv libbpf1 bpftool linux-headers-amd64 haproxy curl
-          iproute2 procps podman containernetworking-plugins runc busybox-static)
+          iproute2 procps podman containernetworking-plugins runc busybox-static
+          nftables iptables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

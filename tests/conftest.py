@@ -91,19 +91,25 @@ def sidecar_entries(path, settle=0.3):
     return [json.loads(line) for line in log_lines(path, settle)]
 
 
-def pod_counters(pod):
-    """Counters of the pod's netns, summed over CPUs: {reason label: count}."""
-    from interceptor import netns
+def _all_counters(pod):
+    """Counters of the pod whatever serves it (stats map, rules), summed over CPUs."""
+    from interceptor import netns, state
+    from interceptor.capabilities import uses_bpf
     cookie = netns.cookie_of(pod.netns_path)
-    with Maps() as maps:
-        return {k: v["count"] for k, v in counters.by_pod(maps).get(cookie, {}).items()}
+    records = state.pod_records()
+    if uses_bpf(loader.node_plan()):
+        with Maps() as maps:
+            return counters.by_pod(maps, records).get(cookie, {})
+    return counters.by_pod(None, records).get(cookie, {})
+
+
+def pod_counters(pod):
+    """{reason label: count} for the pod."""
+    return {k: v["count"] for k, v in _all_counters(pod).items()}
 
 
 def pod_bytes(pod, label):
-    from interceptor import netns
-    cookie = netns.cookie_of(pod.netns_path)
-    with Maps() as maps:
-        return counters.by_pod(maps).get(cookie, {}).get(label, {}).get("bytes", 0)
+    return _all_counters(pod).get(label, {}).get("bytes", 0)
 
 
 def enroll(pod, **settings):

@@ -4,9 +4,10 @@ destinations (HAProxy reads only the IPv4 SO_ORIGINAL_DST).
     sidecar.py --log FILE [--outbound-port 15001] [--inbound-port 15006] [--uid 1337 --gid 1337]
 
 Listens on both ports for IPv4 and IPv6, drops to the proxy uid/gid after binding, and
-for each accepted connection logs one JSON line {listener, peer, orig_dst, how}, then
-forwards to the original destination: outbound from SO_ORIGINAL_DST (SOL_IP, or SOL_IPV6
-optname 80), inbound from getsockname() (sk_lookup leaves the destination unchanged).
+for each accepted connection logs one JSON line {listener, peer, orig_dst, how, sockname},
+then forwards to the original destination: from SO_ORIGINAL_DST (SOL_IP, or SOL_IPV6
+optname 80) when it answers, else from getsockname() (sk_lookup leaves the destination
+unchanged, so the accepted socket's own address is the original one).
 """
 import argparse
 import json
@@ -48,21 +49,18 @@ def handle(conn, listener, log, lock):
     # Non-blocking under the hood, like every event-loop proxy (see apps.py serve()).
     conn.settimeout(300)
     peer = conn.getpeername()
+    sockname = conn.getsockname()[:2]
+    # As HAProxy and Envoy do: SO_ORIGINAL_DST first (answered by the datapath, or by
+    # conntrack under REDIRECT rules), else the socket's own address (sk_lookup: no NAT).
     try:
-        if listener == "outbound":
-            dst, how = original_dst(conn), "so_original_dst"
-        else:
-            dst, how = conn.getsockname()[:2], "getsockname"
-    except OSError as exc:
-        dst, how = None, f"error: {exc.strerror}"
+        dst, how = original_dst(conn), "so_original_dst"
+    except OSError:
+        dst, how = sockname, "getsockname"
     with lock:
         log.write(json.dumps({"listener": listener, "peer": f"{peer[0]}:{peer[1]}",
-                              "orig_dst": f"{dst[0]}:{dst[1]}" if dst else None,
-                              "how": how}) + "\n")
+                              "orig_dst": f"{dst[0]}:{dst[1]}", "how": how,
+                              "sockname": f"{sockname[0]}:{sockname[1]}"}) + "\n")
         log.flush()
-    if dst is None:
-        conn.close()
-        return
     try:
         upstream = socket.create_connection(dst[:2], timeout=10)
     except OSError:

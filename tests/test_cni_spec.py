@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from interceptor import abi, cni_install, loader, netns, paths, state
+from interceptor import abi, cni_install, loader, netns, paths, rules, state
 from interceptor.maps import Maps, addr16
 from pyroute2 import netns as pyr_netns
 
@@ -365,3 +365,31 @@ def test_concurrent_add_and_del(plugin, log, datapath, namespaces):
         results = list(pool.map(lambda env: run(plugin, log, "DEL", config(), **env), envs))
     assert all(r == (0, None) for r in results), results
     assert_nothing_enrolled()
+
+
+@pytest.mark.parametrize("mode", ["nftables", "iptables"])
+def test_add_check_del_on_rules(plugin, log, namespaces, mode):
+    """The same plugin behaviour when the node runs on REDIRECT rules."""
+    loader.unload()
+    loader.load(mode=mode)
+    try:
+        ns = namespaces()
+        env = container_env(ns)
+        rc, doc = run(plugin, log, "ADD", config(), **env)
+        assert rc == 0 and doc == prev_result("1.0.0")
+        rec = state.read_json(paths.pod_state_file(netns.cookie_of(ns)))
+        assert rec["mode"] == {"outbound": "rules", "inbound": "rules"}
+        backend = rules.backend_named(rec["rules"]["backend"])
+        assert backend.present(ns)
+        assert run(plugin, log, "CHECK", config(), **env) == (0, None)
+        backend.remove(ns, rec["rules"].get("created"))          # behind the plugin's back
+        rc, doc = run(plugin, log, "CHECK", config(), **env)
+        assert doc["code"] == 104 and "rules missing" in doc["msg"]
+        rc, doc = run(plugin, log, "ADD", config(noProxy="passthrough"), **env)
+        assert doc["code"] == 7 and "passthrough" in doc["msg"]
+        assert run(plugin, log, "DEL", config(), **env) == (0, None)
+        assert state.pod_records() == {}
+        assert not backend.present(ns)
+    finally:
+        loader.unload()
+        loader.load()       # back to the module's eBPF datapath

@@ -2,7 +2,9 @@
 behind (checked with bpftool, not with our own bookkeeping)."""
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -144,3 +146,31 @@ def test_load_at_a_given_cgroup(clean):
     finally:
         loader.unload()
         os.rmdir(child)
+
+
+def test_without_bcc_everything_runs_on_rules(clean, lab, monkeypatch):
+    """A node where BCC cannot compile (no headers, no clang): doctor says so, load
+    picks nftables for both directions without pinning anything, and interception works."""
+    monkeypatch.setenv("INTERCEPTOR_DISABLE_FEATURES", "bcc_compile")
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "doctor"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert re.search(r"bcc_compile\s+missing\s+disabled by INTERCEPTOR_DISABLE_FEATURES", r.stdout)
+    assert re.search(r"Mode:\s+nftables", r.stdout)
+    assert loader.load() == "loaded"
+    assert loader.node_plan()["mode"] == "nftables"
+    assert not os.path.exists(paths.PIN_ROOT)
+    a = lab.add_pod("a")
+    b = lab.add_pod("b")
+    start_server(b)
+    log = start_sidecar(lab, a)
+    enroll(a)
+    assert client(a, b.ipv4)["reply"]["bytes"] == 5
+    assert [e["orig_dst"] for e in sidecar_entries(log)] == [f"{b.ipv4}:8080"]
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "status", "-o", "json"],
+                       capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert report["node"]["mode"] == "nftables"
+    assert report["pods"][0]["mode"] == {"outbound": "rules", "inbound": "rules"}
+    assert report["pods"][0]["redirected"]["outbound"] == 1
+    loader.unload()
+    assert a.run("nft", "list", "ruleset").stdout == ""

@@ -1,0 +1,55 @@
+"""Which mechanism serves each capability on this node, from doctor's probes.
+
+Outbound capture needs the connect, getpeername and getsockopt hooks; inbound capture
+needs sk_lookup; both need sock_ops, bpffs, cgroup2, netns cookies and a working BCC.
+What eBPF cannot serve is served by REDIRECT rules in the pod's netns (nftables
+preferred, iptables otherwise); a missing sockmap only means no bypass.
+"""
+MODES = ("auto", "ebpf", "nftables", "iptables")
+EBPF, RULES = "ebpf", "rules"
+
+_BASE = ("bpffs", "cgroup2", "sock_ops", "netns_cookie", "bcc_compile")
+_OUTBOUND = ("connect4", "connect6", "getpeername", "getsockopt")
+
+
+def plan(mode, report):
+    """{mode, outbound, inbound, bypass, rules_backend}; ValueError when the requested
+    mode cannot be had here."""
+    ok = {c.name: c.ok for c in report.checks}
+    base = all(ok.get(n) for n in _BASE)
+    outbound_ebpf = base and all(ok.get(n) for n in _OUTBOUND)
+    inbound_ebpf = base and ok.get("sk_lookup", False)
+    rules_backend = "nftables" if ok.get("nftables") else ("iptables" if ok.get("iptables") else None)
+
+    if mode == "ebpf":
+        if not (outbound_ebpf and inbound_ebpf):
+            missing = [n for n in (*_BASE, *_OUTBOUND, "sk_lookup") if not ok.get(n)]
+            raise ValueError("eBPF mode needs " + ", ".join(missing))
+        directions = (EBPF, EBPF)
+    elif mode in ("nftables", "iptables"):
+        if not ok.get(mode):
+            raise ValueError(f"{mode} is not usable here")
+        # forced rules: the Istio-equivalent baseline, no BPF at all
+        return {"mode": mode, "outbound": RULES, "inbound": RULES, "bypass": False,
+                "rules_backend": mode}
+    elif mode == "auto":
+        directions = (EBPF if outbound_ebpf else RULES, EBPF if inbound_ebpf else RULES)
+    else:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+
+    if RULES in directions and rules_backend is None:
+        raise ValueError("neither eBPF nor nftables/iptables can capture "
+                         + " and ".join(d for d, m in zip(("outbound", "inbound"), directions) if m == RULES))
+    if directions == (EBPF, EBPF):
+        name = "ebpf"
+    elif directions == (RULES, RULES):
+        name = rules_backend
+    else:
+        name = "hybrid"
+    return {"mode": name, "outbound": directions[0], "inbound": directions[1],
+            "bypass": base and ok.get("sockmap", False),
+            "rules_backend": rules_backend if RULES in directions else None}
+
+
+def uses_bpf(p):
+    return EBPF in (p["outbound"], p["inbound"]) or p["bypass"]
