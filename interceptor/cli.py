@@ -193,18 +193,27 @@ def metrics(listen):
     m.serve(host.strip("[]"), int(port))
 
 
-@main.group()
-def bench():
-    """Benchmarks that print numbers (never pass/fail)."""
+@main.command()
+@click.argument("scenarios", nargs=-1, type=click.Choice(["rr", "crr", "stream", "rules", "cni"]))
+@click.option("--quick", is_flag=True, help="Short runs, one round (about two minutes; for CI).")
+@click.option("--runs", type=click.IntRange(1, 50), help="Rounds (default 3, or 1 with --quick).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where results.json, summary.txt and the plots go.")
+def bench(scenarios, quick, runs, out_dir):
+    """Compare interception modes in one interleaved run; prints numbers and ratios.
 
-
-@bench.command("cni")
-@click.option("--sequential", default=100, show_default=True, type=click.IntRange(1, 10000))
-@click.option("--concurrent", default=20, show_default=True, type=click.IntRange(1, 500))
-def bench_cni(sequential, concurrent):
-    """Plugin latency as the runtime sees it: VERSION, ADD and DEL."""
-    from . import bench_cni as b
-    b.run(sequential=sequential, concurrent=concurrent)
+    SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
+    rules (exclusion lists growing), cni (plugin latency); default all."""
+    import os
+    # its own pins and state: a datapath loaded for real on this node is left alone
+    os.environ.setdefault("INTERCEPTOR_PIN_ROOT", "/sys/fs/bpf/interceptor-bench")
+    os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
+    from .bench import run as bench_run
+    try:
+        bench_run.run(scenarios=scenarios or bench_run.SCENARIOS, quick=quick, runs=runs,
+                      out_dir=out_dir)
+    except KeyboardInterrupt:
+        _fail("interrupted (everything the benchmark made was removed)", code=130)
 
 
 @main.group()

@@ -108,12 +108,13 @@ class Lab:
                   ipv6=ipaddress.IPv6Address(f"fd{self.net}::{index}"))
         host_if = f"{self.prefix}{name}"[:15]
         pyr_netns.create(pod.netns)
+        self.pods[name] = pod           # registered first, so close() removes a half-made pod
         with NetNS(self.node_ns) as node:
             node.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod.netns})
             idx = node.link_lookup(ifname=host_if)[0]
             node.link("set", index=idx, master=node.link_lookup(ifname="br0")[0], state="up")
         with NetNS(pod.netns) as ns:
-            eth = ns.link_lookup(ifname="eth0")[0]
+            eth = _poll(lambda: ns.link_lookup(ifname="eth0"), f"eth0 in {pod.netns}")[0]
             ns.addr("add", index=eth, address=str(pod.ipv4), prefixlen=24)
             for extra in extra_ipv4:
                 ns.addr("add", index=eth, address=str(extra), prefixlen=32)
@@ -121,7 +122,6 @@ class Lab:
             ns.link("set", index=eth, state="up")
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
             ns.route("add", dst="default", gateway=str(self.gateway4))
-        self.pods[name] = pod
         return pod
 
     # --- processes ------------------------------------------------------------------
@@ -156,6 +156,19 @@ class Lab:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _poll(fetch, what, timeout=5):
+    """fetch() until it returns something truthy: kernel state (a moved veth peer) can
+    lag the netlink call that made it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if value or time.monotonic() > deadline:
+            if not value:
+                raise TimeoutError(f"{what} did not appear within {timeout}s")
+            return value
+        time.sleep(0.02)
 
 
 def _delete_netns(name):

@@ -14,9 +14,10 @@ fi
 # podman, containernetworking-plugins, runc, busybox-static: the real CNI runtime the
 # plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
 # nftables, iptables: the fallback path (REDIRECT rules) where the kernel lacks BPF features.
+# wrk, iperf3: load generators of `interceptor bench`.
 PACKAGES=(python3-bpfcc python3-venv libbpf1 bpftool linux-headers-amd64 haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
-          nftables iptables)
+          nftables iptables wrk iperf3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -53,6 +54,6 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import bcc" 2>/dev/null; 
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
     touch "$stamp"
 fi

@@ -17,7 +17,7 @@ import uuid
 
 from pyroute2 import netns as pyr_netns
 
-from . import cni_install, loader
+from .. import cni_install, loader
 
 TARGETS_MS = {"VERSION": 30, "ADD": 50}
 

@@ -1,0 +1,126 @@
+"""Rendering benchmark results: a terminal table (medians, min-max, per-round ratios to
+iptables and to explicit), and PNG plots."""
+import os
+import statistics
+
+from . import cni as cni_bench
+
+_METRIC = {"stream": ("gbit_s", "Gbit/s", "CPU ms/GB")}
+_DEFAULT_METRIC = ("rps", "req/s", "CPU ms/1k")
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _range(values):
+    values = [v for v in values if v is not None]
+    return (min(values), max(values)) if values else (None, None)
+
+
+def _ratios(samples, mode, base, key):
+    """Per-round ratio of mode to base, so drift between rounds cancels out."""
+    by_round = {s["round"]: s[key] for s in samples.get(base, [])}
+    out = [s[key] / by_round[s["round"]] for s in samples.get(mode, [])
+           if by_round.get(s["round"])]
+    return out
+
+
+def _fmt(v, digits=0):
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _ratio_cell(ratios):
+    if not ratios:
+        return "-"
+    lo, hi = min(ratios), max(ratios)
+    return f"{statistics.median(ratios):.2f} ({lo:.2f}-{hi:.2f})" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+
+def render(results):
+    s = results["settings"]
+    env = results["env"]
+    lines = [f"interceptor bench: {s['runs']} round(s) x {s['seconds']} s, modes interleaved; "
+             f"kernel {env['kernel']}, {env['cpus']} CPU ({env['cpu']})",
+             "Ratios are per round, then the median (min-max) over rounds.", ""]
+    for scenario, samples in results["samples"].items():
+        key, unit, cpu_unit = _METRIC.get(scenario.split()[0], _DEFAULT_METRIC)
+        digits = 2 if key == "gbit_s" else 0
+        latency = key == "rps"
+        lines.append(f"== {scenario}")
+        head = f"{'mode':<14}{unit + ' median':>16}{'min-max':>22}"
+        if latency:
+            head += f"{'p50 ms':>9}{'p99 ms':>9}"
+        head += f"{cpu_unit + ' sidecars':>20}{'total':>8}{'vs iptables':>20}{'vs explicit':>20}"
+        lines.append(head)
+        for mode, runs in samples.items():
+            values = [r[key] for r in runs]
+            lo, hi = _range(values)
+            row = f"{mode:<14}{_fmt(_median(values), digits):>16}{_fmt(lo, digits) + ' - ' + _fmt(hi, digits):>22}"
+            if latency:
+                row += f"{_fmt(_median([r['p50_ms'] for r in runs]), 2):>9}{_fmt(_median([r['p99_ms'] for r in runs]), 2):>9}"
+            row += (f"{_fmt(_median([r['sidecars_ms'] for r in runs]), 1):>20}"
+                    f"{_fmt(_median([r['total_ms'] for r in runs]), 1):>8}"
+                    f"{_ratio_cell(_ratios(samples, mode, 'iptables', key)):>20}"
+                    f"{_ratio_cell(_ratios(samples, mode, 'explicit', key)):>20}")
+            lines.append(row)
+        errors = sum(r.get("socket_errors", 0) + r.get("bad_responses", 0) for rs in samples.values() for r in rs)
+        if errors:
+            lines.append(f"(socket errors or non-2xx responses: {errors})")
+        lines.append("")
+    if results.get("rules"):
+        rules = results["rules"]
+        sizes = sorted({int(n) for m in rules.values() for n in m})
+        lines.append("== rules: new connections/s (wrk c=8, Connection: close) as the client pod's "
+                     "exclusion lists grow (N CIDRs + N ports, none matching)")
+        lines.append(f"{'N':>8}" + "".join(f"{m:>14}" for m in rules) + f"{'ebpf/iptables':>16}")
+        for n in sizes:
+            med = {m: _median([r["rps"] for r in rules[m].get(str(n), [])]) for m in rules}
+            ratio = (med.get("ebpf") / med["iptables"]) if med.get("ebpf") and med.get("iptables") else None
+            lines.append(f"{n:>8}" + "".join(f"{_fmt(med[m]):>14}" for m in rules) + f"{_fmt(ratio, 2):>16}")
+        lines.append("")
+    if results.get("cni"):
+        lines.append("== cni: plugin latency as the runtime sees it")
+        lines.append(cni_bench.render(results["cni"]))
+    return "\n".join(lines)
+
+
+def plots(results, out_dir):
+    """latency.png (rr percentiles per mode) and rules.png (the scaling curve)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rr = [s for s in results["samples"] if s.startswith("rr")]
+    if rr:
+        fig, axes = plt.subplots(1, len(rr), figsize=(6 * len(rr), 4), squeeze=False)
+        for ax, scenario in zip(axes[0], rr):
+            samples = results["samples"][scenario]
+            names = list(samples)
+            for i, pct in enumerate(("p50_ms", "p90_ms", "p99_ms")):
+                values = [_median([r[pct] for r in samples[m]]) or 0 for m in names]
+                ax.bar([x + i * 0.27 for x in range(len(names))], values, width=0.27, label=pct[:-3])
+            ax.set_xticks([x + 0.27 for x in range(len(names))], names, rotation=30, ha="right")
+            ax.set_ylabel("latency, ms (median over rounds)")
+            ax.set_title(f"HTTP {scenario} through two sidecars")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)
+        plt.close(fig)
+    if results.get("rules"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, by_size in results["rules"].items():
+            sizes = sorted(int(n) for n in by_size)
+            ax.plot(sizes, [_median([r["rps"] for r in by_size[str(n)]]) for n in sizes], marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel("excluded CIDRs and ports (none matching)")
+        ax.set_ylabel("new connections/s")
+        ax.set_title("Connection setup as exclusion lists grow")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "rules.png"), dpi=110)
+        plt.close(fig)

@@ -1,0 +1,138 @@
+"""The benchmark run: scenarios over modes, interleaved round by round (A B C A B C ...,
+each round starting one mode later) so that drift on a shared machine hits every mode
+alike; everything it creates is removed at the end, also when interrupted."""
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+from .. import loader
+from . import cni as cni_bench, modes, report, tools
+from .topology import POD_SYSCTLS, Topology
+
+SCENARIOS = ("rr", "crr", "stream", "rules", "cni")
+RULE_SIZES = (10, 100, 1000, 10000)
+RULE_SIZES_QUICK = (10, 1000)
+RULE_MODES = ("iptables", "nftables", "ebpf")
+
+
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # a forked helper (pyroute2's netns worker) inherited the handler: end as SIGTERM would
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
+
+
+def _progress(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def environment():
+    def version(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0].strip()
+        except (OSError, IndexError):
+            return None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "haproxy": version(["haproxy", "-v"]),
+            "wrk": version(["wrk", "-v"]), "iperf3": version(["iperf3", "--version"]),
+            "pod_sysctls": POD_SYSCTLS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _excluded(n):
+    """n CIDRs and n ports the traffic never matches, so every one of them is evaluated."""
+    cidrs = [f"100.{64 + i // 65536}.{(i // 256) % 256}.{i % 256}/32" for i in range(n)]
+    ports = [20000 + i for i in range(min(n, 40000))]
+    return {"exclude_outbound_cidrs": cidrs, "exclude_outbound_ports": ports}
+
+
+def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES):
+    runs = runs or (1 if quick else 3)
+    seconds = 2 if quick else 5
+    out_dir = out_dir or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
+                                                  "modes": list(modes_), "scenarios": list(scenarios)},
+               "samples": {}, "rules": {}, "cni": None}
+    old_handler = signal.signal(signal.SIGTERM, _interrupt)
+    topo = None
+    try:
+        if loader.is_loaded():
+            loader.unload()
+        per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
+        if per_mode:
+            topo = Topology()
+            for r in range(runs):
+                order = list(modes_[r % len(modes_):]) + list(modes_[:r % len(modes_)])
+                for mode in order:
+                    modes.apply(mode, topo)
+                    for sample in _per_mode(topo, mode, per_mode, seconds):
+                        results["samples"].setdefault(sample.pop("scenario"), {}) \
+                            .setdefault(mode, []).append(dict(sample, round=r))
+        if "rules" in scenarios:
+            topo = topo or Topology()
+            sizes = RULE_SIZES_QUICK if quick else RULE_SIZES
+            for r in range(runs):
+                for size in sizes:
+                    for mode in RULE_MODES:
+                        modes.apply(mode, topo, client_settings=_excluded(size))
+                        with tools.CpuMeter(topo.sidecar_pids) as cpu:
+                            w = tools.wrk(topo.client, modes.http_target(mode, topo), 8, seconds, close=True)
+                        w.update(cpu.per(w["requests"] / 1000))
+                        results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
+                        _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
+                                  f"{w['rps']:.0f} conn/s")
+        if topo:
+            topo.close()
+            topo = None
+        loader.unload()
+        if "cni" in scenarios:
+            _progress("cni: plugin latency")
+            results["cni"] = cni_bench.run(sequential=30 if quick else 100, concurrent=20,
+                                           versions=20 if quick else 50, echo=lambda _: None)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        if topo:
+            topo.close()
+        loader.unload()
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    text = report.render(results)
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    report.plots(results, out_dir)
+    print(text)
+    print(f"\nresults, summary and plots in {out_dir}/")
+    return results
+
+
+def _per_mode(topo, mode, scenarios, seconds):
+    http = modes.http_target(mode, topo)
+    if "rr" in scenarios:
+        for conns in (1, 16):
+            with tools.CpuMeter(topo.sidecar_pids) as cpu:
+                w = tools.wrk(topo.client, http, conns, seconds)
+            w.update(cpu.per(w["requests"] / 1000))
+            _progress(f"{mode:<14} rr c={conns:<3} {w['rps']:>9.0f} req/s  p99 {w['p99_ms']:.2f} ms")
+            yield dict(w, scenario=f"rr c={conns}")
+    if "crr" in scenarios:
+        with tools.CpuMeter(topo.sidecar_pids) as cpu:
+            w = tools.wrk(topo.client, http, 8, seconds, close=True)
+        w.update(cpu.per(w["requests"] / 1000))
+        _progress(f"{mode:<14} crr c=8   {w['rps']:>9.0f} conn/s p99 {w['p99_ms']:.2f} ms")
+        yield dict(w, scenario="crr c=8")
+    if "stream" in scenarios:
+        host, port = modes.iperf_target(mode, topo)
+        with tools.CpuMeter(topo.sidecar_pids) as cpu:
+            s = tools.iperf3(topo.client, host, port, seconds)
+        s.update(cpu.per(s["bytes"] / 1e9))       # CPU ms per GB
+        _progress(f"{mode:<14} stream    {s['gbit_s']:>9.2f} Gbit/s")
+        yield dict(s, scenario="stream")

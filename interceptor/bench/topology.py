@@ -1,0 +1,124 @@
+"""The benchmark's pods: a client pod (the load generator is its app) and a server pod
+(a HAProxy answering HTTP and an iperf3 server are its apps), each with a HAProxy
+sidecar as uid 1337, on one bridge in a node namespace (same node). Nothing touches the
+host's network; everything goes with close()."""
+import os
+import subprocess
+
+from .. import abi, lab as labmod
+
+APP_PORT = 8080
+IPERF_PORT = 5201
+EXPLICIT_OUT = 16001     # explicit mode: the app talks to its sidecar on this port...
+EXPLICIT_IN = 16006      # ...which talks to the server's sidecar on this one
+EXPLICIT_OUT_IPERF = 16002
+EXPLICIT_IN_IPERF = 16007
+
+SIDECAR = """\
+global
+    uid {uid}
+    gid {gid}
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend outbound
+    bind 0.0.0.0:{outbound}
+    default_backend original_dst
+frontend inbound
+    bind 0.0.0.0:{inbound}
+    default_backend original_dst
+backend original_dst
+    server s 0.0.0.0:0
+# explicit mode (no interception): app -> 127.0.0.1:{explicit_out} -> peer sidecar :{explicit_in} -> app
+frontend explicit_out
+    bind 127.0.0.1:{explicit_out}
+    default_backend peer_sidecar
+backend peer_sidecar
+    server s {peer}:{explicit_in}
+frontend explicit_in
+    bind 0.0.0.0:{explicit_in}
+    default_backend local_app
+backend local_app
+    server s 127.0.0.1:{app_port}
+frontend explicit_out_iperf
+    bind 127.0.0.1:{explicit_out_iperf}
+    default_backend peer_sidecar_iperf
+backend peer_sidecar_iperf
+    server s {peer}:{explicit_in_iperf}
+frontend explicit_in_iperf
+    bind 0.0.0.0:{explicit_in_iperf}
+    default_backend local_iperf
+backend local_iperf
+    server s 127.0.0.1:{iperf_port}
+"""
+
+APP = """\
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend app
+    bind 0.0.0.0:{app_port}
+    http-request return status 200 content-type text/plain string ok
+"""
+
+# Namespaced sysctls applied in both pods, reported with the results: connection-per-
+# request runs otherwise hit TIME_WAIT 4-tuple collisions that look like latency spikes.
+POD_SYSCTLS = {
+    "net.ipv4.tcp_tw_reuse": "1",
+    "net.ipv4.ip_local_port_range": "10000 60999",
+}
+
+
+class Topology:
+    def __init__(self, net=90):
+        self.lab = labmod.Lab(prefix=f"icb{os.getpid() % 10000}", net=net)
+        self.pids = {}
+        try:
+            self.client = self.lab.add_pod("client")
+            self.server = self.lab.add_pod("server")
+            for pod in (self.client, self.server):
+                for key, value in POD_SYSCTLS.items():
+                    pod.run("sysctl", "-q", "-w", f"{key}={value}")
+            self._start_sidecar(self.client, peer=self.server.ipv4)
+            self._start_sidecar(self.server, peer=self.client.ipv4)
+            self._write_and_spawn(self.server, "app", APP.format(app_port=APP_PORT))
+            self.pids["iperf3"] = self.server.spawn(
+                "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).pid
+            labmod.wait_listening(self.server, APP_PORT)
+            labmod.wait_listening(self.server, IPERF_PORT)
+        except BaseException:
+            self.close()
+            raise
+
+    def _write_and_spawn(self, pod, name, config):
+        path = os.path.join(self.lab.workdir, f"{name}-{pod.name}.cfg")
+        with open(path, "w") as f:
+            f.write(config)
+        proc = pod.spawn("haproxy", "-db", "-f", path, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        self.pids[f"{name}-{pod.name}"] = proc.pid
+        return proc
+
+    def _start_sidecar(self, pod, peer):
+        self._write_and_spawn(pod, "sidecar", SIDECAR.format(
+            uid=abi.PROXY_UID, gid=abi.PROXY_GID, outbound=abi.OUTBOUND_PORT,
+            inbound=abi.INBOUND_PORT, explicit_out=EXPLICIT_OUT, explicit_in=EXPLICIT_IN,
+            peer=peer, app_port=APP_PORT, explicit_out_iperf=EXPLICIT_OUT_IPERF,
+            explicit_in_iperf=EXPLICIT_IN_IPERF, iperf_port=IPERF_PORT))
+        for port in (abi.OUTBOUND_PORT, abi.INBOUND_PORT, EXPLICIT_OUT, EXPLICIT_IN):
+            labmod.wait_listening(pod, port)
+
+    @property
+    def sidecar_pids(self):
+        return [self.pids["sidecar-client"], self.pids["sidecar-server"]]
+
+    def close(self):
+        self.lab.close()
