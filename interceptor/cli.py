@@ -36,8 +36,10 @@ def doctor(output):
 @main.command()
 @click.option("--cgroup", type=click.Path(file_okay=False),
               help="Attach at this cgroup2 directory instead of the cgroup2 root.")
-@click.option("--bypass/--no-bypass", default=True, show_default=True,
-              help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg).")
+@click.option("--bypass/--no-bypass", default=False, show_default=True,
+              help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg). Off by "
+                   "default: see the README for what it changes (faster keep-alive and bulk, "
+                   "slower connection churn, kernel limits).")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF for each capability the kernel offers, "
               "REDIRECT rules for the rest; nftables/iptables: rules only (no BPF).")
@@ -194,7 +196,8 @@ def metrics(listen):
 
 
 @main.command()
-@click.argument("scenarios", nargs=-1, type=click.Choice(["rr", "crr", "stream", "rules", "cni"]))
+@click.argument("scenarios", nargs=-1,
+                type=click.Choice(["rr", "crr", "stream", "xnode", "rules", "cni"]))
 @click.option("--quick", is_flag=True, help="Short runs, one round (about two minutes; for CI).")
 @click.option("--runs", type=click.IntRange(1, 50), help="Rounds (default 3, or 1 with --quick).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -203,6 +206,7 @@ def bench(scenarios, quick, runs, out_dir):
     """Compare interception modes in one interleaved run; prints numbers and ratios.
 
     SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
+    xnode (rr, crr and stream with the pods on two "nodes" joined by a routed link),
     rules (exclusion lists growing), cni (plugin latency); default all."""
     import os
     # its own pins and state: a datapath loaded for real on this node is left alone

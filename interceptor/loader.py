@@ -50,7 +50,7 @@ def is_loaded():
     return plan is not None and all(os.path.exists(p) for p in expected_pins(plan))
 
 
-def load(cgroup=None, bypass=True, mode="auto", log=lambda msg: None):
+def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
     """Idempotent: a complete earlier load is kept (only the bypass switch is applied);
     leftovers of an interrupted one are removed first. Returns a short summary."""
     from . import doctor

@@ -15,7 +15,17 @@ fi
 # plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
 # nftables, iptables: the fallback path (REDIRECT rules) where the kernel lacks BPF features.
 # wrk, iperf3: load generators of `interceptor bench`.
-PACKAGES=(python3-bpfcc python3-venv libbpf1 bpftool linux-headers-amd64 haproxy curl
+# Debian names its current-headers package linux-headers-amd64; Ubuntu (the Vagrant
+# node1) ships headers for the running kernel, and bpftool in linux-tools.
+. /etc/os-release
+if [ "${ID:-}" = ubuntu ]; then
+    HEADERS="linux-headers-$(uname -r)"
+    BPFTOOL="linux-tools-$(uname -r)"
+else
+    HEADERS=linux-headers-amd64
+    BPFTOOL=bpftool
+fi
+PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "$HEADERS" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
           nftables iptables wrk iperf3)
 

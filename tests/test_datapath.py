@@ -42,7 +42,7 @@ def datapath(request):
     old = os.environ.get("INTERCEPTOR_DISABLE_FEATURES")
     os.environ["INTERCEPTOR_DISABLE_FEATURES"] = disabled
     try:
-        loader.load(mode=load_mode)
+        loader.load(mode=load_mode, bypass=True)
     finally:
         if old is None:
             del os.environ["INTERCEPTOR_DISABLE_FEATURES"]

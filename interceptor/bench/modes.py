@@ -7,8 +7,13 @@ nftables       the same rules on nftables (no BPF)
 ebpf           the eBPF datapath with the same-host bypass
 ebpf-nobypass  the eBPF datapath without it
 """
+import json
+import os
+import subprocess
+import sys
+
 from .. import enrollment, loader
-from .topology import APP_PORT, EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT
+from .topology import APP_PORT, APP_PORTS, EXPLICIT_APP_PORT, EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT, NODE2_ENV
 
 MODES = ("direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-nobypass")
 INTERCEPTED = ("iptables", "nftables", "ebpf", "ebpf-nobypass")
@@ -19,10 +24,12 @@ _LOAD = {"direct": None, "explicit": None, "iptables": ("iptables", False),
 
 
 def apply(mode, topo, client_settings=None):
-    """Switch the node to mode, with the pods (re-)enrolled; client_settings: extra enroll
-    settings for the client pod (the rules-scaling scenario's exclusion lists)."""
+    """Switch the node(s) to mode, with the pods (re-)enrolled; client_settings: extra
+    enroll settings for the client pod (the rules-scaling scenario's exclusion lists)."""
     want = _LOAD[mode]
     node = loader.node_state() if loader.is_loaded() else None
+    if topo.cross_node:
+        _apply_node2(want, topo)
     if want is None:
         if node is not None:
             loader.unload()
@@ -35,13 +42,54 @@ def apply(mode, topo, client_settings=None):
         loader.load(mode=load_mode, bypass=bypass)      # only switches the bypass
     enrollment.enroll(topo.client.netns_path, enrollment.PodSettings(**(client_settings or {})),
                       pod="bench/client")
-    enrollment.enroll(topo.server.netns_path, enrollment.PodSettings(), pod="bench/server")
+    if not topo.cross_node:
+        enrollment.enroll(topo.server.netns_path, enrollment.PodSettings(), pod="bench/server")
 
 
-def http_target(mode, topo):
+def _node2(*args):
+    env = dict(os.environ, **NODE2_ENV)
+    subprocess.run([sys.executable, "-m", "interceptor.cli", *args], env=env, check=True,
+                   capture_output=True, text=True)
+
+
+def _apply_node2(want, topo):
+    """The server's node runs its own datapath instance (other pins and state): driven
+    through the CLI, since paths are fixed per process."""
+    state_file = os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")
+    current = None
+    if os.path.exists(state_file):
+        with open(state_file) as f:
+            current = json.load(f).get("requested_mode")
+    if want is None:
+        if current:
+            _node2("unload")
+        return
+    load_mode, bypass = want
+    if current != load_mode:
+        _node2("unload")
+    _node2("load", "--mode", load_mode, "--bypass" if bypass else "--no-bypass")
+    _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server")
+
+
+def unload_node2():
+    _node2("unload")
+
+
+def app_port(mode, slot=0):
+    """The app port a mode's runs use (see topology.APP_PORTS); slot separates further
+    (the rules scenario's list sizes)."""
+    port = APP_PORT + MODES.index(mode) + len(MODES) * slot
+    if port >= APP_PORT + APP_PORTS:
+        raise ValueError(f"no app port left for {mode} slot {slot}")
+    return port
+
+
+def http_target(mode, topo, slot=0):
     if mode == "explicit":
+        # the sidecars' explicit path ends at EXPLICIT_APP_PORT, this mode's app port
+        assert app_port(mode) == EXPLICIT_APP_PORT
         return f"http://127.0.0.1:{EXPLICIT_OUT}/"
-    return f"http://{topo.server.ipv4}:{APP_PORT}/"
+    return f"http://{topo.server.ipv4}:{app_port(mode, slot)}/"
 
 
 def iperf_target(mode, topo):

@@ -47,7 +47,7 @@ def render(results):
              f"kernel {env['kernel']}, {env['cpus']} CPU ({env['cpu']})",
              "Ratios are per round, then the median (min-max) over rounds.", ""]
     for scenario, samples in results["samples"].items():
-        key, unit, cpu_unit = _METRIC.get(scenario.split()[0], _DEFAULT_METRIC)
+        key, unit, cpu_unit = _METRIC.get(scenario.replace("x-node ", "").split()[0], _DEFAULT_METRIC)
         digits = 2 if key == "gbit_s" else 0
         latency = key == "rps"
         lines.append(f"== {scenario}")
@@ -94,10 +94,12 @@ def plots(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rr = [s for s in results["samples"] if s.startswith("rr")]
+    rr = [s for s in results["samples"] if s.startswith(("rr", "x-node rr"))]
     if rr:
-        fig, axes = plt.subplots(1, len(rr), figsize=(6 * len(rr), 4), squeeze=False)
-        for ax, scenario in zip(axes[0], rr):
+        cols = min(len(rr), 2)
+        rows = (len(rr) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+        for ax, scenario in zip([a for row in axes for a in row], rr):
             samples = results["samples"][scenario]
             names = list(samples)
             for i, pct in enumerate(("p50_ms", "p90_ms", "p99_ms")):
@@ -105,7 +107,8 @@ def plots(results, out_dir):
                 ax.bar([x + i * 0.27 for x in range(len(names))], values, width=0.27, label=pct[:-3])
             ax.set_xticks([x + 0.27 for x in range(len(names))], names, rotation=30, ha="right")
             ax.set_ylabel("latency, ms (median over rounds)")
-            ax.set_title(f"HTTP {scenario} through two sidecars")
+            where = "cross-node" if scenario.startswith("x-node") else "same node"
+            ax.set_title(f"HTTP {scenario.replace('x-node ', '')} through two sidecars, {where}")
             ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)

@@ -13,7 +13,7 @@ from .. import loader
 from . import cni as cni_bench, modes, report, tools
 from .topology import POD_SYSCTLS, Topology
 
-SCENARIOS = ("rr", "crr", "stream", "rules", "cni")
+SCENARIOS = ("rr", "crr", "stream", "xnode", "rules", "cni")
 RULE_SIZES = (10, 100, 1000, 10000)
 RULE_SIZES_QUICK = (10, 1000)
 RULE_MODES = ("iptables", "nftables", "ebpf")
@@ -56,7 +56,7 @@ def _excluded(n):
 
 def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES):
     runs = runs or (1 if quick else 3)
-    seconds = 2 if quick else 5
+    seconds = 1 if quick else 5
     out_dir = out_dir or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
@@ -70,22 +70,25 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
         per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
         if per_mode:
             topo = Topology()
-            for r in range(runs):
-                order = list(modes_[r % len(modes_):]) + list(modes_[:r % len(modes_)])
-                for mode in order:
-                    modes.apply(mode, topo)
-                    for sample in _per_mode(topo, mode, per_mode, seconds):
-                        results["samples"].setdefault(sample.pop("scenario"), {}) \
-                            .setdefault(mode, []).append(dict(sample, round=r))
+            _rounds(topo, per_mode, modes_, runs, seconds, results, prefix="")
+            topo.close()
+            topo = None
+        if "xnode" in scenarios:
+            topo = Topology(cross_node=True)
+            _rounds(topo, ("rr", "crr", "stream"), modes_, runs, seconds, results, prefix="x-node ")
+            topo.close()
+            topo = None
+            modes.unload_node2()
         if "rules" in scenarios:
-            topo = topo or Topology()
+            topo = Topology()
             sizes = RULE_SIZES_QUICK if quick else RULE_SIZES
             for r in range(runs):
-                for size in sizes:
+                for slot, size in enumerate(sizes):
                     for mode in RULE_MODES:
                         modes.apply(mode, topo, client_settings=_excluded(size))
+                        url = modes.http_target(mode, topo, slot=slot)
                         with tools.CpuMeter(topo.sidecar_pids) as cpu:
-                            w = tools.wrk(topo.client, modes.http_target(mode, topo), 8, seconds, close=True)
+                            w = tools.wrk(topo.client, url, 8, seconds, close=True)
                         w.update(cpu.per(w["requests"] / 1000))
                         results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
                         _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
@@ -103,6 +106,8 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
         if topo:
             topo.close()
         loader.unload()
+        if "xnode" in scenarios:
+            modes.unload_node2()
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
     text = report.render(results)
@@ -114,25 +119,35 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
     return results
 
 
-def _per_mode(topo, mode, scenarios, seconds):
+def _rounds(topo, scenarios, modes_, runs, seconds, results, prefix):
+    for r in range(runs):
+        order = list(modes_[r % len(modes_):]) + list(modes_[:r % len(modes_)])
+        for mode in order:
+            modes.apply(mode, topo)
+            for sample in _per_mode(topo, mode, scenarios, seconds, prefix):
+                results["samples"].setdefault(sample.pop("scenario"), {}) \
+                    .setdefault(mode, []).append(dict(sample, round=r))
+
+
+def _per_mode(topo, mode, scenarios, seconds, prefix=""):
     http = modes.http_target(mode, topo)
     if "rr" in scenarios:
         for conns in (1, 16):
             with tools.CpuMeter(topo.sidecar_pids) as cpu:
                 w = tools.wrk(topo.client, http, conns, seconds)
             w.update(cpu.per(w["requests"] / 1000))
-            _progress(f"{mode:<14} rr c={conns:<3} {w['rps']:>9.0f} req/s  p99 {w['p99_ms']:.2f} ms")
-            yield dict(w, scenario=f"rr c={conns}")
+            _progress(f"{prefix}{mode:<14} rr c={conns:<3} {w['rps']:>9.0f} req/s  p99 {w['p99_ms']:.2f} ms")
+            yield dict(w, scenario=f"{prefix}rr c={conns}")
     if "crr" in scenarios:
         with tools.CpuMeter(topo.sidecar_pids) as cpu:
             w = tools.wrk(topo.client, http, 8, seconds, close=True)
         w.update(cpu.per(w["requests"] / 1000))
-        _progress(f"{mode:<14} crr c=8   {w['rps']:>9.0f} conn/s p99 {w['p99_ms']:.2f} ms")
-        yield dict(w, scenario="crr c=8")
+        _progress(f"{prefix}{mode:<14} crr c=8   {w['rps']:>9.0f} conn/s p99 {w['p99_ms']:.2f} ms")
+        yield dict(w, scenario=f"{prefix}crr c=8")
     if "stream" in scenarios:
         host, port = modes.iperf_target(mode, topo)
         with tools.CpuMeter(topo.sidecar_pids) as cpu:
             s = tools.iperf3(topo.client, host, port, seconds)
         s.update(cpu.per(s["bytes"] / 1e9))       # CPU ms per GB
-        _progress(f"{mode:<14} stream    {s['gbit_s']:>9.2f} Gbit/s")
-        yield dict(s, scenario="stream")
+        _progress(f"{prefix}{mode:<14} stream    {s['gbit_s']:>9.2f} Gbit/s")
+        yield dict(s, scenario=f"{prefix}stream")

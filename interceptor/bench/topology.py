@@ -8,6 +8,12 @@ import subprocess
 from .. import abi, lab as labmod
 
 APP_PORT = 8080
+# The app answers on APP_PORT .. APP_PORT + APP_PORTS - 1. Connection-per-request runs use
+# a port of their own per mode (and exclusion-list size), so no run's new SYNs land on the
+# TIME_WAIT 4-tuples an earlier run left behind (60 s): without it, whichever mode runs
+# after the others loses a third of its rate to collisions, not to interception.
+APP_PORTS = 20
+EXPLICIT_APP_PORT = APP_PORT + 1     # = modes.app_port("explicit")
 IPERF_PORT = 5201
 EXPLICIT_OUT = 16001     # explicit mode: the app talks to its sidecar on this port...
 EXPLICIT_IN = 16006      # ...which talks to the server's sidecar on this one
@@ -64,7 +70,7 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend app
-    bind 0.0.0.0:{app_port}
+    bind 0.0.0.0:{app_port}-{app_port_last}
     http-request return status 200 content-type text/plain string ok
 """
 
@@ -76,19 +82,40 @@ POD_SYSCTLS = {
 }
 
 
+# The second "node" of the cross-node variant gets a datapath instance of its own (its
+# own pins and state), so that, as between real machines, neither node's bypass knows the
+# other's pods.
+NODE2_ENV = {"INTERCEPTOR_PIN_ROOT": "/sys/fs/bpf/interceptor-bench-node2",
+             "INTERCEPTOR_RUN_DIR": "/run/interceptor-bench-node2"}
+
+
 class Topology:
-    def __init__(self, net=90):
-        self.lab = labmod.Lab(prefix=f"icb{os.getpid() % 10000}", net=net)
+    """same node: both pods on one bridge. cross_node: the client pod on node1's bridge
+    (10.91.0.0/24), the server pod on node2's (10.92.0.0/24), the two node namespaces
+    joined by a routed veth link."""
+
+    def __init__(self, cross_node=False):
+        tag = f"icb{os.getpid() % 10000}"
+        self.cross_node = cross_node
+        self.labs = []
         self.pids = {}
         try:
-            self.client = self.lab.add_pod("client")
-            self.server = self.lab.add_pod("server")
+            if cross_node:
+                self.labs = [labmod.Lab(prefix=f"{tag}a", net=91), labmod.Lab(prefix=f"{tag}b", net=92)]
+                self.client = self.labs[0].add_pod("client")
+                self.server = self.labs[1].add_pod("server")
+                self._join_nodes(*self.labs)
+            else:
+                self.labs = [labmod.Lab(prefix=tag, net=90)]
+                self.client = self.labs[0].add_pod("client")
+                self.server = self.labs[0].add_pod("server")
             for pod in (self.client, self.server):
                 for key, value in POD_SYSCTLS.items():
                     pod.run("sysctl", "-q", "-w", f"{key}={value}")
             self._start_sidecar(self.client, peer=self.server.ipv4)
             self._start_sidecar(self.server, peer=self.client.ipv4)
-            self._write_and_spawn(self.server, "app", APP.format(app_port=APP_PORT))
+            self._write_and_spawn(self.server, "app", APP.format(
+                app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1))
             self.pids["iperf3"] = self.server.spawn(
                 "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL).pid
@@ -97,6 +124,26 @@ class Topology:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def lab(self):
+        return self.labs[0]
+
+    def _join_nodes(self, lab1, lab2):
+        """A veth between the two node namespaces, 10.99.0.1/30 - 10.99.0.2/30, with a
+        route to the other node's pod subnet and forwarding on (namespaced sysctls)."""
+        def node(lab, *argv):
+            subprocess.run(["ip", "netns", "exec", lab.node_ns, *argv], check=True,
+                           capture_output=True)
+        node(lab1, "ip", "link", "add", "tonode2", "type", "veth", "peer", "name", "tonode1",
+             "netns", lab2.node_ns)
+        for lab, dev, mine, other_net in ((lab1, "tonode2", "10.99.0.1", "10.92.0.0/24"),
+                                          (lab2, "tonode1", "10.99.0.2", "10.91.0.0/24")):
+            peer = "10.99.0.2" if mine.endswith(".1") else "10.99.0.1"
+            node(lab, "ip", "addr", "add", f"{mine}/30", "dev", dev)
+            node(lab, "ip", "link", "set", dev, "up")
+            node(lab, "ip", "route", "add", other_net, "via", peer)
+            node(lab, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 
     def _write_and_spawn(self, pod, name, config):
         path = os.path.join(self.lab.workdir, f"{name}-{pod.name}.cfg")
@@ -111,7 +158,7 @@ class Topology:
         self._write_and_spawn(pod, "sidecar", SIDECAR.format(
             uid=abi.PROXY_UID, gid=abi.PROXY_GID, outbound=abi.OUTBOUND_PORT,
             inbound=abi.INBOUND_PORT, explicit_out=EXPLICIT_OUT, explicit_in=EXPLICIT_IN,
-            peer=peer, app_port=APP_PORT, explicit_out_iperf=EXPLICIT_OUT_IPERF,
+            peer=peer, app_port=EXPLICIT_APP_PORT, explicit_out_iperf=EXPLICIT_OUT_IPERF,
             explicit_in_iperf=EXPLICIT_IN_IPERF, iperf_port=IPERF_PORT))
         for port in (abi.OUTBOUND_PORT, abi.INBOUND_PORT, EXPLICIT_OUT, EXPLICIT_IN):
             labmod.wait_listening(pod, port)
@@ -121,4 +168,5 @@ class Topology:
         return [self.pids["sidecar-client"], self.pids["sidecar-server"]]
 
     def close(self):
-        self.lab.close()
+        for lab in self.labs:
+            lab.close()

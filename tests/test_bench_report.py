@@ -1,0 +1,40 @@
+"""Benchmark reporting: pure logic on synthetic samples (the benchmark itself runs as
+`interceptor bench`, never as a pass/fail test)."""
+from interceptor.bench import report
+
+
+def sample(rps, rnd, p99=1.0):
+    return {"rps": rps, "round": rnd, "p50_ms": 0.5, "p90_ms": 0.8, "p99_ms": p99,
+            "sidecars_ms": 10.0, "total_ms": 20.0, "requests": int(rps), "socket_errors": 0,
+            "bad_responses": 0}
+
+
+RESULTS = {
+    "env": {"kernel": "k", "cpus": 2, "cpu": "cpu"},
+    "settings": {"runs": 2, "seconds": 1},
+    "samples": {"rr c=16": {
+        "explicit": [sample(100, 0), sample(80, 1)],
+        "iptables": [sample(100, 0), sample(50, 1)],
+        "ebpf": [sample(200, 0), sample(150, 1)],
+    }},
+    "rules": {"iptables": {"10": [sample(10, 0)], "1000": [sample(5, 0)]},
+              "ebpf": {"10": [sample(10, 0)], "1000": [sample(10, 0)]}},
+    "cni": None,
+}
+
+
+def test_ratios_are_per_round():
+    # round 0: 200/100 = 2.0, round 1: 150/50 = 3.0 -> median 2.5, not 175/75
+    assert report._ratios(RESULTS["samples"]["rr c=16"], "ebpf", "iptables", "rps") == [2.0, 3.0]
+    text = report.render(RESULTS)
+    line = next(line for line in text.splitlines() if line.startswith("ebpf "))
+    assert "2.50 (2.00-3.00)" in line
+
+
+def test_rules_table_and_plots(tmp_path):
+    text = report.render(RESULTS)
+    row = next(line for line in text.splitlines() if line.strip().startswith("1000"))
+    assert row.split()[-1] == "2.00"          # ebpf / iptables at 1000 entries
+    report.plots(RESULTS, tmp_path)
+    assert (tmp_path / "latency.png").stat().st_size > 0
+    assert (tmp_path / "rules.png").stat().st_size > 0
