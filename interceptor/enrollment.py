@@ -208,7 +208,7 @@ def _enroll_bpf(plan, cookie, netns_path, settings, addresses):
     with _open_maps() as maps:
         _check_address_owners(maps, cookie, addresses)
         _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
-        _write_rules(maps, cookie, settings)
+        _write_map_rules(maps, cookie, settings)
         for a in addresses:
             maps.pod_addrs.put(abi.PodAddrKey(addr=addr16(a)), ctypes.c_uint64(cookie))
         maps.pods.put(ctypes.c_uint64(cookie), abi.PodConfig(
@@ -239,7 +239,7 @@ def _check_address_owners(maps, cookie, addresses):
             raise EnrollError(f"address {a} already belongs to enrolled netns cookie {owner.value}")
 
 
-def _write_rules(maps, cookie, s):
+def _write_map_rules(maps, cookie, s):
     for port in s.exclude_outbound_ports:
         maps.port_rules.put(_port_key(cookie, abi.PortKind.OUT_EXCLUDE, port), ctypes.c_uint8(1))
     for port in s.include_outbound_ports:

@@ -71,6 +71,17 @@ def _apply_node2(want, topo):
     _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server")
 
 
+def release(topo):
+    """Unenroll the topology's pods from whichever datapath holds them (before their
+    namespaces go, so no record or map entry outlives them)."""
+    if loader.node_plan() is not None:
+        enrollment.unenroll(netns_path=topo.client.netns_path)
+        if not topo.cross_node:
+            enrollment.unenroll(netns_path=topo.server.netns_path)
+    if topo.cross_node and os.path.exists(os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")):
+        _node2("unenroll", "--netns", topo.server.netns_path)
+
+
 def unload_node2():
     _node2("unload")
 

@@ -23,7 +23,7 @@ def _ratios(samples, mode, base, key):
     """Per-round ratio of mode to base, so drift between rounds cancels out."""
     by_round = {s["round"]: s[key] for s in samples.get(base, [])}
     out = [s[key] / by_round[s["round"]] for s in samples.get(mode, [])
-           if by_round.get(s["round"])]
+           if by_round.get(s["round"]) and s[key] is not None]
     return out
 
 
@@ -67,9 +67,14 @@ def render(results):
                     f"{_ratio_cell(_ratios(samples, mode, 'iptables', key)):>20}"
                     f"{_ratio_cell(_ratios(samples, mode, 'explicit', key)):>20}")
             lines.append(row)
-        errors = sum(r.get("socket_errors", 0) + r.get("bad_responses", 0) for rs in samples.values() for r in rs)
-        if errors:
-            lines.append(f"(socket errors or non-2xx responses: {errors})")
+        for mode, runs in samples.items():
+            errors = sum(r.get("socket_errors", 0) + r.get("bad_responses", 0) for r in runs)
+            failed = [r["error"] for r in runs if r.get("error")]
+            if errors:
+                lines.append(f"  {mode}: {errors} socket errors or non-2xx responses in "
+                             f"{sum(r.get('requests', 0) for r in runs):,} requests")
+            if failed:
+                lines.append(f"  {mode}: {len(failed)} of {len(runs)} runs failed ({failed[0]})")
         lines.append("")
     if results.get("rules"):
         rules = results["rules"]

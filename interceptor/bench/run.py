@@ -63,39 +63,29 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
                                                   "modes": list(modes_), "scenarios": list(scenarios)},
                "samples": {}, "rules": {}, "cni": None}
     old_handler = signal.signal(signal.SIGTERM, _interrupt)
-    topo = None
     try:
         if loader.is_loaded():
             loader.unload()
         per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
         if per_mode:
-            topo = Topology()
-            _rounds(topo, per_mode, modes_, runs, seconds, results, prefix="")
-            topo.close()
-            topo = None
+            _rounds(False, per_mode, modes_, runs, seconds, results, prefix="")
         if "xnode" in scenarios:
-            topo = Topology(cross_node=True)
-            _rounds(topo, ("rr", "crr", "stream"), modes_, runs, seconds, results, prefix="x-node ")
-            topo.close()
-            topo = None
+            _rounds(True, ("rr", "crr", "stream"), modes_, runs, seconds, results, prefix="x-node ")
             modes.unload_node2()
         if "rules" in scenarios:
-            topo = Topology()
             sizes = RULE_SIZES_QUICK if quick else RULE_SIZES
             for r in range(runs):
                 for slot, size in enumerate(sizes):
                     for mode in RULE_MODES:
-                        modes.apply(mode, topo, client_settings=_excluded(size))
-                        url = modes.http_target(mode, topo, slot=slot)
-                        with tools.CpuMeter(topo.sidecar_pids) as cpu:
-                            w = tools.wrk(topo.client, url, 8, seconds, close=True)
+                        with _fresh(Topology()) as topo:
+                            modes.apply(mode, topo, client_settings=_excluded(size))
+                            url = modes.http_target(mode, topo, slot=slot)
+                            with tools.CpuMeter(topo.sidecar_pids) as cpu:
+                                w = tools.wrk(topo.client, url, 8, seconds, close=True)
                         w.update(cpu.per(w["requests"] / 1000))
                         results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
                         _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
                                   f"{w['rps']:.0f} conn/s")
-        if topo:
-            topo.close()
-            topo = None
         loader.unload()
         if "cni" in scenarios:
             _progress("cni: plugin latency")
@@ -103,8 +93,6 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
                                            versions=20 if quick else 50, echo=lambda _: None)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
-        if topo:
-            topo.close()
         loader.unload()
         if "xnode" in scenarios:
             modes.unload_node2()
@@ -119,14 +107,34 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
     return results
 
 
-def _rounds(topo, scenarios, modes_, runs, seconds, results, prefix):
+class _fresh:
+    """Every run gets pods of its own: TIME_WAIT sockets and conntrack entries an earlier
+    run left (REDIRECT maps many destinations onto one proxy port, so a new connection's
+    reply tuple can clash with an old entry and its SYN is dropped: a 1 s stall) must not
+    be charged to the mode that happens to run next."""
+
+    def __init__(self, topo):
+        self.topo = topo
+
+    def __enter__(self):
+        return self.topo
+
+    def __exit__(self, *exc):
+        try:
+            modes.release(self.topo)
+        finally:
+            self.topo.close()
+
+
+def _rounds(cross_node, scenarios, modes_, runs, seconds, results, prefix):
     for r in range(runs):
         order = list(modes_[r % len(modes_):]) + list(modes_[:r % len(modes_)])
         for mode in order:
-            modes.apply(mode, topo)
-            for sample in _per_mode(topo, mode, scenarios, seconds, prefix):
-                results["samples"].setdefault(sample.pop("scenario"), {}) \
-                    .setdefault(mode, []).append(dict(sample, round=r))
+            with _fresh(Topology(cross_node=cross_node)) as topo:
+                modes.apply(mode, topo)
+                for sample in _per_mode(topo, mode, scenarios, seconds, prefix):
+                    results["samples"].setdefault(sample.pop("scenario"), {}) \
+                        .setdefault(mode, []).append(dict(sample, round=r))
 
 
 def _per_mode(topo, mode, scenarios, seconds, prefix=""):
@@ -149,5 +157,6 @@ def _per_mode(topo, mode, scenarios, seconds, prefix=""):
         with tools.CpuMeter(topo.sidecar_pids) as cpu:
             s = tools.iperf3(topo.client, host, port, seconds)
         s.update(cpu.per(s["bytes"] / 1e9))       # CPU ms per GB
-        _progress(f"{prefix}{mode:<14} stream    {s['gbit_s']:>9.2f} Gbit/s")
+        _progress(f"{prefix}{mode:<14} stream    " + (f"{s['gbit_s']:>9.2f} Gbit/s" if s["gbit_s"]
+                                                       else f"failed: {s['error']}"))
         yield dict(s, scenario=f"{prefix}stream")
