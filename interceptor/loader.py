@@ -28,8 +28,7 @@ def node_state():
 
 def node_plan():
     """The plan of the current load, or None when nothing is loaded."""
-    node = node_state()
-    return node.get("plan") if node.get("complete") else None
+    return state.node_plan()
 
 
 def expected_pins(plan=None):

@@ -46,6 +46,13 @@ def remove(path):
         return False
 
 
+def node_plan():
+    """The plan of the current complete load (see capabilities.plan), or None. Read here
+    rather than through loader, which the CNI path has no need to import."""
+    node = read_json(paths.NODE_STATE) or {}
+    return node.get("plan") if node.get("complete") else None
+
+
 def pod_records():
     """All enrolled pods' records, by cookie."""
     out = {}

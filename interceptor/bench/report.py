@@ -84,7 +84,8 @@ def render(results):
         lines.append(f"{'N':>8}" + "".join(f"{m:>14}" for m in rules) + f"{'ebpf/iptables':>16}")
         for n in sizes:
             med = {m: _median([r["rps"] for r in rules[m].get(str(n), [])]) for m in rules}
-            ratio = (med.get("ebpf") / med["iptables"]) if med.get("ebpf") and med.get("iptables") else None
+            ebpf_mode = "ebpf-nobypass" if "ebpf-nobypass" in med else "ebpf"
+            ratio = (med[ebpf_mode] / med["iptables"]) if med.get(ebpf_mode) and med.get("iptables") else None
             lines.append(f"{n:>8}" + "".join(f"{_fmt(med[m]):>14}" for m in rules) + f"{_fmt(ratio, 2):>16}")
         lines.append("")
     if results.get("cni"):
