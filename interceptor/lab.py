@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pyroute2 import NetNS, netns as pyr_netns
 
-from . import abi
+from . import abi, listeners
 
 IFA_F_NODAD = 0x02
 
@@ -188,22 +188,9 @@ def stop_process(proc, timeout=5):
             proc.wait()
 
 
-def listening_ports(pod):
-    """TCP ports with a listener in the pod (from /proc/net/tcp{,6} inside it)."""
-    out = pod.run("cat", "/proc/net/tcp", "/proc/net/tcp6").stdout
-    ports = set()
-    for line in out.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) > 3 and parts[3] == "0A":     # TCP_LISTEN
-            ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def wait_listening(pod, port, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port in listening_ports(pod):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {pod.name}:{port} after {timeout}s")
+    """Poll (sock_diag, in-process) until something listens on port in the pod; pod may
+    also be a netns path."""
+    path = pod if isinstance(pod, str) else pod.netns_path
+    _poll(lambda: listeners.listening(path, port), f"a listener on {path} port {port}", timeout)
 

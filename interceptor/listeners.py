@@ -53,6 +53,12 @@ def _listener_inodes(port):
     return found
 
 
+def listening(netns_path, port):
+    """Does anything listen on TCP port in the namespace at netns_path?"""
+    with netns.entered(netns_path):
+        return bool(_listener_inodes(port))
+
+
 def _owner_fd(inode):
     """(pid, fd) of some process holding socket inode."""
     target = f"socket:[{inode}]"

@@ -353,10 +353,6 @@ def backend_named(name):
     raise RulesError(f"unknown rules backend {name!r}")
 
 
-def nft_usable():
-    return shutil.which("nft") is not None
-
-
 def netns_gone(netns_path):
     return not netns_path or not os.path.exists(netns_path)
 

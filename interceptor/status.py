@@ -9,7 +9,7 @@ import platform
 import textwrap
 import time
 
-from . import abi, counters, libbpf, listeners, netns, paths, state
+from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import Maps
@@ -97,11 +97,9 @@ def _proxy_listening(rec, cookie, listener_keys):
     netns_path = rec.get("netns")
     if netns_path and os.path.exists(netns_path):
         try:
-            with netns.entered(netns_path):
-                for direction, default in (("outbound", abi.OUTBOUND_PORT), ("inbound", abi.INBOUND_PORT)):
-                    if out[direction] is None:
-                        out[direction] = bool(listeners._listener_inodes(
-                            settings.get(f"{direction}_port", default)))
+            for direction, default in (("outbound", abi.OUTBOUND_PORT), ("inbound", abi.INBOUND_PORT)):
+                if out[direction] is None:
+                    out[direction] = listeners.listening(netns_path, settings.get(f"{direction}_port", default))
         except OSError:
             pass
     return out

@@ -129,13 +129,8 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", f"{SUBNET}.1", "18080"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            listening = subprocess.run(["nsenter", f"--net={sandbox}", "cat", "/proc/net/tcp"],
-                                       capture_output=True, text=True).stdout
-            if ":3A99 " in listening and ":3A9E " in listening:   # 15001 and 15006 listening
-                break
-            time.sleep(0.05)
+        labmod.wait_listening(sandbox, 15001)
+        labmod.wait_listening(sandbox, 15006)
         for _ in range(50):
             if subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://{SUBNET}.1:18080/"]).returncode == 0:
                 break

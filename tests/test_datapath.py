@@ -355,6 +355,11 @@ def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
     back, a host connect is not redirected: the cookie is compiled into the programs."""
     lab, a, b = pods
     needs_ebpf(datapath, "outbound", why="no maps to tamper with")
+    # the hooks are live: an enrolled pod's connect is intercepted in this same test
+    log = start_sidecar(lab, a)
+    enroll(a)
+    client(a, b.ipv4)
+    assert len(sidecar_entries(log)) == 1
     import socket
     host_cookie = netns.host_cookie()
     srv = socket.socket()
