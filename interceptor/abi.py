@@ -15,6 +15,10 @@ OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 # Istio's sidecar ports that inbound steering must never capture (health/status, metrics).
 ALWAYS_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)
+ADMIN_PORT = 15000
+# Ports the ingress filter drops from the network by default (besides the pod's own
+# outbound capture port): a connection to 15001 from outside loops through the proxy.
+DEFAULT_PROTECTED_PORTS = (ADMIN_PORT, OUTBOUND_PORT)
 
 # --- Map capacities -------------------------------------------------------------------
 MAX_PODS = 4096
@@ -25,6 +29,14 @@ MAX_REDIRECTED_SOCKETS = 65536   # LRU: oldest entries go first when full
 MAX_BYPASS_SOCKETS = 65536
 MAX_LISTENERS = 2 * MAX_PODS     # one inbound listener per pod and family
 MAX_STAT_KEYS = 65536
+MAX_INGRESS_SOURCES = 65536      # ingress policy source prefixes, all pods
+MAX_INGRESS_RULES = 65536        # ingress policy {source set, proto, port} entries, all pods
+MAX_XDP_PODS = MAX_PODS
+XDP_MAX_VLAN_TAGS = 2            # 802.1Q / 802.1ad tags looked through
+XDP_MAX_EXT_HEADERS = 6          # IPv6 extension headers walked; more = malformed
+# Each pod gets its own instance of the XDP program with its netns cookie in place of
+# this value (XDP has no netns-cookie helper, and ifindexes repeat across namespaces).
+XDP_COOKIE_PLACEHOLDER = 0x1C0FFEE0DEADBEEF
 
 # --- Pod flags (pod_config.flags) -----------------------------------------------------
 POD_F_PASSTHROUGH = 1 << 0        # proxy not listening: let the flow through (else reject)
@@ -34,6 +46,11 @@ POD_F_IN_PORTS_INCLUDE = 1 << 3   # only listed inbound ports are steered (else 
 
 # --- Node-wide settings (settings map, index 0) ---------------------------------------
 NODE_F_BYPASS = 1 << 0            # `interceptor load --no-bypass` clears it
+
+# --- Ingress filter (xdp_pods.flags, ingress_rules values) ----------------------------
+XDP_F_ALLOW_ONLY = 1 << 0         # the pod has allow rules: unmatched new flows are dropped
+MATCH_DENY = 1 << 0               # ingress_rules value bits
+MATCH_ALLOW = 1 << 1
 
 
 class Codes:
@@ -55,12 +72,16 @@ class PortKind(Codes):
     OUT_EXCLUDE = 2
     IN_INCLUDE = 3
     IN_EXCLUDE = 4
+    PROTECTED = 5       # ingress filter: never reachable from the network
 
 
 class CidrKind(Codes):
-    """Which list a cidr_key entry belongs to (exclude wins over include, as in Istio)."""
+    """Which list a cidr_key entry belongs to (exclude wins over include, as in Istio).
+    INGRESS_V4/V6: ingress policy sources (separate kinds so ::/0 never covers IPv4)."""
     OUT_INCLUDE = 1
     OUT_EXCLUDE = 2
+    INGRESS_V4 = 3
+    INGRESS_V6 = 4
 
 
 class Reason(Codes):
@@ -87,6 +108,14 @@ class Reason(Codes):
     BYPASS_MSG_REDIRECTED = 19
     BYPASS_MSG_NO_PEER = 20
     ORIG_DST_RECORD_FAILED = 21
+    # ingress filter (XDP, or nftables rules with the same labels)
+    INGRESS_PASSED = 22
+    INGRESS_PASSED_NON_IP = 23
+    INGRESS_PASSED_FRAGMENT = 24        # non-first fragment: judged with its first one
+    INGRESS_DROPPED_PROTECTED_PORT = 25
+    INGRESS_DROPPED_DENIED = 26
+    INGRESS_DROPPED_NOT_ALLOWED = 27
+    INGRESS_DROPPED_MALFORMED = 28
 
 
 # --- Map layouts ----------------------------------------------------------------------
@@ -198,6 +227,28 @@ class StatValue(ctypes.Structure):
     _fields_ = [("count", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+class XdpPodConfig(ctypes.Structure):
+    """xdp_pods[netns_cookie]: written by enroll and `interceptor policy`, read by the pod's
+    XDP program. Absent: the program passes everything uncounted (pod being removed)."""
+    _fields_ = [
+        ("flags", ctypes.c_uint32),          # XDP_F_*
+        ("ephemeral_low", ctypes.c_uint16),  # pod's ip_local_port_range start, host order
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class IngressRuleKey(ctypes.Structure):
+    """ingress_rules[{pod, source set, proto, port}] = MATCH_* bits. source_set comes
+    from ingress_sources (LPM on the packet's source); proto 0 / port 0 = any."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("source_set", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),           # host order
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
 class NodeSettings(ctypes.Structure):
     """settings[0]: written by the loader."""
     _fields_ = [("flags", ctypes.c_uint32)]
@@ -215,6 +266,8 @@ STRUCTS = {
     "stat_key": StatKey,
     "stat_value": StatValue,
     "node_settings": NodeSettings,
+    "xdp_pod_config": XdpPodConfig,
+    "ingress_rule_key": IngressRuleKey,
 }
 
 # Plain constants exported to C under the same name.
@@ -225,6 +278,9 @@ CONSTANTS = {name: globals()[name] for name in (
     "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",
     "NODE_F_BYPASS", "CIDR_KEY_FIXED_BITS",
     "DIR_OUTBOUND", "DIR_INBOUND", "CONN_F_ESTABLISHED", "CONN_F_BYPASSED",
+    "MAX_INGRESS_SOURCES", "MAX_INGRESS_RULES", "MAX_XDP_PODS",
+    "XDP_MAX_VLAN_TAGS", "XDP_MAX_EXT_HEADERS", "XDP_COOKIE_PLACEHOLDER",
+    "XDP_F_ALLOW_ONLY", "MATCH_DENY", "MATCH_ALLOW",
 )}
 
 _C_TYPES = {
@@ -248,7 +304,7 @@ def render_header():
         "",
     ]
     for name, value in CONSTANTS.items():
-        out.append(f"#define {name} {value}")
+        out.append(f"#define {name} {value:#x}ULL" if value >= 2**31 else f"#define {name} {value}")
     for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (Reason, "REASON_")):
         out.append("")
         for name, value in enum_cls.items():

@@ -11,7 +11,8 @@ import re
 BPF_DIR = pathlib.Path(__file__).resolve().parent.parent / "bpf"
 
 # One file per hook family; all share lib/maps.h, so they are compiled together.
-HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c")
+HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c",
+              "xdp_ingress.c")
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 

@@ -6,14 +6,14 @@ What eBPF cannot serve is served by REDIRECT rules in the pod's netns (nftables
 preferred, iptables otherwise); a missing sockmap only means no bypass.
 """
 MODES = ("auto", "ebpf", "nftables", "iptables")
-EBPF, RULES = "ebpf", "rules"
+EBPF, RULES, XDP = "ebpf", "rules", "xdp"
 
 _BASE = ("bpffs", "cgroup2", "sock_ops", "netns_cookie", "bcc_compile")
 _OUTBOUND = ("connect4", "connect6", "getpeername", "getsockopt")
 
 
 def plan(mode, report):
-    """{mode, outbound, inbound, bypass, rules_backend}; ValueError when the requested
+    """{mode, outbound, inbound, bypass, rules_backend, ingress}; ValueError when the requested
     mode cannot be had here."""
     ok = {c.name: c.ok for c in report.checks}
     base = all(ok.get(n) for n in _BASE)
@@ -31,7 +31,7 @@ def plan(mode, report):
             raise ValueError(f"{mode} is not usable here")
         # forced rules: the Istio-equivalent baseline, no BPF at all
         return {"mode": mode, "outbound": RULES, "inbound": RULES, "bypass": False,
-                "rules_backend": mode}
+                "rules_backend": mode, "ingress": "nftables" if ok.get("nftables") else None}
     elif mode == "auto":
         directions = (EBPF if outbound_ebpf else RULES, EBPF if inbound_ebpf else RULES)
     else:
@@ -48,8 +48,17 @@ def plan(mode, report):
         name = "hybrid"
     return {"mode": name, "outbound": directions[0], "inbound": directions[1],
             "bypass": base and ok.get("sockmap", False),
-            "rules_backend": rules_backend if RULES in directions else None}
+            "rules_backend": rules_backend if RULES in directions else None,
+            "ingress": _ingress(ok, base)}
+
+
+def _ingress(ok, base):
+    """The per-pod ingress filter: XDP (native or generic is chosen per interface at
+    enroll), else an nftables ingress chain, else none (pods are enrolled unfiltered)."""
+    if base and (ok.get("xdp_native") or ok.get("xdp_generic")):
+        return XDP
+    return "nftables" if ok.get("nftables") else None
 
 
 def uses_bpf(p):
-    return EBPF in (p["outbound"], p["inbound"]) or p["bypass"]
+    return EBPF in (p["outbound"], p["inbound"]) or p["bypass"] or p.get("ingress") == XDP

@@ -93,6 +93,16 @@ def _pod_name(ctx, param, value):
               show_default=True, help="When the proxy is not listening yet.")
 @click.option("--bypass/--no-bypass", default=True, show_default=True,
               help="Allow same-host bypass for this pod.")
+@click.option("--ingress-filter", type=click.Choice(["auto", "native", "generic", "off"]),
+              default="auto", show_default=True,
+              help="XDP mode of the pod's ingress filter (auto: native, else generic; "
+                   "nftables where the node has no XDP).")
+@click.option("--protected-ports", default="",
+              help=f"Ports dropped from the network besides the outbound port and {abi.ADMIN_PORT}.")
+@click.option("--ingress-policy", "ingress_policy", multiple=True, metavar="RULE",
+              help="'deny|allow [from CIDR] [tcp|udp|sctp|icmp|any] [port N]' (repeatable).")
+@click.option("--ingress-conflict", type=click.Choice(["refuse", "skip"]), default="refuse",
+              show_default=True, help="When another XDP program is on the interface.")
 def enroll(netns_path, pod, **opts):
     """Intercept one network namespace's traffic (no compile: uses the pinned datapath)."""
     from .enrollment import EnrollError, PodSettings, enroll as do_enroll
@@ -106,6 +116,84 @@ def enroll(netns_path, pod, **opts):
     except (EnrollError, OSError) as exc:
         _fail(str(exc))
     click.echo(f"enrolled netns cookie {rec['cookie']} ({', '.join(rec['addresses']) or 'no addresses'})")
+
+
+def _pod_selector(fn):
+    fn = click.option("--cookie", type=int, help="The pod's netns cookie.")(fn)
+    fn = click.option("--pod", callback=_pod_name, help="NAMESPACE/NAME.")(fn)
+    return click.option("--netns", "netns_path", type=click.Path(dir_okay=False),
+                        help="The pod's network namespace.")(fn)
+
+
+def _selector(netns_path, pod, cookie, required=True):
+    if required and netns_path is None and pod is None and cookie is None:
+        raise click.UsageError("give --netns, --pod or --cookie")
+    return {"netns_path": netns_path, "pod": pod, "cookie": cookie}
+
+
+@main.group()
+def policy():
+    """A pod's ingress policy (XDP or nftables), changed live."""
+
+
+@policy.command("list")
+@_pod_selector
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def policy_list(netns_path, pod, cookie, output):
+    """Protected ports and rules of one pod, or of every pod."""
+    from . import policy as pol
+    try:
+        items = pol.listing(_selector(netns_path, pod, cookie, required=False))
+    except pol.PolicyCommandError as exc:
+        _fail(str(exc))
+    if output == "json":
+        click.echo(json.dumps(items, indent=2, sort_keys=True))
+        return
+    for item in items:
+        click.echo(f"{item['pod'] or '-'} (cookie {item['cookie']}): filter "
+                   f"{item['mechanism'] or 'off'}, protected ports "
+                   f"{', '.join(map(str, item['protected_ports']))}"
+                   f"{', allow-only' if item['allow_only'] else ''}")
+        for i, rule in enumerate(item["rules"], 1):
+            click.echo(f"  {i:3}  {rule}")
+
+
+def _policy_change(netns_path, pod, cookie, **change):
+    from . import ingress_policy, policy as pol
+    for text in [*change.get("add", ()), *change.get("remove", ()), *(change.get("replace") or ())]:
+        try:
+            ingress_policy.parse_rule(text)
+        except ingress_policy.PolicyError as exc:
+            raise click.BadParameter(str(exc), param_hint="RULES") from None
+    try:
+        rules = pol.change(_selector(netns_path, pod, cookie), **change)
+    except pol.PolicyCommandError as exc:
+        _fail(str(exc))
+    click.echo(f"{len(rules)} rule(s) in force")
+
+
+@policy.command("add")
+@_pod_selector
+@click.argument("rules", nargs=-1, required=True)
+def policy_add(netns_path, pod, cookie, rules):
+    """Add RULES, e.g. 'deny from 10.0.0.0/8 tcp port 22' or 'allow tcp port 8080'."""
+    _policy_change(netns_path, pod, cookie, add=rules)
+
+
+@policy.command("remove")
+@_pod_selector
+@click.argument("rules", nargs=-1, required=True)
+def policy_remove(netns_path, pod, cookie, rules):
+    """Remove RULES (as written when added)."""
+    _policy_change(netns_path, pod, cookie, remove=rules)
+
+
+@policy.command("set")
+@_pod_selector
+@click.argument("rules", nargs=-1)
+def policy_set(netns_path, pod, cookie, rules):
+    """Replace the pod's rules with RULES (none: no rules)."""
+    _policy_change(netns_path, pod, cookie, replace=rules)
 
 
 @main.command()

@@ -29,6 +29,7 @@ E_CHECK_POD_ENTRY_MISSING = 101
 E_CHECK_INBOUND_LINK_MISSING = 102
 E_CHECK_NETNS_MISMATCH = 103
 E_CHECK_RULES_MISSING = 104
+E_CHECK_INGRESS_FILTER_MISSING = 105
 E_INTERNAL = 999
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -186,6 +187,7 @@ def cmd_check(req, log):
     for code, what in ((E_CHECK_POD_ENTRY_MISSING, "pods map entry"),
                        (E_CHECK_INBOUND_LINK_MISSING, "inbound sk_lookup link"),
                        (E_CHECK_RULES_MISSING, "rules missing"),
+                       (E_CHECK_INGRESS_FILTER_MISSING, "ingress filter"),
                        (E_CHECK_NETNS_MISMATCH, "network namespace")):
         bad = [p for p in problems if what in p]
         if bad:

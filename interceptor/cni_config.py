@@ -26,6 +26,10 @@ CONFIG_KEYS = {
     "excludeInboundPorts": "exclude_inbound_ports",
     "noProxy": "no_proxy",
     "bypass": "bypass",
+    "ingressFilter": "ingress_filter",
+    "protectedPorts": "protected_ports",
+    "ingressPolicy": "ingress_policy",
+    "ingressConflict": "ingress_conflict",
 }
 
 # Istio's per-pod annotations -> PodSettings field
@@ -36,6 +40,10 @@ ANNOTATION_KEYS = {
     "traffic.sidecar.istio.io/excludeOutboundPorts": "exclude_outbound_ports",
     "traffic.sidecar.istio.io/includeInboundPorts": "include_inbound_ports",
     "traffic.sidecar.istio.io/excludeInboundPorts": "exclude_inbound_ports",
+    # ours: rules separated by ';' (see interceptor/ingress_policy.py), ports by ','
+    "interceptor.io/ingress-policy": "ingress_policy",
+    "interceptor.io/protected-ports": "protected_ports",
+    "interceptor.io/ingress-filter": "ingress_filter",
 }
 
 

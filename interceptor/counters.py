@@ -1,9 +1,10 @@
 """Per-pod counters by reason label, whatever serves the pod: the datapath's per-CPU
 stats map (summed over CPUs) and, for directions on REDIRECT rules, the rules' own
-counters (each rule carries its reason label as comment)."""
+counters (each rule carries its reason label as comment), and the nftables ingress
+filter's named counters."""
 import collections
 
-from . import abi, rules
+from . import abi, ingress, rules
 
 
 def from_maps(maps):
@@ -25,10 +26,14 @@ def by_pod(maps, records=None):
     out = from_maps(maps) if maps is not None else {}
     for cookie, rec in (records or {}).items():
         applied = rec.get("rules")
-        if not applied or rules.netns_gone(rec.get("netns")):
+        found = dict(ingress.counters(rec))
+        if applied and not rules.netns_gone(rec.get("netns")):
+            for label, value in rules.backend_named(applied["backend"]).counters(rec["netns"]).items():
+                found[label] = value
+        if not found:
             continue
         pod = out.setdefault(cookie, {})
-        for label, value in rules.backend_named(applied["backend"]).counters(rec["netns"]).items():
+        for label, value in found.items():
             mine = pod.setdefault(label, {"count": 0, "bytes": 0})
             mine["count"] += value["count"]
             mine["bytes"] += value["bytes"]

@@ -10,7 +10,7 @@ import ipaddress
 import os
 import time
 
-from . import abi, libbpf, listeners, netns, opstats, paths, state
+from . import abi, ingress, ingress_policy, libbpf, listeners, netns, opstats, paths, state
 from .capabilities import uses_bpf
 from .maps import Maps, addr16
 from .programs import BY_NAME, SK_LOOKUP_PROG
@@ -43,6 +43,11 @@ class PodSettings:
         "exclude_inbound_ports": (),
         "no_proxy": "reject",          # or "passthrough"
         "bypass": True,
+        # ingress filter: auto (XDP native, else generic, else nftables) | native | generic | off
+        "ingress_filter": "auto",
+        "protected_ports": (),         # besides the outbound capture and admin ports
+        "ingress_policy": (),          # rules, see interceptor/ingress_policy.py
+        "ingress_conflict": "refuse",  # another XDP program on the interface: refuse | skip
     }
 
     def __init__(self, **values):
@@ -78,6 +83,16 @@ class PodSettings:
         if self.no_proxy not in ("reject", "passthrough"):
             raise ValueError(f"no_proxy: {self.no_proxy!r} is not 'reject' or 'passthrough'")
         self.bypass = bool(self.bypass)
+        if self.ingress_filter not in INGRESS_FILTER_MODES:
+            raise ValueError(f"ingress_filter: {self.ingress_filter!r} is not one of "
+                             f"{', '.join(INGRESS_FILTER_MODES)}")
+        self.protected_ports = parse_ports(self.protected_ports, "protected_ports")
+        try:
+            self.ingress_policy = ingress_policy.parse_rules(self.ingress_policy)
+        except ingress_policy.PolicyError as exc:
+            raise ValueError(f"ingress_policy: {exc}") from None
+        if self.ingress_conflict not in ("refuse", "skip"):
+            raise ValueError(f"ingress_conflict: {self.ingress_conflict!r} is not 'refuse' or 'skip'")
         return self
 
     def flags(self):
@@ -91,6 +106,9 @@ class PodSettings:
         if self.include_inbound_ports != ["*"]:
             flags |= abi.POD_F_IN_PORTS_INCLUDE
         return flags
+
+
+INGRESS_FILTER_MODES = ("auto", "native", "generic", "off")
 
 
 def _is_star(values):
@@ -195,6 +213,14 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
                 # recorded before applying, so a failure half-way is undone below
                 state.write_json(paths.pod_state_file(cookie), record)
                 record["rules"]["created"] = backend.apply(netns_path, settings, rule_directions)
+            mech = ingress.mechanism(plan, settings)
+            record["ingress"] = {"mechanism": mech}
+            if mech == ingress.NFTABLES:    # recorded first, so a failure is undone below
+                state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
+            record["ingress"] = ingress.apply(plan, cookie, netns_path, settings, ifname)
+        except ingress.IngressError as exc:
+            remove_pod(cookie)
+            raise EnrollError(str(exc)) from None
         except Exception:
             remove_pod(cookie)
             raise
@@ -296,6 +322,7 @@ def _remove_entries(maps, cookie, keep_pod=False):
         if owner.value == cookie:
             maps.pod_addrs.delete(key)
     if not keep_pod:
+        ingress.remove_entries(maps, cookie)
         for key in maps.stats.keys():
             if key.netns_cookie == cookie:
                 maps.stats.delete(key)
@@ -326,6 +353,7 @@ def remove_pod(cookie):
     if applied and record.get("netns") and os.path.exists(record["netns"]):
         from . import rules
         rules.backend_named(applied["backend"]).remove(record["netns"], applied.get("created"))
+    ingress.remove_rules(record)
     state.remove(paths.pod_state_file(cookie))
 
 
@@ -404,6 +432,7 @@ def verify(rec, netns_path=None):
             problems.append(f"{applied['backend']} rules missing")
     if "ebpf" in mode.values():
         problems += _verify_bpf(cookie, mode, netns_path)
+    problems += ingress.verify(rec, netns_path)
     if netns_path:
         try:
             if netns.cookie_of(netns_path) != cookie:

@@ -76,6 +76,8 @@ def _declare(l):
         "bpf_prog_load": ([c_uint, c_char_p, c_char_p, c_void_p, ctypes.c_size_t, c_void_p], c_int),
         "bpf_map_create": ([c_uint, c_char_p, c_uint, c_uint, c_uint, c_void_p], c_int),
         "libbpf_num_possible_cpus": ([], c_int),
+        "bpf_xdp_query": ([c_int, c_int, c_void_p], c_int),
+        "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], c_int),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(l, name)
@@ -141,8 +143,16 @@ def num_possible_cpus():
     return _check(lib().libbpf_num_possible_cpus(), "count possible CPUs")
 
 
-def link_create(prog_fd, target_fd, attach_type):
-    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, None), "create link")
+class LinkCreateOpts(ctypes.Structure):
+    # struct bpf_link_create_opts: sz, flags, then a union we leave zeroed.
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("union", ctypes.c_uint64 * 4)]
+
+
+def link_create(prog_fd, target_fd, attach_type, flags=0):
+    opts = LinkCreateOpts(sz=ctypes.sizeof(LinkCreateOpts), flags=flags)
+    return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, ctypes.byref(opts)),
+                  "create link")
 
 
 def link_detach(link_fd):
@@ -182,8 +192,14 @@ class MapInfo(ctypes.Structure):
 
 
 class ProgInfo(ctypes.Structure):
+    # struct bpf_prog_info up to name
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("tag", ctypes.c_uint8 * 8)]
+                ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16)]
 
 
 class LinkInfo(ctypes.Structure):
@@ -226,6 +242,60 @@ class ProgLoadOpts(ctypes.Structure):
         ("log_size", ctypes.c_uint32),
         ("log_buf", ctypes.c_char_p),
     ]
+
+
+class XdpQueryOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", ctypes.c_uint32),
+                ("drv_prog_id", ctypes.c_uint32), ("hw_prog_id", ctypes.c_uint32),
+                ("skb_prog_id", ctypes.c_uint32), ("attach_mode", ctypes.c_uint8)]
+
+
+def _xdp_query(ifindex):
+    opts = XdpQueryOpts(sz=ctypes.sizeof(XdpQueryOpts))
+    _check(lib().bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"query XDP on ifindex {ifindex}")
+    return opts
+
+
+def xdp_query_id(ifindex):
+    """Id of the XDP program on an interface of the current netns (0: none)."""
+    o = _xdp_query(ifindex)
+    return o.prog_id or o.drv_prog_id or o.skb_prog_id or o.hw_prog_id
+
+
+def xdp_query_mode(ifindex):
+    """XDP_ATTACHED_*: 0 none, 1 driver, 2 skb (generic), 3 hw, 4 multi."""
+    return _xdp_query(ifindex).attach_mode
+
+
+def prog_name_by_id(prog_id):
+    try:
+        fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program {prog_id}")
+    except OSError:
+        return None
+    try:
+        return obj_info(fd, ProgInfo).name.decode()
+    finally:
+        os.close(fd)
+
+
+def prog_load(prog_type, name, insns):
+    """Load raw instructions; on a verifier rejection the error carries its log tail."""
+    buf = (ctypes.c_uint64 * (len(insns) // 8)).from_buffer_copy(insns)
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts))
+    ret = lib().bpf_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8,
+                              ctypes.byref(opts))
+    if ret >= 0:
+        return ret
+    log = ctypes.create_string_buffer(1 << 20)
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), log_level=1, log_size=len(log),
+                        log_buf=ctypes.cast(log, ctypes.c_char_p))
+    ret = lib().bpf_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8,
+                              ctypes.byref(opts))
+    if ret >= 0:
+        return ret
+    tail = "\n".join(log.value.decode(errors="replace").splitlines()[-8:])
+    err = -ret
+    raise OSError(err, f"load {name}: {os.strerror(err)}\n{tail}")
 
 
 def load_trivial_prog(prog_type, expected_attach_type, return_value):

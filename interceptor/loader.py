@@ -15,7 +15,7 @@ import time
 from . import abi, libbpf, mounts, netns, paths, state
 from .capabilities import plan as make_plan, uses_bpf
 from .maps import LAYOUT, Maps
-from .programs import BYPASS_MAP, CGROUP, PROGRAMS, SOCKHASH
+from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH
 
 
 class LoadError(Exception):
@@ -39,7 +39,7 @@ def expected_pins(plan=None):
     if not uses_bpf(plan):
         return []
     pins = [paths.map_pin(name) for name in LAYOUT]
-    pins += [paths.prog_pin(p.name) for p in PROGRAMS]
+    pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.scope != POD_COPY]
     pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP and p.needed(plan)]
     return pins
 
@@ -112,13 +112,19 @@ def _load_bpf(plan, cg_path, log):
 
     for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
         os.makedirs(d, exist_ok=True)
+    map_names_by_fd = {}
     for name in LAYOUT:
         fd = bcclib.bpf_table_fd(bpf.module, name.encode())
         if fd < 0:
             raise LoadError(f"map {name} missing from the compiled datapath")
         libbpf.obj_pin(fd, paths.map_pin(name))
+        map_names_by_fd[fd] = name
     prog_fds = {}
     for prog in PROGRAMS:
+        if prog.scope == POD_COPY:
+            if prog.needed(plan):
+                _save_pod_template(bpf, prog, map_names_by_fd)
+            continue
         fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
         prog_fds[prog.name] = fn.fd
         libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
@@ -145,6 +151,17 @@ def _load_bpf(plan, cg_path, log):
         _attach_sk_msg(True)
     bpf.cleanup()   # our fds only; pins and links keep everything alive
     return {"host_netns_cookie": host_cookie, "compile_seconds": round(compile_s, 3)}
+
+
+def _save_pod_template(bpf, prog, map_names_by_fd):
+    """Per-pod programs (XDP) are loaded by enroll from a saved copy; one trial load
+    here makes a verifier rejection fail `load`, not every pod start."""
+    from . import xdp
+    xdp.save_template(bpf.dump_func(prog.name.encode()), map_names_by_fd)
+    try:
+        os.close(xdp.load_for_pod(0))
+    except OSError as exc:
+        raise LoadError(f"the {prog.name} program does not verify: {exc}") from None
 
 
 def _sk_msg_prog():
@@ -204,6 +221,7 @@ def _teardown(log=lambda msg: None):
         shutil.rmtree(paths.PIN_ROOT)   # unlinking a bpffs pin drops its reference
     if node.get("cgroup_mounted_by_us"):
         mounts.release_own_cgroup2()
+    state.remove(paths.XDP_TEMPLATE)
     state.remove(paths.NODE_STATE)
     if os.path.isdir(paths.POD_STATE):
         shutil.rmtree(paths.POD_STATE)

@@ -16,11 +16,15 @@ LAYOUT = {
     "connect_orig": (ctypes.c_int, abi.OrigDst),
     "stats": (abi.StatKey, abi.StatValue),
     "settings": (ctypes.c_uint32, abi.NodeSettings),
+    "xdp_pods": (ctypes.c_uint64, abi.XdpPodConfig),
+    "ingress_sources": (abi.CidrKey, ctypes.c_uint32),
+    "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),
 }
 PERCPU = {"stats"}
 # Maps whose content userspace reads or writes (sockhashes and sk_storage are the
 # kernel's own; they are only pinned so unload can account for them).
-DATA_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats", "settings")
+DATA_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats", "settings",
+             "xdp_pods", "ingress_sources", "ingress_rules")
 
 
 class PinnedMap:

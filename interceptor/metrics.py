@@ -35,6 +35,8 @@ _HELP = {
     "bypass_messages": "Messages moved by the same-host bypass (result: redirected, no_peer).",
     "bypass_bytes": "Bytes moved by the same-host bypass (result: redirected, no_peer).",
     "datapath_events": "Other datapath events, by reason.",
+    "ingress_packets": "Packets judged by the pod's ingress filter (XDP or nftables), by verdict and reason.",
+    "ingress_bytes": "Bytes judged by the pod's ingress filter, by verdict and reason.",
 }
 
 
@@ -78,6 +80,13 @@ class DatapathCollector:
                     reason = label.split("_skip_", 1)[1]
                     family("skipped_connections", ["direction", "reason"]).add_metric(
                         [pod, direction, reason], value["count"])
+                elif label.startswith("ingress_"):
+                    verdict, _, reason = label[len("ingress_"):].partition("_")
+                    reason = reason or "allowed"
+                    family("ingress_packets", ["verdict", "reason"]).add_metric(
+                        [pod, verdict, reason], value["count"])
+                    family("ingress_bytes", ["verdict", "reason"]).add_metric(
+                        [pod, verdict, reason], value["bytes"])
                 elif label.startswith("bypass_msg_"):
                     result = label[len("bypass_msg_"):]
                     family("bypass_messages", ["result"]).add_metric([pod, result], value["count"])
@@ -85,6 +94,7 @@ class DatapathCollector:
                 else:
                     family("datapath_events", ["reason"]).add_metric([pod, label], value["count"])
         yield from families.values()
+        yield self._ingress_filters(records)
         pods = GaugeMetricFamily("interceptor_pods_enrolled", "Network namespaces enrolled.")
         pods.add_metric([], len(enrolled))
         yield pods
@@ -95,6 +105,17 @@ class DatapathCollector:
             capacity.add_metric([name], cap)
         yield entries
         yield capacity
+
+    @staticmethod
+    def _ingress_filters(records):
+        info = GaugeMetricFamily("interceptor_ingress_filter", "1 per pod interface with an ingress "
+                                 "filter; mode: native, generic (XDP) or nftables.",
+                                 labels=["pod", "interface", "mode"])
+        for cookie, rec in sorted(records.items()):
+            pod = rec.get("pod") or f"cookie:{cookie}"
+            for a in (rec.get("ingress") or {}).get("interfaces", []):
+                info.add_metric([pod, a["ifname"], a["mode"]], 1)
+        return info
 
     def _ops(self):
         ops = opstats.read()

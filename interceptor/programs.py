@@ -4,10 +4,11 @@ from .libbpf import AttachType, ProgType
 CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in links/
 SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
 NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
+POD_COPY = "pod-copy"    # not loaded by the loader: saved as a template, one copy per pod
 
 
 # Which capability of the plan (capabilities.plan) a program serves.
-OUTBOUND, INBOUND, BYPASS, CORE = "outbound", "inbound", "bypass", "core"
+OUTBOUND, INBOUND, BYPASS, CORE, INGRESS = "outbound", "inbound", "bypass", "core", "ingress"
 
 
 class Program:
@@ -26,6 +27,8 @@ class Program:
             return True
         if self.serves == BYPASS:
             return plan["bypass"]
+        if self.serves == INGRESS:
+            return plan.get("ingress") == "xdp"
         return plan[self.serves] == "ebpf"
 
 
@@ -39,6 +42,7 @@ PROGRAMS = (
     Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP, CORE),
     Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH, BYPASS),
     Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS, INBOUND),
+    Program("xdp_ingress", ProgType.XDP, AttachType.XDP, POD_COPY, INGRESS),
 )
 
 BY_NAME = {p.name: p for p in PROGRAMS}

@@ -13,12 +13,12 @@ from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import Maps
-from .programs import CGROUP, PROGRAMS, SOCKHASH
+from .programs import CGROUP, POD_COPY, PROGRAMS, SOCKHASH
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
 REPORTED_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats",
-                 "inbound_listeners", "bypass_socks")
+                 "inbound_listeners", "bypass_socks", "xdp_pods", "ingress_sources", "ingress_rules")
 
 
 def _addr(raw):
@@ -47,6 +47,8 @@ def _headers():
 def _programs(node, plan):
     out = []
     for p in PROGRAMS:
+        if p.scope == POD_COPY:
+            continue    # one copy per pod, shown with the pod
         pin = paths.prog_pin(p.name)
         entry = {"name": p.name, "pinned": os.path.exists(pin), "id": None}
         if entry["pinned"]:
@@ -107,12 +109,40 @@ def _proxy_listening(rec, cookie, listener_keys):
 
 def _capabilities(plan):
     if plan is None:
-        return {"outbound": "off", "inbound": "off", "bypass": "off", "xdp": "not implemented"}
+        return {"outbound": "off", "inbound": "off", "bypass": "off", "ingress": "off"}
 
     def direction(d):
         return "ebpf" if plan[d] == "ebpf" else plan["rules_backend"]
     return {"outbound": direction("outbound"), "inbound": direction("inbound"),
-            "bypass": "ebpf" if plan["bypass"] else "off", "xdp": "not implemented"}
+            "bypass": "ebpf" if plan["bypass"] else "off", "ingress": plan.get("ingress") or "off"}
+
+
+INGRESS_DROP_LABELS = [name.lower() for name, _ in abi.Reason.items()
+                       if name.startswith("INGRESS_DROPPED_")]
+
+
+def _ingress(rec, c):
+    """The pod's ingress filter: where it runs, what it dropped and why."""
+    ing = rec.get("ingress") or {}
+    if not ing.get("mechanism"):
+        return None
+    settings = rec.get("settings", {})
+    dropped = {label[len("ingress_dropped_"):]: c.get(label, {}).get("count", 0)
+               for label in INGRESS_DROP_LABELS}
+    passed = sum(c.get(label, {}).get("count", 0) for label in
+                 ("ingress_passed", "ingress_passed_non_ip", "ingress_passed_fragment"))
+    from .ingress import protected_ports
+    from .enrollment import PodSettings
+    return {
+        "mechanism": ing["mechanism"],
+        "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in ing.get("interfaces", [])],
+        "skipped": [a["ifname"] for a in ing.get("skipped", [])],
+        "protected_ports": protected_ports(PodSettings(**settings)),
+        "rules": len(settings.get("ingress_policy", [])),
+        "passed": passed,
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": dropped,
+    }
 
 
 def collect(pod_filter=None):
@@ -196,11 +226,14 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
                      "inbound": sum(s["direction"] == "inbound" for s in live)},
             "bypassed_sockets": sum(s["bypassed"] for s in live),
             "bypass_bytes": c.get("bypass_msg_redirected", {}).get("bytes", 0),
-            "xdp": None,
+            "ingress": _ingress(rec, c),
             "counters": {k: v["count"] for k, v in sorted(c.items())},
             "problems": problems,
         }
         report["pods"].append(pod)
+        if pod["ingress"] and pod["ingress"]["skipped"]:
+            report["warnings"].append(f"{name}: no ingress filter on {', '.join(pod['ingress']['skipped'])}"
+                                      " (another XDP program is attached there)")
         for p in problems:
             report["errors"].append(f"{name}: {p}")
         listening = pod["proxy_listening"]
@@ -228,7 +261,7 @@ def render(report, wide=False, color=False):
     caps = n["capabilities"]
     lines = [
         _row("Mode", f"{n['mode']} (outbound {caps['outbound']}, inbound {caps['inbound']}, "
-                     f"bypass {caps['bypass']})"),
+                     f"bypass {caps['bypass']}, ingress {caps['ingress']})"),
         _row("Kernel", n["kernel"]),
     ]
     if not n["loaded"]:
@@ -289,25 +322,38 @@ def _yes(value):
 def _pods_table(pods, wide):
     if wide:
         head = (f"{'POD':<24}{'COOKIE':>8} {'ADDRESSES':<30}{'PROXY OUT/IN':<14}"
-                f"{'REDIR OUT':>10}{'REDIR IN':>9}{'LIVE':>6}{'BYPASS':>8}{'BYPASS BYTES':>14}  NETNS")
+                f"{'REDIR OUT':>10}{'REDIR IN':>9}{'LIVE':>6}{'BYPASS':>8}{'BYPASS BYTES':>14}"
+                f"  {'FILTER':<18}{'DROPPED':>8}  NETNS")
     else:
-        head = f"{'POD':<22}{'ADDRESS':<17}{'PROXY':<7}{'OUT':>6}{'IN':>6}{'LIVE':>6}{'BYPASS':>8}"
+        head = f"{'POD':<22}{'ADDRESS':<17}{'PROXY':<7}{'OUT':>6}{'IN':>6}{'LIVE':>6}{'BYPASS':>8}{'DROP':>7}"
     out = [head]
     for p in pods:
         listening = p["proxy_listening"]
         proxy = "yes" if listening.get("outbound") and listening.get("inbound") else (
             "no" if listening else "-")
         live = p["live"]["outbound"] + p["live"]["inbound"]
+        ing = p["ingress"]
+        dropped = ing["dropped"] if ing else "-"
         if wide:
             out.append(f"{p['pod']:<24}{p['cookie']:>8} {','.join(p['addresses']):<30}"
                        f"{_yes(listening.get('outbound')) + '/' + _yes(listening.get('inbound')):<14}"
                        f"{p['redirected']['outbound']:>10}{p['redirected']['inbound']:>9}{live:>6}"
-                       f"{p['bypassed_sockets']:>8}{p['bypass_bytes']:>14}  {p['netns'] or '-'}")
+                       f"{p['bypassed_sockets']:>8}{p['bypass_bytes']:>14}  {_filter(ing):<18}"
+                       f"{dropped:>8}  {p['netns'] or '-'}")
         else:
             addr = p["addresses"][0] if p["addresses"] else "-"
             out.append(f"{p['pod'][:21]:<22}{addr[:16]:<17}{proxy:<7}{p['redirected']['outbound']:>6}"
-                       f"{p['redirected']['inbound']:>6}{live:>6}{p['bypassed_sockets']:>8}")
+                       f"{p['redirected']['inbound']:>6}{live:>6}{p['bypassed_sockets']:>8}{dropped:>7}")
     return out
+
+
+def _filter(ing):
+    """e.g. 'xdp eth0:native' or 'nftables eth0'."""
+    if not ing:
+        return "off"
+    if ing["mechanism"] == "xdp":
+        return "xdp " + ",".join(f"{a['ifname']}:{a['mode']}" for a in ing["interfaces"])
+    return f"{ing['mechanism']} " + ",".join(a["ifname"] for a in ing["interfaces"])
 
 
 def sockets_table(sockets, wide=False):

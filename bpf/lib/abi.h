@@ -24,14 +24,26 @@
 #define DIR_INBOUND 2
 #define CONN_F_ESTABLISHED 1
 #define CONN_F_BYPASSED 2
+#define MAX_INGRESS_SOURCES 65536
+#define MAX_INGRESS_RULES 65536
+#define MAX_XDP_PODS 4096
+#define XDP_MAX_VLAN_TAGS 2
+#define XDP_MAX_EXT_HEADERS 6
+#define XDP_COOKIE_PLACEHOLDER 0x1c0ffee0deadbeefULL
+#define XDP_F_ALLOW_ONLY 1
+#define MATCH_DENY 1
+#define MATCH_ALLOW 2
 
 #define PORT_OUT_INCLUDE 1
 #define PORT_OUT_EXCLUDE 2
 #define PORT_IN_INCLUDE 3
 #define PORT_IN_EXCLUDE 4
+#define PORT_PROTECTED 5
 
 #define CIDR_OUT_INCLUDE 1
 #define CIDR_OUT_EXCLUDE 2
+#define CIDR_INGRESS_V4 3
+#define CIDR_INGRESS_V6 4
 
 #define REASON_OUT_REDIRECTED 1
 #define REASON_OUT_SKIP_PROXY_OWNER 2
@@ -54,7 +66,14 @@
 #define REASON_BYPASS_MSG_REDIRECTED 19
 #define REASON_BYPASS_MSG_NO_PEER 20
 #define REASON_ORIG_DST_RECORD_FAILED 21
-#define REASON_MAX 22
+#define REASON_INGRESS_PASSED 22
+#define REASON_INGRESS_PASSED_NON_IP 23
+#define REASON_INGRESS_PASSED_FRAGMENT 24
+#define REASON_INGRESS_DROPPED_PROTECTED_PORT 25
+#define REASON_INGRESS_DROPPED_DENIED 26
+#define REASON_INGRESS_DROPPED_NOT_ALLOWED 27
+#define REASON_INGRESS_DROPPED_MALFORMED 28
+#define REASON_MAX 29
 
 struct pod_config {
 	__u32 proxy_uid;
@@ -132,5 +151,21 @@ struct node_settings {
 	__u32 flags;
 };
 _Static_assert(sizeof(struct node_settings) == 4, "node_settings layout differs from interceptor/abi.py");
+
+struct xdp_pod_config {
+	__u32 flags;
+	__u16 ephemeral_low;
+	__u16 pad;
+};
+_Static_assert(sizeof(struct xdp_pod_config) == 8, "xdp_pod_config layout differs from interceptor/abi.py");
+
+struct ingress_rule_key {
+	__u64 netns_cookie;
+	__u32 source_set;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+_Static_assert(sizeof(struct ingress_rule_key) == 16, "ingress_rule_key layout differs from interceptor/abi.py");
 
 #endif

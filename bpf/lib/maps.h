@@ -50,6 +50,20 @@ BPF_TABLE("lru_hash", struct sock_tuple, struct orig_dst, redirected, MAX_REDIRE
 /* Counters by {pod, reason}. Writers: every hook. Reader: status, metrics. */
 BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
 
+/* Ingress filter settings per pod. Writer: enroll, `interceptor policy`.
+ * Reader: the pod's XDP program. */
+BPF_HASH(xdp_pods, __u64, struct xdp_pod_config, MAX_XDP_PODS);
+
+/* Ingress policy sources: {CIDR_INGRESS_V4|V6, pod, prefix} -> source set id, longest
+ * prefix wins; each set already holds the rules of every wider prefix (computed by
+ * interceptor/ingress_policy.py). Writer: enroll, policy. Reader: XDP. */
+BPF_F_TABLE("lpm_trie", struct cidr_key, __u32, ingress_sources, MAX_INGRESS_SOURCES,
+	    BPF_F_NO_PREALLOC);
+
+/* Ingress policy rules: {pod, source set, proto|0, port|0} -> MATCH_* bits.
+ * Writer: enroll, policy. Reader: XDP. */
+BPF_HASH(ingress_rules, struct ingress_rule_key, __u8, MAX_INGRESS_RULES);
+
 /* Node-wide switches, index 0. Writer: loader. Readers: sock_ops. */
 BPF_ARRAY(settings, struct node_settings, 1);
 

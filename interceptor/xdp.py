@@ -1,0 +1,226 @@
+"""Per-pod XDP programs: the template the loader saves, the copy enroll loads for each
+pod, and attaching it to the pod's interfaces.
+
+XDP programs cannot ask for their network namespace's cookie, and interface indexes
+repeat across namespaces, so one shared program could not tell pods apart. The loader
+compiles bpf/xdp_ingress.c once with a placeholder constant and saves its instructions
+(with which pinned map each map reference means); enroll patches in the pod's cookie and
+the map fds it opened from the pins and loads the result (a verifier pass, no compiler).
+The attachment is a bpf_link pinned in the pod's pin directory, so unload and DEL
+detach it like the pod's other links.
+"""
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+
+from . import abi, libbpf, netns, paths, state
+
+PROG_NAME = "xdp_ingress"
+LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may have)
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+ARPHRD_ETHER = 1
+SIOCGIFHWADDR = 0x8927
+
+_LD_IMM64 = 0x18
+_PSEUDO_MAP_FD = 1
+
+
+class XdpError(Exception):
+    pass
+
+
+class ForeignProgramError(XdpError):
+    pass
+
+
+# --- template (loader side) -------------------------------------------------------------
+def save_template(insns, map_names_by_fd):
+    """insns: the compiled program (BCC's dump_func, map references as the loader's fds).
+    Records each map reference by name and where the cookie placeholder sits."""
+    count = len(insns) // 8
+    relocs, cookie_at = [], []
+    i = 0
+    while i < count:
+        code, regs, _off, imm = struct.unpack_from("<BBhi", insns, i * 8)
+        if code == _LD_IMM64:
+            hi = struct.unpack_from("<BBhi", insns, (i + 1) * 8)[3]
+            src = regs >> 4
+            value = (imm & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << 32)
+            if src == _PSEUDO_MAP_FD:
+                if imm not in map_names_by_fd:
+                    raise XdpError(f"instruction {i} refers to an unknown map fd {imm}")
+                relocs.append([i, map_names_by_fd[imm]])
+            elif src == 0 and value == abi.XDP_COOKIE_PLACEHOLDER:
+                cookie_at.append(i)
+            i += 2
+            continue
+        i += 1
+    if not cookie_at:
+        raise XdpError("the compiled XDP program does not contain the cookie placeholder")
+    state.write_json(paths.XDP_TEMPLATE, {
+        "insns": insns.hex(), "maps": relocs, "cookie_at": cookie_at})
+
+
+def _instance(template, cookie, map_fds):
+    insns = bytearray(bytes.fromhex(template["insns"]))
+    for i, name in template["maps"]:
+        struct.pack_into("<i", insns, i * 8 + 4, map_fds[name])
+        struct.pack_into("<i", insns, (i + 1) * 8 + 4, 0)
+    lo, hi = cookie & 0xFFFFFFFF, cookie >> 32
+    for i in template["cookie_at"]:
+        struct.pack_into("<I", insns, i * 8 + 4, lo)
+        struct.pack_into("<I", insns, (i + 1) * 8 + 4, hi)
+    return bytes(insns)
+
+
+def load_for_pod(cookie):
+    """A loaded copy of the program for this pod; returns its fd."""
+    template = state.read_json(paths.XDP_TEMPLATE)
+    if template is None:
+        raise XdpError("no XDP program template: the datapath was loaded without the ingress filter")
+    map_fds = {}
+    try:
+        for _, name in template["maps"]:
+            if name not in map_fds:
+                map_fds[name] = libbpf.obj_get(paths.map_pin(name))
+        insns = _instance(template, cookie, map_fds)
+        return libbpf.prog_load(libbpf.ProgType.XDP, PROG_NAME, insns)
+    finally:
+        for fd in map_fds.values():
+            os.close(fd)
+
+
+# --- interfaces (inside the pod's netns) -----------------------------------------------
+def pod_interfaces(netns_path, ifname=None):
+    """[(name, ifindex)] of the Ethernet interfaces to filter: the CNI interface when
+    given, else every Ethernet interface (not lo, not tunnel fallback devices)."""
+    with netns.entered(netns_path):
+        found = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for index, name in socket.if_nameindex():
+                if ifname and name != ifname:
+                    continue
+                ifr = struct.pack("16s24x", name.encode())
+                try:
+                    res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, ifr)
+                except OSError:
+                    continue
+                if struct.unpack_from("H", res, 16)[0] == ARPHRD_ETHER:
+                    found.append((name, index))
+    if ifname and not found:
+        raise XdpError(f"interface {ifname} not found in {netns_path}")
+    return found
+
+
+def attached_prog_id(netns_path, ifindex):
+    """The id of the XDP program attached to the interface (any mode), 0 if none."""
+    with netns.entered(netns_path):
+        return libbpf.xdp_query_id(ifindex)
+
+
+def link_pin(cookie, ifindex):
+    return paths.pod_link_pin(cookie, f"{LINK_PREFIX}{ifindex}")
+
+
+def attach(cookie, netns_path, ifname, ifindex, mode="auto", on_conflict="refuse"):
+    """Attach the pod's program to one interface; returns the mode used ("native" or
+    "generic"), or None when skipped because another program is there. Idempotent:
+    an existing attachment of ours is kept."""
+    pin = link_pin(cookie, ifindex)
+    current = attached_prog_id(netns_path, ifindex)
+    if os.path.exists(pin):
+        info = link_info(pin)
+        if info is not None and info.prog_id == current and current:
+            return _mode_of(netns_path, ifindex)
+        _unpin(pin)
+    if current:
+        name = libbpf.prog_name_by_id(current) or "?"
+        msg = (f"{ifname} in {netns_path} already has XDP program {current} ({name}); "
+               "refusing to replace it")
+        if on_conflict == "skip":
+            return None
+        raise ForeignProgramError(msg + " (set the pod's ingress filter conflict policy to "
+                                  "'skip' to enroll without the filter)")
+    prog_fd = load_for_pod(cookie)
+    try:
+        os.makedirs(paths.pod_pin_dir(cookie), exist_ok=True)
+        modes = ["native", "generic"] if mode == "auto" else [mode]
+        last = None
+        for m in modes:
+            try:
+                with netns.entered(netns_path):
+                    link = libbpf.link_create(prog_fd, ifindex, libbpf.AttachType.XDP,
+                                              flags=MODE_FLAGS[m])
+            except OSError as exc:
+                last = exc
+                if exc.errno in (errno.EBUSY, errno.EEXIST):
+                    raise ForeignProgramError(f"{ifname} in {netns_path}: another XDP program "
+                                              f"is attached ({exc.strerror})") from None
+                continue
+            try:
+                libbpf.obj_pin(link, pin)
+            finally:
+                os.close(link)
+            return m
+        raise XdpError(f"cannot attach XDP to {ifname} in {netns_path} "
+                       f"({' or '.join(modes)} mode): {last.strerror}")
+    finally:
+        os.close(prog_fd)
+
+
+def _mode_of(netns_path, ifindex):
+    with netns.entered(netns_path):
+        mode = libbpf.xdp_query_mode(ifindex)
+    return {1: "native", 2: "generic", 3: "offload"}.get(mode, "unknown")
+
+
+def link_info(pin):
+    try:
+        fd = libbpf.obj_get(pin)
+    except OSError:
+        return None
+    try:
+        return libbpf.obj_info(fd, libbpf.LinkInfo)
+    finally:
+        os.close(fd)
+
+
+def _unpin(pin):
+    try:
+        fd = libbpf.obj_get(pin)
+        try:
+            libbpf.link_detach(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    os.unlink(pin)
+
+
+def verify(cookie, netns_path, attachments):
+    """Problems with the pod's XDP attachments, as short sentences."""
+    problems = []
+    for a in attachments:
+        pin = link_pin(cookie, a["ifindex"])
+        info = link_info(pin)
+        if info is None:
+            problems.append(f"ingress filter (XDP) link missing on {a['ifname']}")
+            continue
+        if info.u0 & 0xFFFFFFFF == 0:     # bpf_link_info.xdp.ifindex: 0 once detached
+            problems.append(f"ingress filter (XDP) detached from {a['ifname']}")
+            continue
+        if netns_path and os.path.exists(netns_path):
+            try:
+                current = attached_prog_id(netns_path, a["ifindex"])
+            except OSError:
+                current = 0
+            if current != info.prog_id:
+                problems.append(f"ingress filter (XDP) not the program on {a['ifname']}")
+    return problems
