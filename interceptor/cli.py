@@ -285,7 +285,7 @@ def metrics(listen):
 
 @main.command()
 @click.argument("scenarios", nargs=-1,
-                type=click.Choice(["rr", "crr", "stream", "xnode", "rules", "cni"]))
+                type=click.Choice(["rr", "crr", "stream", "xnode", "rules", "cni", "xdp"]))
 @click.option("--quick", is_flag=True, help="Short runs, one round (about two minutes; for CI).")
 @click.option("--runs", type=click.IntRange(1, 50), help="Rounds (default 3, or 1 with --quick).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -295,7 +295,8 @@ def bench(scenarios, quick, runs, out_dir):
 
     SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
     xnode (rr, crr and stream with the pods on two "nodes" joined by a routed link),
-    rules (exclusion lists growing), cni (plugin latency); default all."""
+    rules (exclusion lists growing), cni (plugin latency), xdp (packets dropped per
+    second at a pod's veth: XDP native and generic, nftables, iptables raw); default all."""
     import os
     # its own pins and state: a datapath loaded for real on this node is left alone
     os.environ.setdefault("INTERCEPTOR_PIN_ROOT", "/sys/fs/bpf/interceptor-bench")

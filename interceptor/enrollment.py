@@ -391,6 +391,8 @@ def unenroll(netns_path=None, cookie=None, pod=None):
             cookies |= {c for c, r in state.pod_records().items() if r.get("netns") == str(netns_path)}
         if pod is not None:
             cookies |= {c for c, r in state.pod_records().items() if r.get("pod") == pod}
+        # only what is ours: a namespace that is not enrolled is not "removed"
+        cookies &= set(state.pod_records()) | paths.pinned_pod_cookies()
         for c in cookies:
             remove_pod(c)
             opstats.record("unenroll", ok=True)

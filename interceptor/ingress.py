@@ -55,6 +55,8 @@ def apply(plan, cookie, netns_path, settings, ifname=None):
     low = ephemeral_low(netns_path)
     interfaces = xdp.pod_interfaces(netns_path, ifname)
     rec = {"mechanism": mech, "ephemeral_low": low, "interfaces": [], "skipped": []}
+    if ifname and not interfaces:
+        rec["skipped"].append({"ifname": ifname, "ifindex": 0, "reason": "no such interface"})
     if mech == NFTABLES:
         from . import ingress_nft
         ingress_nft.apply(netns_path, [n for n, _ in interfaces], protected_ports(settings),
@@ -67,7 +69,7 @@ def apply(plan, cookie, netns_path, settings, ifname=None):
     for name, index in interfaces:
         try:
             mode = xdp.attach(cookie, netns_path, name, index, wanted, settings.ingress_conflict)
-        except xdp.XdpError as exc:
+        except (xdp.XdpError, OSError) as exc:
             raise IngressError(str(exc)) from None
         if mode is None:
             rec["skipped"].append({"ifname": name, "ifindex": index,

@@ -5,9 +5,13 @@ so status and metrics read the same counters. Named counters, not rule counters:
 a live policy change replaces the chain's rules in one transaction and must not
 reset the counts.
 
-Differences from XDP, stated rather than hidden: truncated or malformed IP headers are
-left to the stack (which drops them) and are not counted as ingress_dropped_malformed;
-VLAN-tagged frames count as non-IP (the kernel delivers them only to a VLAN device).
+Differences from XDP, stated rather than hidden (tests/test_ingress.py's table lists the
+counter each case moves in both): malformed IP headers pass the chain, counted as
+ingress_passed, and the stack drops them after it; a truncated TCP header is judged by
+the ports it still has; the kernel removes one VLAN tag before the chain runs (the inner
+packet is judged), while a second tag makes the frame non-IP to the chain; tiny first
+fragments and TCP fragments at offset 8 bytes are not singled out (the kernel's
+reassembly discards overlapping fragments).
 """
 import json
 

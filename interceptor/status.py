@@ -136,7 +136,7 @@ def _ingress(rec, c):
     return {
         "mechanism": ing["mechanism"],
         "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in ing.get("interfaces", [])],
-        "skipped": [a["ifname"] for a in ing.get("skipped", [])],
+        "skipped": [f"{a['ifname']} ({a['reason']})" for a in ing.get("skipped", [])],
         "protected_ports": protected_ports(PodSettings(**settings)),
         "rules": len(settings.get("ingress_policy", [])),
         "passed": passed,
@@ -232,8 +232,7 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
         }
         report["pods"].append(pod)
         if pod["ingress"] and pod["ingress"]["skipped"]:
-            report["warnings"].append(f"{name}: no ingress filter on {', '.join(pod['ingress']['skipped'])}"
-                                      " (another XDP program is attached there)")
+            report["warnings"].append(f"{name}: no ingress filter on {', '.join(pod['ingress']['skipped'])}")
         for p in problems:
             report["errors"].append(f"{name}: {p}")
         listening = pod["proxy_listening"]

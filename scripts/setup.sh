@@ -14,7 +14,7 @@ fi
 # podman, containernetworking-plugins, runc, busybox-static: the real CNI runtime the
 # plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
 # nftables, iptables: the fallback path (REDIRECT rules) where the kernel lacks BPF features.
-# wrk, iperf3: load generators of `interceptor bench`.
+# wrk, iperf3, netsniff-ng (trafgen): load generators of `interceptor bench`.
 # Debian names its current-headers package linux-headers-amd64; Ubuntu (the Vagrant
 # node1) ships headers for the running kernel, and bpftool in linux-tools.
 . /etc/os-release
@@ -27,7 +27,7 @@ else
 fi
 PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "$HEADERS" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
-          nftables iptables wrk iperf3)
+          nftables iptables wrk iperf3 netsniff-ng)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

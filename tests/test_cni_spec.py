@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from interceptor import abi, cni_install, loader, netns, paths, rules, state
+from interceptor import abi, cni_install, ingress_policy, loader, netns, paths, rules, state, xdp
 from interceptor.maps import Maps, addr16
 from pyroute2 import netns as pyr_netns
 
@@ -290,6 +290,9 @@ def test_config_keys_and_annotations_set_the_pod(plugin, log, datapath, namespac
     ("traffic.sidecar.istio.io/excludeOutboundPorts", "70000"),
     ("status.sidecar.istio.io/port", "x"),
     ("interceptor.io/bypass", "maybe"),
+    ("interceptor.io/ingress-policy", "deny from nowhere"),
+    ("interceptor.io/protected-ports", "15001,x"),
+    ("interceptor.io/ingress-filter", "sometimes"),
 ])
 def test_invalid_annotation_is_an_error_naming_it(plugin, log, datapath, namespaces, annotation, value):
     rc, doc = run(plugin, log, "ADD", config(runtimeConfig={ANN: {annotation: value}}),
@@ -323,6 +326,30 @@ def test_check(plugin, log, datapath, namespaces):
     run(plugin, log, "DEL", config(), **env)
     rc, doc = run(plugin, log, "CHECK", config(), **env)
     assert doc["code"] == 100
+
+
+def test_ingress_filter_from_config_and_annotation_and_its_check(plugin, log, datapath, namespaces):
+    ns = namespaces()
+    name = os.path.basename(ns)
+    subprocess.run(["ip", "link", "add", f"v{name[-12:]}", "type", "veth", "peer", "name", "eth0",
+                    "netns", name], check=True)
+    env = container_env(ns)
+    cfg = config(ingressPolicy=["deny from 192.0.2.0/24"], protectedPorts=[9901], runtimeConfig={
+        ANN: {"interceptor.io/ingress-policy": "allow tcp port 8080; deny udp port 53"}})
+    assert run(plugin, log, "ADD", cfg, **env)[0] == 0
+    cookie = netns.cookie_of(ns)
+    rec = state.read_json(paths.pod_state_file(cookie))
+    assert [ingress_policy.rule_text(r) for r in rec["settings"]["ingress_policy"]] == \
+        ["allow tcp port 8080", "deny udp port 53"]             # annotation overrides config
+    assert rec["settings"]["protected_ports"] == [9901]
+    assert rec["ingress"]["mechanism"] == "xdp" and rec["ingress"]["interfaces"][0]["ifname"] == "eth0"
+    assert run(plugin, log, "CHECK", cfg, **env) == (0, None)
+    # take the XDP program off behind the plugin's back
+    loader._detach_link_pin(xdp.link_pin(cookie, rec["ingress"]["interfaces"][0]["ifindex"]))
+    rc, doc = run(plugin, log, "CHECK", cfg, **env)
+    assert doc["code"] == 105 and "ingress filter" in doc["msg"]
+    assert run(plugin, log, "DEL", cfg, **env)[0] == 0
+    assert_nothing_enrolled()
 
 
 @pytest.mark.parametrize("key", ["cni.dev/valid-attachments", "cni.dev/attachments"])

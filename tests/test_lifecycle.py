@@ -11,7 +11,7 @@ import pytest
 
 from conftest import client, enroll, sidecar_entries, start_server, start_sidecar
 from interceptor import enrollment, libbpf, loader, paths
-from interceptor.programs import BYPASS_MAP, PROGRAMS
+from interceptor.programs import BYPASS_MAP, POD_COPY, PROGRAMS
 
 pytestmark = pytest.mark.kernel
 
@@ -49,6 +49,8 @@ def wait_gone(timeout=5):
 def pinned_prog_ids():
     ids = {}
     for p in PROGRAMS:
+        if p.scope == POD_COPY:
+            continue
         fd = libbpf.obj_get(paths.prog_pin(p.name))
         ids[p.name] = libbpf.obj_info(fd, libbpf.ProgInfo).id
         os.close(fd)

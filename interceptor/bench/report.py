@@ -88,6 +88,10 @@ def render(results):
             ratio = (med[ebpf_mode] / med["iptables"]) if med.get(ebpf_mode) and med.get("iptables") else None
             lines.append(f"{n:>8}" + "".join(f"{_fmt(med[m]):>14}" for m in rules) + f"{_fmt(ratio, 2):>16}")
         lines.append("")
+    if results.get("xdp"):
+        from .xdp import render as render_xdp
+        lines.append(render_xdp(results["xdp"]))
+        lines.append("")
     if results.get("cni"):
         lines.append("== cni: plugin latency as the runtime sees it")
         lines.append(cni_bench.render(results["cni"]))

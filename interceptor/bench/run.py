@@ -10,10 +10,10 @@ import sys
 import time
 
 from .. import loader
-from . import cni as cni_bench, modes, report, tools
+from . import cni as cni_bench, modes, report, tools, xdp as xdp_bench
 from .topology import POD_SYSCTLS, Topology
 
-SCENARIOS = ("rr", "crr", "stream", "xnode", "rules", "cni")
+SCENARIOS = ("rr", "crr", "stream", "xnode", "rules", "cni", "xdp")
 RULE_SIZES = (10, 100, 1000, 10000)
 RULE_SIZES_QUICK = (10, 1000)
 # rule evaluation only: the bypass (a per-connection cost of its own) stays off
@@ -62,7 +62,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
     os.makedirs(out_dir, exist_ok=True)
     results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
                                                   "modes": list(modes_), "scenarios": list(scenarios)},
-               "samples": {}, "rules": {}, "cni": None}
+               "samples": {}, "rules": {}, "cni": None, "xdp": {}}
     old_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if loader.is_loaded():
@@ -88,6 +88,8 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
                         _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
                                   f"{w['rps']:.0f} conn/s")
         loader.unload()
+        if "xdp" in scenarios:
+            results["xdp"] = xdp_bench.run(runs, seconds, _progress)
         if "cni" in scenarios:
             _progress("cni: plugin latency")
             results["cni"] = cni_bench.run(sequential=30 if quick else 100, concurrent=20,

@@ -1,0 +1,151 @@
+"""`bench xdp`: packets per second dropped at a pod's veth, on one core.
+
+trafgen (netsniff-ng) sends 64-byte UDP frames to the pod's protected port 15001 from the
+node side of the pod's veth, pinned to one CPU; veth delivers on the sending CPU, so that
+one core does both the sending and the dropping, and every mode pays the same sending
+cost. Modes, interleaved round by round in one run:
+  xdp-native    the pod's XDP program in driver mode (interceptor's default on veth)
+  xdp-generic   the same program in generic (skb) mode
+  nftables      the fallback: the netdev ingress chain interceptor writes without XDP
+  iptables-raw  `iptables -t raw -A PREROUTING -p udp --dport 15001 -j DROP` in the pod
+The rate is what the mode's own counter says it dropped, divided by the time; the
+frames the sender got out are reported beside it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from .. import abi, enrollment, ingress_nft, lab as labmod, loader
+from ..maps import Maps
+
+MODES = ("xdp-native", "xdp-generic", "nftables", "iptables-raw")
+PORT = abi.OUTBOUND_PORT
+CPU = 0
+
+
+def available():
+    return shutil.which("trafgen") is not None
+
+
+def _frame(lab, pod):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+    mac = json.loads(pod.run("ip", "-j", "link", "show", "eth0").stdout)[0]["address"]
+    frame = (Ether(dst=mac, src="02:00:00:00:00:01") / IP(src=str(lab.gateway4), dst=str(pod.ipv4))
+             / UDP(sport=40000, dport=PORT) / Raw(b"\0" * 18))
+    return bytes(frame)
+
+
+def _trafgen_conf(frame, path):
+    with open(path, "w") as f:
+        f.write("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n")
+
+
+def _tx_packets(lab, host_if):
+    out = subprocess.run(["ip", "netns", "exec", lab.node_ns, "ip", "-s", "-j", "link", "show", host_if],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]["stats64"]["tx"]["packets"]
+
+
+def _iptables_dropped(pod):
+    out = pod.run("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n").stdout
+    for line in out.splitlines():
+        if f"dpt:{PORT}" in line:
+            return int(line.split()[0])
+    return 0
+
+
+def _setup(mode, pod):
+    """Install the mode's drop; returns a function reading its dropped-packet count."""
+    if mode.startswith("xdp-"):
+        rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(
+            ingress_filter=mode[len("xdp-"):]), pod="bench/sink")
+        cookie = rec["cookie"]
+
+        def xdp_dropped():
+            with Maps() as maps:
+                per_cpu = maps.stats.get(abi.StatKey(netns_cookie=cookie,
+                                                     reason=abi.Reason.INGRESS_DROPPED_PROTECTED_PORT))
+            return sum(v.count for v in per_cpu) if per_cpu else 0
+        return xdp_dropped
+    if mode == "nftables":
+        ingress_nft.apply(pod.netns_path, ["eth0"], [abi.ADMIN_PORT, PORT], [], 32768)
+        return lambda: ingress_nft.counters(pod.netns_path).get(
+            "ingress_dropped_protected_port", {}).get("count", 0)
+    pod.run("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", str(PORT), "-j", "DROP")
+    return lambda: _iptables_dropped(pod)
+
+
+def one(mode, seconds, net):
+    with labmod.Lab(prefix=f"icb{os.getpid() % 10000}", net=net) as lab:
+        pod = lab.add_pod("sink")
+        host_if = f"{lab.prefix}sink"[:15]
+        dropped = _setup(mode, pod)
+        workdir = tempfile.mkdtemp(prefix="icb-trafgen-")
+        try:
+            conf = os.path.join(workdir, "udp.cfg")
+            _trafgen_conf(_frame(lab, pod), conf)
+            sent0, dropped0 = _tx_packets(lab, host_if), dropped()
+            started = time.monotonic()
+            subprocess.run(["ip", "netns", "exec", lab.node_ns, "timeout", "-s", "INT", str(seconds),
+                            "taskset", "-c", str(CPU), "trafgen", "--dev", host_if, "--conf", conf,
+                            "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"],
+                           capture_output=True, text=True)
+            elapsed = time.monotonic() - started
+            time.sleep(0.2)     # let the last queued frames be judged
+            sent, drops = _tx_packets(lab, host_if) - sent0, dropped() - dropped0
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            if mode.startswith("xdp-"):
+                enrollment.unenroll(netns_path=pod.netns_path)
+        return {"pps_dropped": drops / elapsed, "pps_sent": sent / elapsed,
+                "dropped": drops, "sent": sent, "seconds": round(elapsed, 3)}
+
+
+def run(runs, seconds, progress):
+    """{mode: [sample]} over interleaved rounds; loads the datapath for the XDP modes."""
+    if not available():
+        progress("xdp: trafgen (Debian package netsniff-ng) is not installed; skipped")
+        return {}
+    loader.unload()
+    loader.load()
+    modes = list(MODES)
+    if loader.node_plan().get("ingress") != "xdp":
+        progress("xdp: this node has no XDP; only the rule-based modes are measured")
+        modes = [m for m in modes if not m.startswith("xdp-")]
+    samples = {}
+    try:
+        for r in range(runs):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            for mode in order:
+                s = one(mode, seconds, net=76)
+                samples.setdefault(mode, []).append(dict(s, round=r))
+                progress(f"xdp round {r + 1}/{runs} {mode:<13} {s['pps_dropped'] / 1e6:6.2f} Mpps dropped "
+                         f"({s['pps_sent'] / 1e6:.2f} Mpps sent)")
+    finally:
+        loader.unload()
+    return samples
+
+
+def render(samples):
+    from .report import _median, _range
+    base = samples.get("iptables-raw")
+    lines = ["== xdp: UDP frames to a protected port dropped at the pod's veth, one core "
+             "(trafgen pinned to CPU 0)",
+             f"{'mode':<14}{'Mpps dropped':>14}{'min-max':>16}{'Mpps sent':>11}{'vs iptables-raw':>17}"]
+    for mode, runs in samples.items():
+        values = [s["pps_dropped"] for s in runs]
+        lo, hi = _range(values)
+        ratios = []
+        if base:
+            by_round = {s["round"]: s["pps_dropped"] for s in base}
+            ratios = [s["pps_dropped"] / by_round[s["round"]] for s in runs
+                      if by_round.get(s["round"])]
+        ratio = f"{_median(ratios):.2f}" if ratios else "-"
+        lines.append(f"{mode:<14}{_median(values) / 1e6:>14.2f}{f'{lo / 1e6:.2f} - {hi / 1e6:.2f}':>16}"
+                     f"{_median([s['pps_sent'] for s in runs]) / 1e6:>11.2f}{ratio:>17}")
+    return "\n".join(lines)
