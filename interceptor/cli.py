@@ -95,8 +95,9 @@ def _pod_name(ctx, param, value):
               help="Allow same-host bypass for this pod.")
 @click.option("--ingress-filter", type=click.Choice(["auto", "native", "generic", "off"]),
               default="auto", show_default=True,
-              help="XDP mode of the pod's ingress filter (auto: native, else generic; "
-                   "nftables where the node has no XDP).")
+              help="XDP mode of the pod's ingress filter (auto: generic on veth, where "
+                   "native costs TSO and saves nothing; native on other drivers; nftables "
+                   "where the node has no XDP).")
 @click.option("--protected-ports", default="",
               help=f"Ports dropped from the network besides the outbound port and {abi.ADMIN_PORT}.")
 @click.option("--ingress-policy", "ingress_policy", multiple=True, metavar="RULE",

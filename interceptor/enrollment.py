@@ -43,7 +43,9 @@ class PodSettings:
         "exclude_inbound_ports": (),
         "no_proxy": "reject",          # or "passthrough"
         "bypass": True,
-        # ingress filter: auto (XDP native, else generic, else nftables) | native | generic | off
+        # ingress filter: auto | native | generic | off. auto: XDP native on drivers where
+        # it runs before an skb exists, generic on veth (see xdp.SKB_BACKED_DRIVERS);
+        # nftables where the node has no XDP
         "ingress_filter": "auto",
         "protected_ports": (),         # besides the outbound capture and admin ports
         "ingress_policy": (),          # rules, see interceptor/ingress_policy.py

@@ -59,23 +59,24 @@ def apply(plan, cookie, netns_path, settings, ifname=None):
         rec["skipped"].append({"ifname": ifname, "ifindex": 0, "reason": "no such interface"})
     if mech == NFTABLES:
         from . import ingress_nft
-        ingress_nft.apply(netns_path, [n for n, _ in interfaces], protected_ports(settings),
+        ingress_nft.apply(netns_path, [n for n, _, _ in interfaces], protected_ports(settings),
                           settings.ingress_policy, low)
-        rec["interfaces"] = [{"ifname": n, "ifindex": i, "mode": NFTABLES} for n, i in interfaces]
+        rec["interfaces"] = [{"ifname": n, "ifindex": i, "driver": d, "mode": NFTABLES}
+                             for n, i, d in interfaces]
         return rec
     with Maps() as maps:
         write_entries(maps, cookie, settings, low)
-    wanted = "auto" if settings.ingress_filter == "auto" else settings.ingress_filter
-    for name, index in interfaces:
+    for name, index, driver in interfaces:
         try:
-            mode = xdp.attach(cookie, netns_path, name, index, wanted, settings.ingress_conflict)
+            mode = xdp.attach(cookie, netns_path, name, index, settings.ingress_filter,
+                              settings.ingress_conflict, driver)
         except (xdp.XdpError, OSError) as exc:
             raise IngressError(str(exc)) from None
         if mode is None:
             rec["skipped"].append({"ifname": name, "ifindex": index,
                                    "reason": "another XDP program is attached"})
         else:
-            rec["interfaces"].append({"ifname": name, "ifindex": index, "mode": mode})
+            rec["interfaces"].append({"ifname": name, "ifindex": index, "driver": driver, "mode": mode})
     return rec
 
 

@@ -412,6 +412,18 @@ def _xdp_link_ids(pod):
             for a in rec["ingress"]["interfaces"]]
 
 
+def test_auto_mode_picks_generic_on_veth(flab, mechanism):
+    """Native XDP on veth turns off TSO on the peer and copies every skb anyway."""
+    if mechanism != "generic":
+        pytest.skip("one XDP run is enough")
+    pod = flab.add_pod("target")
+    rec = enroll(pod)
+    assert rec["ingress"]["interfaces"] == [
+        {"ifname": "eth0", "ifindex": rec["ingress"]["interfaces"][0]["ifindex"], "driver": "veth",
+         "mode": "generic"}]
+    assert xdp_attached(pod) == "xdpgeneric"
+
+
 def test_bad_policy_changes_nothing(flab, mechanism):
     flab.add_pod("peer")
     pod = flab.add_pod("target")

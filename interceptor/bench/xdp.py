@@ -9,7 +9,9 @@ cost. Modes, interleaved round by round in one run:
   nftables      the fallback: the netdev ingress chain interceptor writes without XDP
   iptables-raw  `iptables -t raw -A PREROUTING -p udp --dport 15001 -j DROP` in the pod
 The rate is what the mode's own counter says it dropped, divided by the time; the
-frames the sender got out are reported beside it.
+frames the sender got out are reported beside it. Each mode also carries a bulk TCP
+stream (iperf3, node -> pod) through its filter, against `none`: what the filter costs
+the traffic it lets in.
 """
 import json
 import os
@@ -22,6 +24,7 @@ from .. import abi, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
 
 MODES = ("xdp-native", "xdp-generic", "nftables", "iptables-raw")
+STREAM_MODES = ("none",) + MODES
 PORT = abi.OUTBOUND_PORT
 CPU = 0
 
@@ -61,9 +64,12 @@ def _iptables_dropped(pod):
 
 def _setup(mode, pod):
     """Install the mode's drop; returns a function reading its dropped-packet count."""
+    if mode == "none":
+        return lambda: 0
     if mode.startswith("xdp-"):
+        # iperf3's port is not steered: there is no sidecar, only the filter is measured
         rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(
-            ingress_filter=mode[len("xdp-"):]), pod="bench/sink")
+            ingress_filter=mode[len("xdp-"):], exclude_inbound_ports=[5201]), pod="bench/sink")
         cookie = rec["cookie"]
 
         def xdp_dropped():
@@ -80,6 +86,18 @@ def _setup(mode, pod):
     return lambda: _iptables_dropped(pod)
 
 
+def _stream_gbit(lab, pod, seconds):
+    server = pod.spawn("iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    labmod.wait_listening(pod, 5201)
+    p = subprocess.run(["ip", "netns", "exec", lab.node_ns, "iperf3", "-c", str(pod.ipv4),
+                        "-t", str(seconds), "-J"], capture_output=True, text=True)
+    labmod.stop_process(server)
+    try:
+        return json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (ValueError, KeyError):
+        return None
+
+
 def one(mode, seconds, net):
     with labmod.Lab(prefix=f"icb{os.getpid() % 10000}", net=net) as lab:
         pod = lab.add_pod("sink")
@@ -87,6 +105,9 @@ def one(mode, seconds, net):
         dropped = _setup(mode, pod)
         workdir = tempfile.mkdtemp(prefix="icb-trafgen-")
         try:
+            gbit = _stream_gbit(lab, pod, seconds)
+            if mode == "none":
+                return {"stream_gbit_s": gbit}
             conf = os.path.join(workdir, "udp.cfg")
             _trafgen_conf(_frame(lab, pod), conf)
             sent0, dropped0 = _tx_packets(lab, host_if), dropped()
@@ -102,7 +123,7 @@ def one(mode, seconds, net):
             shutil.rmtree(workdir, ignore_errors=True)
             if mode.startswith("xdp-"):
                 enrollment.unenroll(netns_path=pod.netns_path)
-        return {"pps_dropped": drops / elapsed, "pps_sent": sent / elapsed,
+        return {"pps_dropped": drops / elapsed, "pps_sent": sent / elapsed, "stream_gbit_s": gbit,
                 "dropped": drops, "sent": sent, "seconds": round(elapsed, 3)}
 
 
@@ -113,7 +134,7 @@ def run(runs, seconds, progress):
         return {}
     loader.unload()
     loader.load()
-    modes = list(MODES)
+    modes = list(STREAM_MODES)
     if loader.node_plan().get("ingress") != "xdp":
         progress("xdp: this node has no XDP; only the rule-based modes are measured")
         modes = [m for m in modes if not m.startswith("xdp-")]
@@ -124,28 +145,41 @@ def run(runs, seconds, progress):
             for mode in order:
                 s = one(mode, seconds, net=76)
                 samples.setdefault(mode, []).append(dict(s, round=r))
-                progress(f"xdp round {r + 1}/{runs} {mode:<13} {s['pps_dropped'] / 1e6:6.2f} Mpps dropped "
-                         f"({s['pps_sent'] / 1e6:.2f} Mpps sent)")
+                gbit = f"{s['stream_gbit_s']:.2f}" if s["stream_gbit_s"] else "failed"
+                drop = (f"{s['pps_dropped'] / 1e6:6.2f} Mpps dropped ({s['pps_sent'] / 1e6:.2f} Mpps sent), "
+                        if "pps_dropped" in s else "")
+                progress(f"xdp round {r + 1}/{runs} {mode:<13} {drop}stream in {gbit} Gbit/s")
     finally:
         loader.unload()
     return samples
 
 
+def _ratio(samples, mode, base, key):
+    from .report import _median
+    by_round = {s["round"]: s.get(key) for s in samples.get(base, [])}
+    ratios = [s[key] / by_round[s["round"]] for s in samples[mode]
+              if s.get(key) and by_round.get(s["round"])]
+    return f"{_median(ratios):.2f}" if ratios else "-"
+
+
 def render(samples):
     from .report import _median, _range
-    base = samples.get("iptables-raw")
     lines = ["== xdp: UDP frames to a protected port dropped at the pod's veth, one core "
-             "(trafgen pinned to CPU 0)",
-             f"{'mode':<14}{'Mpps dropped':>14}{'min-max':>16}{'Mpps sent':>11}{'vs iptables-raw':>17}"]
+             "(trafgen pinned to CPU 0); bulk TCP into the pod through the same filter",
+             f"{'mode':<14}{'Mpps dropped':>14}{'min-max':>16}{'Mpps sent':>11}{'vs iptables-raw':>17}"
+             f"{'stream Gbit/s':>15}{'vs none':>9}"]
     for mode, runs in samples.items():
-        values = [s["pps_dropped"] for s in runs]
-        lo, hi = _range(values)
-        ratios = []
-        if base:
-            by_round = {s["round"]: s["pps_dropped"] for s in base}
-            ratios = [s["pps_dropped"] / by_round[s["round"]] for s in runs
-                      if by_round.get(s["round"])]
-        ratio = f"{_median(ratios):.2f}" if ratios else "-"
-        lines.append(f"{mode:<14}{_median(values) / 1e6:>14.2f}{f'{lo / 1e6:.2f} - {hi / 1e6:.2f}':>16}"
-                     f"{_median([s['pps_sent'] for s in runs]) / 1e6:>11.2f}{ratio:>17}")
+        row = f"{mode:<14}"
+        if "pps_dropped" in runs[0]:
+            values = [s["pps_dropped"] for s in runs]
+            lo, hi = _range(values)
+            row += (f"{_median(values) / 1e6:>14.2f}{f'{lo / 1e6:.2f} - {hi / 1e6:.2f}':>16}"
+                    f"{_median([s['pps_sent'] for s in runs]) / 1e6:>11.2f}"
+                    f"{_ratio(samples, mode, 'iptables-raw', 'pps_dropped'):>17}")
+        else:
+            row += f"{'-':>14}{'-':>16}{'-':>11}{'-':>17}"
+        gbit = _median([s.get("stream_gbit_s") for s in runs])
+        row += f"{gbit:>15.2f}" if gbit else f"{'-':>15}"
+        row += f"{_ratio(samples, mode, 'none', 'stream_gbit_s'):>9}"
+        lines.append(row)
     return "\n".join(lines)
