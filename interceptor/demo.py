@@ -1,12 +1,14 @@
 """The README's main job (`make demo`): two pods with HAProxy sidecars, intercepted by
 the eBPF datapath, one HTTP request from one app to the other, and what each sidecar
-saw; then `interceptor status`, and everything removed again.
+saw; a connection to the server's proxy port from outside, dropped by its ingress
+filter; then `interceptor status`, and everything removed again.
 """
 import subprocess
 import sys
 import time
 
-from . import enrollment, lab as labmod, loader, status
+from . import abi, counters, enrollment, lab as labmod, loader, status
+from .maps import Maps
 
 SERVICE_PORT = 8080
 HOLD_CONNECTION = "import socket,sys,time; s=socket.create_connection((sys.argv[1],int(sys.argv[2]))); time.sleep(60)"
@@ -34,7 +36,11 @@ def main():
         say("== HAProxy sidecars running as uid 1337 (outbound :15001, inbound :15006)")
         for pod in (client, server):
             rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(), pod=f"demo/{pod.name}")
-            say(f"   enrolled demo/{pod.name} (netns cookie {rec['cookie']})")
+            ing = rec["ingress"]
+            server_filter = " ".join(f"{ing['mechanism']} {a['ifname']}" + (
+                f" {a['mode']}" if a["mode"] != ing["mechanism"] else "") for a in ing["interfaces"])
+            say(f"   enrolled demo/{pod.name} (netns cookie {rec['cookie']}; ingress filter {server_filter})")
+        server_cookie = rec["cookie"]
 
         say(f"\n== curl http://{server.ipv4}:{SERVICE_PORT}/ from the client app")
         out = client.run("curl", "-sS", "-o", "/dev/null", "-m", "10", "-w",
@@ -48,14 +54,27 @@ def main():
                 if "frontend=" in line:
                     say(f"   {name:<7} {line}")
 
+        say(f"\n== The server's outbound capture port {abi.OUTBOUND_PORT}, from the client pod's proxy uid")
+        # as the proxy uid, so the client's own capture leaves it alone: straight to the server
+        probe = client.run("setpriv", f"--reuid={abi.PROXY_UID}", f"--regid={abi.PROXY_GID}", "--clear-groups",
+                           "curl", "-sS", "-o", "/dev/null", "-m", "2",
+                           f"http://{server.ipv4}:{abi.OUTBOUND_PORT}/", check=False)
+        with Maps() as maps:
+            dropped = counters.from_maps(maps).get(server_cookie, {}).get(
+                "ingress_dropped_protected_port", {}).get("count", 0)
+        blocked = probe.returncode != 0 and dropped > 0
+        say(f"   {'not reachable' if probe.returncode else 'REACHABLE'}: the server's ingress filter "
+            f"({server_filter}) dropped {dropped} packet(s) to it")
+
         holder = client.spawn(sys.executable, "-c", HOLD_CONNECTION, str(server.ipv4), str(SERVICE_PORT))
         time.sleep(0.5)
         say("\n== interceptor status (one connection held open)")
         report = status.collect()
         say(status.render(report))
         labmod.stop_process(holder)
-        ok = out.returncode == 0 and "HTTP 200" in out.stdout and not report["errors"]
-        say("\n== " + ("Intercepted in both directions." if ok else "Something went wrong (see above)."))
+        ok = out.returncode == 0 and "HTTP 200" in out.stdout and blocked and not report["errors"]
+        say("\n== " + ("Intercepted in both directions; the proxy's port is shielded." if ok
+                        else "Something went wrong (see above)."))
         return 0 if ok else 1
     finally:
         for pod in lab.pods.values():

@@ -28,8 +28,9 @@ SIOCGIFHWADDR = 0x8927
 SIOCETHTOOL = 0x8946
 ETHTOOL_GDRVINFO = 0x3
 # Drivers whose "native" XDP works on an skb that already exists (the sender built it):
-# no copy is saved, and veth turns off TSO/GSO on its peer while a program is attached
-# (bulk TCP into the pod fell from ~14 to ~4 Gbit/s here), so auto picks generic there.
+# it drops somewhat cheaper (~18% less CPU per packet here), but veth turns off TSO/GSO on
+# its peer while a program is attached (bulk TCP into the pod fell from ~14 to ~4 Gbit/s),
+# so auto picks generic there (BENCHMARKS.md, "Ingress filter").
 SKB_BACKED_DRIVERS = ("veth",)
 
 _LD_IMM64 = 0x18
