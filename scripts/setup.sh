@@ -15,19 +15,22 @@ fi
 # plugin is tested with (podman's CNI backend, containers from a busybox rootfs).
 # nftables, iptables: the fallback path (REDIRECT rules) where the kernel lacks BPF features.
 # wrk, iperf3, netsniff-ng (trafgen): load generators of `interceptor bench`.
+# vagrant: only to validate vagrant/Vagrantfile in the tests (no VMs are started here).
 # Debian names its current-headers package linux-headers-amd64; Ubuntu (the Vagrant
 # node1) ships headers for the running kernel, and bpftool in linux-tools.
 . /etc/os-release
 if [ "${ID:-}" = ubuntu ]; then
     HEADERS="linux-headers-$(uname -r)"
     BPFTOOL="linux-tools-$(uname -r)"
+    VAGRANT=()          # a VM of the Vagrant set-up has no use for vagrant itself
 else
     HEADERS=linux-headers-amd64
     BPFTOOL=bpftool
+    VAGRANT=(vagrant)
 fi
 PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "$HEADERS" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
-          nftables iptables wrk iperf3 netsniff-ng)
+          nftables iptables wrk iperf3 netsniff-ng "${VAGRANT[@]}")
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -79,3 +79,103 @@ def test_cni_plugin_answers_version_without_config():
                          env={"CNI_COMMAND": "VERSION"})
     assert out.returncode == 0
     assert '"supportedVersions"' in out.stdout
+
+
+# --- ingress policy (interceptor/ingress_policy.py) ---------------------------------------
+from interceptor import ingress_nft, ingress_policy  # noqa: E402
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("deny from 10.0.0.0/8 tcp port 22",
+     {"action": "deny", "from": "10.0.0.0/8", "protocol": "tcp", "port": 22}),
+    ("allow tcp port 8080", {"action": "allow", "from": None, "protocol": "tcp", "port": 8080}),
+    ("deny from 2001:db8::1/32", {"action": "deny", "from": "2001:db8::/32", "protocol": "any", "port": None}),
+    ("deny icmp", {"action": "deny", "from": None, "protocol": "icmp", "port": None}),
+    ("deny port 53", {"action": "deny", "from": None, "protocol": "any", "port": 53}),
+])
+def test_policy_rule_text_round_trips(text, rule):
+    assert ingress_policy.parse_rule(text) == rule
+    assert ingress_policy.parse_rule(ingress_policy.rule_text(rule)) == rule
+    assert ingress_policy.parse_rule(dict(rule)) == rule
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("drop tcp", "action must be deny or allow"),
+    ("deny from 10.0.0.0/33", "not a CIDR"),
+    ("deny icmp port 1", "icmp has no ports"),
+    ("deny tcp port 0", "not in 1-65535"),
+    ("deny tcp port 80-90", "not a port"),
+    ("deny tcp to 10.0.0.1", "unexpected 'to'"),
+    ({"action": "deny", "dport": 1}, "unknown rule keys"),
+])
+def test_policy_rule_errors_name_the_problem(bad, message):
+    with pytest.raises(ingress_policy.PolicyError, match=message):
+        ingress_policy.parse_rule(bad)
+
+
+def test_policy_sets_inherit_wider_prefixes_and_families_stay_apart():
+    rules = ingress_policy.parse_rules(
+        "deny from 10.0.0.0/8 udp port 53; deny from 10.1.0.0/16 tcp port 22; allow tcp port 80; "
+        "deny from ::/0 icmp")
+    sources, bits = ingress_policy.entries(rules)
+    by_net = {str(net): (kind, set_id) for (kind, _, net), set_id in sources.items()}
+    # v4: /8, /16 and the implicit 0.0.0.0/0 of the CIDR-less allow; v6: ::/0 only
+    assert set(by_net) == {"10.0.0.0/8", "10.1.0.0/16", "0.0.0.0/0", "::/0"}
+    assert by_net["::/0"][0] == abi.CidrKind.INGRESS_V6
+    assert by_net["10.0.0.0/8"][0] == abi.CidrKind.INGRESS_V4
+
+    def rules_of(net):
+        set_id = by_net[net][1]
+        return {(proto, port): b for (s, proto, port), b in bits.items() if s == set_id}
+    assert rules_of("10.1.0.0/16") == {(17, 53): abi.MATCH_DENY, (6, 22): abi.MATCH_DENY,
+                                       (6, 80): abi.MATCH_ALLOW}
+    assert rules_of("10.0.0.0/8") == {(17, 53): abi.MATCH_DENY, (6, 80): abi.MATCH_ALLOW}
+    assert rules_of("0.0.0.0/0") == {(6, 80): abi.MATCH_ALLOW}
+    # icmp means ICMPv6 in a v6 set; the allow rule without CIDR covers v6 too
+    assert rules_of("::/0") == {(58, 0): abi.MATCH_DENY, (6, 80): abi.MATCH_ALLOW}
+    assert ingress_policy.allow_only(rules)
+
+
+def test_policy_set_ids_are_stable_across_edits():
+    before, _ = ingress_policy.entries(ingress_policy.parse_rules("deny from 10.0.0.0/8"))
+    after, _ = ingress_policy.entries(ingress_policy.parse_rules(
+        "deny from 10.0.0.0/8; deny from 192.168.0.0/16 tcp port 1"))
+    assert set(before.items()) <= set(after.items())
+
+
+def test_policy_source_keys_are_v4_mapped():
+    import ipaddress
+    key = ingress_policy.source_key(7, abi.CidrKind.INGRESS_V4, 4, ipaddress.ip_network("10.0.0.0/8"))
+    assert bytes(key.addr) == b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 0])
+    assert key.prefixlen == abi.CIDR_KEY_FIXED_BITS + 96 + 8
+
+
+def test_nftables_fallback_renders_the_same_verdicts():
+    lines = ingress_nft.chain_rules([15000, 15001], ingress_policy.parse_rules(
+        "deny from 10.0.0.0/8 tcp port 22; allow tcp port 80"), 32768)
+    text = "\n".join(lines)
+    assert 'th dport { 15000, 15001 } counter name "ingress_dropped_protected_port" drop' in text
+    assert 'ip saddr 10.0.0.0/8 meta l4proto tcp th dport 22 counter name "ingress_dropped_denied" drop' in text
+    assert text.index("ingress_dropped_denied") < text.index('counter name "ingress_passed" accept')
+    assert 'tcp flags & (syn | ack) == syn counter name "ingress_dropped_not_allowed" drop' in text
+    assert 'udp dport < 32768 counter name "ingress_dropped_not_allowed" drop' in text
+    assert set(ingress_nft.LABELS) == {n.lower() for n, _ in abi.Reason.items() if n.startswith("INGRESS_")}
+
+
+def test_policy_command_rejects_a_bad_rule_as_usage_error():
+    result = CliRunner().invoke(main, ["policy", "add", "--pod", "a/b", "deny from nowhere"])
+    assert result.exit_code == 2 and "not a CIDR" in result.output
+
+
+def test_vagrantfile_validates():
+    """`vagrant validate` works offline once provider-specific blocks are ignored (no
+    VirtualBox or libvirt on this machine kind, and no boxes are downloaded)."""
+    import shutil
+    if not shutil.which("vagrant"):
+        pytest.skip("vagrant is not installed (scripts/setup.sh installs it)")
+    vagrant_dir = bpf_source.BPF_DIR.parent / "vagrant"
+    p = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=vagrant_dir,
+                       capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "VAGRANT_CHECKPOINT_DISABLE": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "validated successfully" in p.stdout
