@@ -291,21 +291,56 @@ def metrics(listen):
 @click.option("--runs", type=click.IntRange(1, 50), help="Rounds (default 3, or 1 with --quick).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where results.json, summary.txt and the plots go.")
-def bench(scenarios, quick, runs, out_dir):
+@click.option("--modes", "modes_", metavar="M1,M2", help="Only these modes (default: all).")
+@click.option("--peer", metavar="HOST[:PORT]",
+              help="Run xnode with the server pod on another machine, which runs --serve.")
+@click.option("--serve", metavar="[ADDR:]PORT",
+              help="Be the server machine of one --peer run, then remove everything.")
+def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
     """Compare interception modes in one interleaved run; prints numbers and ratios.
 
     SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
     xnode (rr, crr and stream with the pods on two "nodes" joined by a routed link),
     rules (exclusion lists growing), cni (plugin latency), xdp (packets dropped per
-    second at a pod's veth: XDP native and generic, nftables, iptables raw); default all."""
+    second at a pod's veth: XDP native and generic, nftables, iptables raw); default all.
+
+    Across two machines: `bench --serve 15599` on the server's, then
+    `bench xnode --peer SERVER_IP:15599` on the client's."""
     import os
     # its own pins and state: a datapath loaded for real on this node is left alone
     os.environ.setdefault("INTERCEPTOR_PIN_ROOT", "/sys/fs/bpf/interceptor-bench")
     os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
-    from .bench import run as bench_run
+    from .bench import modes as bench_modes, run as bench_run
+    selected = bench_modes.MODES
+    if modes_:
+        selected = tuple(m.strip() for m in modes_.split(",") if m.strip())
+        unknown = [m for m in selected if m not in bench_modes.MODES]
+        if unknown or not selected:
+            raise click.BadParameter(f"{', '.join(unknown) or modes_!r}: modes are "
+                                     f"{', '.join(bench_modes.MODES)}", param_hint="--modes")
+    if serve and (peer or scenarios):
+        raise click.UsageError("--serve takes no scenarios and no --peer")
+    if peer and set(scenarios or ["xnode"]) != {"xnode"}:
+        raise click.UsageError("--peer runs the xnode scenario only")
     try:
-        bench_run.run(scenarios=scenarios or bench_run.SCENARIOS, quick=quick, runs=runs,
-                      out_dir=out_dir)
+        if serve:
+            from .bench import peer as bench_peer
+            try:
+                bench_peer.parse_address(serve, default_host="0.0.0.0")
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--serve") from None
+            bench_peer.serve(serve)
+            return
+        if peer:
+            from .bench import peer as bench_peer
+            try:
+                bench_peer.parse_address(peer)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--peer") from None
+        bench_run.run(scenarios=scenarios or (("xnode",) if peer else bench_run.SCENARIOS), quick=quick,
+                      runs=runs, out_dir=out_dir, modes_=selected, peer=peer)
+    except OSError as exc:
+        _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted (everything the benchmark made was removed)", code=130)
 

@@ -56,13 +56,21 @@ def cookie_of(path):
 
 def host_cookie():
     """Cookie of the node's own (init) network namespace. PID 1's namespace may be
-    unreadable in some sandboxes; the init namespace is also recognisable by its
-    fixed inode number, so our own namespace serves when it is the init one."""
+    unreadable in some sandboxes; the init namespace is also recognisable by its fixed
+    inode number, so our own namespace serves when it is the init one, and otherwise
+    (a caller inside another namespace) the first process of ours found in it."""
     try:
         return cookie_of(HOST_NETNS_PATH)
     except PermissionError:
         if os.stat("/proc/thread-self/ns/net").st_ino == PROC_NET_INIT_INO:
             return current_cookie()
+        for pid in (os.getppid(), *(int(p) for p in os.listdir("/proc") if p.isdigit())):
+            path = f"/proc/{pid}/ns/net"
+            try:
+                if os.stat(path).st_ino == PROC_NET_INIT_INO:
+                    return cookie_of(path)
+            except OSError:
+                continue
         raise
 
 

@@ -25,11 +25,13 @@ _LOAD = {"direct": None, "explicit": None, "iptables": ("iptables", False),
 
 def apply(mode, topo, client_settings=None):
     """Switch the node(s) to mode, with the pods (re-)enrolled; client_settings: extra
-    enroll settings for the client pod (the rules-scaling scenario's exclusion lists)."""
+    enroll settings for the client pod (the rules-scaling scenario's exclusion lists).
+    topo.server_node, when set, is the server pod's own node (another datapath instance
+    on this machine, or another machine): it is switched too."""
     want = _LOAD[mode]
     node = loader.node_state() if loader.is_loaded() else None
-    if topo.cross_node:
-        _apply_node2(want, topo)
+    if topo.server_node is not None:
+        topo.server_node.apply(mode, want, topo)
     if want is None:
         if node is not None:
             loader.unload()
@@ -42,7 +44,7 @@ def apply(mode, topo, client_settings=None):
         loader.load(mode=load_mode, bypass=bypass)      # only switches the bypass
     enrollment.enroll(topo.client.netns_path, enrollment.PodSettings(**(client_settings or {})),
                       pod="bench/client")
-    if not topo.cross_node:
+    if topo.server_node is None:
         enrollment.enroll(topo.server.netns_path, enrollment.PodSettings(), pod="bench/server")
 
 
@@ -52,23 +54,29 @@ def _node2(*args):
                    capture_output=True, text=True)
 
 
-def _apply_node2(want, topo):
-    """The server's node runs its own datapath instance (other pins and state): driven
-    through the CLI, since paths are fixed per process."""
-    state_file = os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")
-    current = None
-    if os.path.exists(state_file):
-        with open(state_file) as f:
-            current = json.load(f).get("requested_mode")
-    if want is None:
-        if current:
+class LocalNode2:
+    """The x-node scenario's second node on this machine: a datapath instance of its own
+    (other pins and state), driven through the CLI, since paths are fixed per process."""
+
+    def apply(self, mode, want, topo):
+        state_file = os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")
+        current = None
+        if os.path.exists(state_file):
+            with open(state_file) as f:
+                current = json.load(f).get("requested_mode")
+        if want is None:
+            if current:
+                _node2("unload")
+            return
+        load_mode, bypass = want
+        if current != load_mode:
             _node2("unload")
-        return
-    load_mode, bypass = want
-    if current != load_mode:
-        _node2("unload")
-    _node2("load", "--mode", load_mode, "--bypass" if bypass else "--no-bypass")
-    _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server")
+        _node2("load", "--mode", load_mode, "--bypass" if bypass else "--no-bypass")
+        _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server")
+
+    def release(self, topo):
+        if os.path.exists(os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")):
+            _node2("unenroll", "--netns", topo.server.netns_path)
 
 
 def release(topo):
@@ -76,10 +84,10 @@ def release(topo):
     namespaces go, so no record or map entry outlives them)."""
     if loader.node_plan() is not None:
         enrollment.unenroll(netns_path=topo.client.netns_path)
-        if not topo.cross_node:
+        if topo.server_node is None:
             enrollment.unenroll(netns_path=topo.server.netns_path)
-    if topo.cross_node and os.path.exists(os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")):
-        _node2("unenroll", "--netns", topo.server.netns_path)
+    if topo.server_node is not None:
+        topo.server_node.release(topo)
 
 
 def unload_node2():

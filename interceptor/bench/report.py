@@ -9,6 +9,21 @@ _METRIC = {"stream": ("gbit_s", "Gbit/s", "CPU ms/GB")}
 _DEFAULT_METRIC = ("rps", "req/s", "CPU ms/1k")
 
 
+TOPOLOGY_PREFIXES = ("x-node ", "x-machine ")
+
+
+def _strip_topology(scenario):
+    for prefix in TOPOLOGY_PREFIXES:
+        if scenario.startswith(prefix):
+            return scenario[len(prefix):]
+    return scenario
+
+
+def _kind(scenario):
+    """rr, crr or stream, whatever the topology prefix."""
+    return _strip_topology(scenario).split()[0]
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -47,7 +62,7 @@ def render(results):
              f"kernel {env['kernel']}, {env['cpus']} CPU ({env['cpu']})",
              "Ratios are per round, then the median (min-max) over rounds.", ""]
     for scenario, samples in results["samples"].items():
-        key, unit, cpu_unit = _METRIC.get(scenario.replace("x-node ", "").split()[0], _DEFAULT_METRIC)
+        key, unit, cpu_unit = _METRIC.get(_kind(scenario), _DEFAULT_METRIC)
         digits = 2 if key == "gbit_s" else 0
         latency = key == "rps"
         lines.append(f"== {scenario}")
@@ -104,7 +119,7 @@ def plots(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rr = [s for s in results["samples"] if s.startswith(("rr", "x-node rr"))]
+    rr = [s for s in results["samples"] if _kind(s) == "rr"]
     if rr:
         cols = min(len(rr), 2)
         rows = (len(rr) + cols - 1) // cols
@@ -117,8 +132,8 @@ def plots(results, out_dir):
                 ax.bar([x + i * 0.27 for x in range(len(names))], values, width=0.27, label=pct[:-3])
             ax.set_xticks([x + 0.27 for x in range(len(names))], names, rotation=30, ha="right")
             ax.set_ylabel("latency, ms (median over rounds)")
-            where = "cross-node" if scenario.startswith("x-node") else "same node"
-            ax.set_title(f"HTTP {scenario.replace('x-node ', '')} through two sidecars, {where}")
+            where = {"x-node": "cross-node", "x-machine": "two machines"}.get(scenario.split()[0], "same node")
+            ax.set_title(f"HTTP {_strip_topology(scenario)} through two sidecars, {where}")
             ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "latency.png"), dpi=110)

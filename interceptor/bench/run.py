@@ -55,7 +55,10 @@ def _excluded(n):
     return {"exclude_outbound_cidrs": cidrs, "exclude_outbound_ports": ports}
 
 
-def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES):
+def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES, peer=None):
+    """peer: HOST[:PORT] of `interceptor bench --serve` on another machine; the x-node
+    scenario then runs with the server pod there (scenarios other than xnode are refused
+    by the CLI)."""
     runs = runs or (1 if quick else 3)
     seconds = 1 if quick else 5
     out_dir = out_dir or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
@@ -69,9 +72,12 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
             loader.unload()
         per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
         if per_mode:
-            _rounds(False, per_mode, modes_, runs, seconds, results, prefix="")
-        if "xnode" in scenarios:
-            _rounds(True, ("rr", "crr", "stream"), modes_, runs, seconds, results, prefix="x-node ")
+            _rounds(Topology, per_mode, modes_, runs, seconds, results, prefix="")
+        if "xnode" in scenarios and peer:
+            _across_machines(peer, modes_, runs, seconds, results)
+        elif "xnode" in scenarios:
+            _rounds(lambda: Topology(cross_node=True), ("rr", "crr", "stream"), modes_, runs, seconds,
+                    results, prefix="x-node ")
             modes.unload_node2()
         if "rules" in scenarios:
             sizes = RULE_SIZES_QUICK if quick else RULE_SIZES
@@ -81,7 +87,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
                         with _fresh(Topology()) as topo:
                             modes.apply(mode, topo, client_settings=_excluded(size))
                             url = modes.http_target(mode, topo, slot=slot)
-                            with tools.CpuMeter(topo.sidecar_pids) as cpu:
+                            with topo.cpu_meter() as cpu:
                                 w = tools.wrk(topo.client, url, 8, seconds, close=True)
                         w.update(cpu.per(w["requests"] / 1000))
                         results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
@@ -97,7 +103,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         loader.unload()
-        if "xnode" in scenarios:
+        if "xnode" in scenarios and not peer:
             modes.unload_node2()
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
@@ -129,11 +135,27 @@ class _fresh:
             self.topo.close()
 
 
-def _rounds(cross_node, scenarios, modes_, runs, seconds, results, prefix):
+def _across_machines(peer, modes_, runs, seconds, results):
+    from . import peer as peer_mod
+    control, peer_ip = peer_mod.connect(peer)
+    try:
+        results["peer_env"] = control.call("hello")["env"]
+        _progress(f"x-machine: server pods on {peer} ({results['peer_env']['kernel']})")
+        _rounds(lambda: peer_mod.ClientTopology(control, peer_ip), ("rr", "crr", "stream"), modes_,
+                runs, seconds, results, prefix="x-machine ")
+    finally:
+        try:
+            control.call("bye")
+        except (OSError, peer_mod.PeerError):
+            pass
+        control.close()
+
+
+def _rounds(make_topology, scenarios, modes_, runs, seconds, results, prefix):
     for r in range(runs):
         order = list(modes_[r % len(modes_):]) + list(modes_[:r % len(modes_)])
         for mode in order:
-            with _fresh(Topology(cross_node=cross_node)) as topo:
+            with _fresh(make_topology()) as topo:
                 modes.apply(mode, topo)
                 for sample in _per_mode(topo, mode, scenarios, seconds, prefix):
                     results["samples"].setdefault(sample.pop("scenario"), {}) \
@@ -144,20 +166,20 @@ def _per_mode(topo, mode, scenarios, seconds, prefix=""):
     http = modes.http_target(mode, topo)
     if "rr" in scenarios:
         for conns in (1, 16):
-            with tools.CpuMeter(topo.sidecar_pids) as cpu:
+            with topo.cpu_meter() as cpu:
                 w = tools.wrk(topo.client, http, conns, seconds)
             w.update(cpu.per(w["requests"] / 1000))
             _progress(f"{prefix}{mode:<14} rr c={conns:<3} {w['rps']:>9.0f} req/s  p99 {w['p99_ms']:.2f} ms")
             yield dict(w, scenario=f"{prefix}rr c={conns}")
     if "crr" in scenarios:
-        with tools.CpuMeter(topo.sidecar_pids) as cpu:
+        with topo.cpu_meter() as cpu:
             w = tools.wrk(topo.client, http, 8, seconds, close=True)
         w.update(cpu.per(w["requests"] / 1000))
         _progress(f"{prefix}{mode:<14} crr c=8   {w['rps']:>9.0f} conn/s p99 {w['p99_ms']:.2f} ms")
         yield dict(w, scenario=f"{prefix}crr c=8")
     if "stream" in scenarios:
         host, port = modes.iperf_target(mode, topo)
-        with tools.CpuMeter(topo.sidecar_pids) as cpu:
+        with topo.cpu_meter() as cpu:
             s = tools.iperf3(topo.client, host, port, seconds)
         s.update(cpu.per(s["bytes"] / 1e9))       # CPU ms per GB
         _progress(f"{prefix}{mode:<14} stream    " + (f"{s['gbit_s']:>9.2f} Gbit/s" if s["gbit_s"]

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 from .. import abi, lab as labmod
+from . import tools
 
 APP_PORT = 8080
 # The app answers on APP_PORT .. APP_PORT + APP_PORTS - 1. Connection-per-request runs use
@@ -95,8 +96,10 @@ class Topology:
     joined by a routed veth link."""
 
     def __init__(self, cross_node=False):
+        from .modes import LocalNode2
         tag = f"icb{os.getpid() % 10000}"
         self.cross_node = cross_node
+        self.server_node = LocalNode2() if cross_node else None
         self.labs = []
         self.pids = {}
         try:
@@ -166,6 +169,9 @@ class Topology:
     @property
     def sidecar_pids(self):
         return [self.pids["sidecar-client"], self.pids["sidecar-server"]]
+
+    def cpu_meter(self):
+        return tools.CpuMeter(self.sidecar_pids)
 
     def close(self):
         for lab in self.labs:
