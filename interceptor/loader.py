@@ -15,7 +15,7 @@ import time
 from . import abi, libbpf, mounts, netns, paths, state
 from .capabilities import plan as make_plan, uses_bpf
 from .maps import LAYOUT, Maps
-from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH
+from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
 
 
 class LoadError(Exception):
@@ -125,9 +125,14 @@ def _load_bpf(plan, cg_path, log):
             if prog.needed(plan):
                 _save_pod_template(bpf, prog, map_names_by_fd)
             continue
-        fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=prog.attach_type)
+        # tail-called programs keep expected_attach_type 0, as the stubs that call them
+        attach_type = -1 if prog.scope == TAIL else prog.attach_type
+        fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=attach_type)
         prog_fds[prog.name] = fn.fd
         libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
+        if prog.scope == TAIL:
+            with Maps() as maps:
+                getattr(maps, XDP_MAIN_MAP).put(ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
 
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0),

@@ -16,6 +16,7 @@ LAYOUT = {
     "connect_orig": (ctypes.c_int, abi.OrigDst),
     "stats": (abi.StatKey, abi.StatValue),
     "settings": (ctypes.c_uint32, abi.NodeSettings),
+    "xdp_main": (ctypes.c_uint32, ctypes.c_uint32),    # prog array: key -> program fd
     "xdp_pods": (ctypes.c_uint64, abi.XdpPodConfig),
     "ingress_sources": (abi.CidrKey, ctypes.c_uint32),
     "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),

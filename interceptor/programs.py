@@ -5,6 +5,7 @@ CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in lin
 SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
 NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
 POD_COPY = "pod-copy"    # not loaded by the loader: saved as a template, one copy per pod
+TAIL = "tail-call"       # loaded and pinned by the loader, reached by tail call (PROG_ARRAY)
 
 
 # Which capability of the plan (capabilities.plan) a program serves.
@@ -42,9 +43,12 @@ PROGRAMS = (
     Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP, CORE),
     Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH, BYPASS),
     Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS, INBOUND),
-    Program("xdp_ingress", ProgType.XDP, AttachType.XDP, POD_COPY, INGRESS),
+    # the ingress filter, and the per-pod stub that tail-calls it with the pod's cookie
+    Program("xdp_ingress", ProgType.XDP, AttachType.XDP, TAIL, INGRESS),
+    Program("xdp_pod", ProgType.XDP, AttachType.XDP, POD_COPY, INGRESS),
 )
 
 BY_NAME = {p.name: p for p in PROGRAMS}
 BYPASS_MAP = "bypass_socks"
 SK_LOOKUP_PROG = "steer_inbound"
+XDP_MAIN_MAP = "xdp_main"

@@ -3,6 +3,7 @@
 The JSON is the contract (documented in docs/status.md, `version` bumps on incompatible
 changes); the text is rendered from the same object. Nothing here changes state.
 """
+import ctypes
 import ipaddress
 import os
 import platform
@@ -13,7 +14,7 @@ from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import Maps
-from .programs import CGROUP, POD_COPY, PROGRAMS, SOCKHASH
+from .programs import CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
@@ -61,6 +62,8 @@ def _programs(node, plan):
             entry["attached"] = f"cgroup {node.get('cgroup')}" if os.path.exists(paths.link_pin(p.name)) else None
         elif p.scope == SOCKHASH:
             entry["attached"] = "bypass_socks" if node.get("bypass") else None
+        elif p.scope == TAIL:
+            entry["attached"] = "per pod, via xdp_pod" if p.needed(plan) else None
         else:
             entry["attached"] = "per pod netns" if p.needed(plan) else None
         out.append(entry)
@@ -182,6 +185,10 @@ def collect(pod_filter=None):
         with Maps() as maps:
             enrolled, listener_keys, sockets = _from_maps(report, maps, records)
             stats = counters.by_pod(maps, records)
+            if plan.get("ingress") == "xdp" and maps.xdp_main.get(ctypes.c_uint32(0)) is None:
+                report["errors"].append("the ingress filter program is missing from xdp_main: pods' "
+                                        "XDP stubs pass every packet unfiltered (run `interceptor "
+                                        "unload` and `load` to repair)")
     else:
         enrolled, listener_keys, sockets = set(), None, []
         stats = counters.by_pod(None, records)

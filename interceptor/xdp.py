@@ -1,13 +1,15 @@
-"""Per-pod XDP programs: the template the loader saves, the copy enroll loads for each
-pod, and attaching it to the pod's interfaces.
+"""Per-pod XDP stubs: the template the loader saves, the copy enroll loads for each pod,
+and attaching it to the pod's interfaces.
 
 XDP programs cannot ask for their network namespace's cookie, and interface indexes
-repeat across namespaces, so one shared program could not tell pods apart. The loader
-compiles bpf/xdp_ingress.c once with a placeholder constant and saves its instructions
-(with which pinned map each map reference means); enroll patches in the pod's cookie and
-the map fds it opened from the pins and loads the result (a verifier pass, no compiler).
-The attachment is a bpf_link pinned in the pod's pin directory, so unload and DEL
-detach it like the pod's other links.
+repeat across namespaces, so one shared program could not tell pods apart. Each pod gets
+its own small stub (xdp_pod in bpf/xdp_ingress.c) that puts the pod's cookie in the
+packet's metadata and tail-calls the filter the loader verified once. The loader saves
+the stub's compiled instructions with a placeholder constant (and which pinned map each
+map reference means); enroll patches in the pod's cookie and the map fds it opened from
+the pins and loads the result: no compiler, and a verifier pass over a dozen
+instructions. The attachment is a bpf_link pinned in the pod's pin directory, so unload
+and DEL detach it like the pod's other links.
 """
 import ctypes
 import errno
@@ -18,7 +20,7 @@ import struct
 
 from . import abi, libbpf, netns, paths, state
 
-PROG_NAME = "xdp_ingress"
+PROG_NAME = "xdp_pod"
 LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may have)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2

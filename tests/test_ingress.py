@@ -544,6 +544,20 @@ def test_status_and_metrics_show_the_filter(flab, mechanism):
     assert ing["dropped_by_reason"]["protected_port"] >= 1 and ing["protected_ports"] == [15000, 15001]
     text = status.render(report, wide=True)
     assert (f"xdp eth0:{mechanism}" if mechanism != "nftables" else "nftables eth0") in text
+    if mechanism != "nftables":
+        # the filter behind every stub gone: status says so (the stubs then pass everything)
+        with Maps() as maps:
+            saved = maps.xdp_main.get(ctypes.c_uint32(0))
+            maps.xdp_main.delete(ctypes.c_uint32(0))
+        try:
+            assert any("missing from xdp_main" in e for e in status.collect()["errors"])
+        finally:
+            from interceptor import libbpf
+            fd = libbpf.obj_get(paths.prog_pin("xdp_ingress"))
+            with Maps() as maps:
+                maps.xdp_main.put(ctypes.c_uint32(0), ctypes.c_uint32(fd))
+            os.close(fd)
+        assert saved is not None and not status.collect()["errors"]
     from prometheus_client import CollectorRegistry, generate_latest
     registry = CollectorRegistry()
     registry.register(metrics.DatapathCollector())

@@ -50,6 +50,10 @@ BPF_TABLE("lru_hash", struct sock_tuple, struct orig_dst, redirected, MAX_REDIRE
 /* Counters by {pod, reason}. Writers: every hook. Reader: status, metrics. */
 BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
 
+/* The ingress filter, entry 0. Writer: loader. Reader: each pod's xdp_pod stub, which
+ * tail-calls it with the pod's netns cookie in the packet's XDP metadata. */
+BPF_PROG_ARRAY(xdp_main, 1);
+
 /* Ingress filter settings per pod. Writer: enroll, `interceptor policy`.
  * Reader: the pod's XDP program. */
 BPF_HASH(xdp_pods, __u64, struct xdp_pod_config, MAX_XDP_PODS);
