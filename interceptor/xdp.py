@@ -30,7 +30,7 @@ SIOCGIFHWADDR = 0x8927
 SIOCETHTOOL = 0x8946
 ETHTOOL_GDRVINFO = 0x3
 # Drivers whose "native" XDP works on an skb that already exists (the sender built it):
-# it drops somewhat cheaper (~18% less CPU per packet here), but veth turns off TSO/GSO on
+# it drops somewhat cheaper (~19% less CPU per packet here), but veth turns off TSO/GSO on
 # its peer while a program is attached (bulk TCP into the pod fell from ~14 to ~4 Gbit/s),
 # so auto picks generic there (BENCHMARKS.md, "Ingress filter").
 SKB_BACKED_DRIVERS = ("veth",)
