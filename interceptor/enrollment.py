@@ -488,6 +488,7 @@ def garbage_collect(keep):
         try:
             with Maps() as maps:
                 orphans |= {k.value for k in maps.pods.keys()}
+                orphans |= {k.value for k in maps.xdp_pods.keys()}
         except OSError:
             pass
         for cookie in orphans - set(records):

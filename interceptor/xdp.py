@@ -163,8 +163,11 @@ def attach(cookie, netns_path, ifname, ifindex, mode="auto", on_conflict="refuse
     if os.path.exists(pin):
         info = link_info(pin)
         if info is not None and info.prog_id == current and current:
-            return _mode_of(netns_path, ifindex)
-        _unpin(pin)
+            attached_mode = _mode_of(netns_path, ifindex)
+            if mode in ("auto", attached_mode):
+                return attached_mode        # re-enroll: keep it
+        _unpin(pin)                          # stale, or another mode was asked for
+        current = attached_prog_id(netns_path, ifindex)
     if current:
         name = libbpf.prog_name_by_id(current) or "?"
         msg = (f"{ifname} in {netns_path} already has XDP program {current} ({name}); "

@@ -468,6 +468,16 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
         assert xdp_attached(pod)
         # 3 prefixes; the peer's /32 set also holds the /24's UDP rule: 4 rule entries
         assert ingress_entries(cookie)[:4] == (True, 3, 4, 3)
+    # re-enroll: same filter, nothing doubled; then another XDP mode is honoured
+    rec = enroll_filtered(pod, mechanism, ingress_policy=POLICY, protected_ports="9999")
+    assert not enrollment.verify(rec, pod.netns_path)
+    if mechanism != "nftables":
+        assert ingress_entries(cookie)[:4] == (True, 3, 4, 3)
+        other = "generic" if mechanism == "native" else "native"
+        rec = enroll(pod, ingress_filter=other)
+        assert rec["ingress"]["interfaces"][0]["mode"] == other and not enrollment.verify(rec, pod.netns_path)
+        assert xdp_attached(pod) == ("xdp" if other == "native" else "xdpgeneric")
+        assert len(paths.listdir(paths.pod_pin_dir(cookie))) == 2      # sk_lookup + one XDP link
     enrollment.unenroll(netns_path=pod.netns_path)
     assert xdp_attached(pod) is None and not nft_table_present(pod)
     if mechanism != "nftables":
