@@ -7,7 +7,7 @@ its own small stub (xdp_pod in bpf/xdp_ingress.c) that puts the pod's cookie in 
 packet's metadata and tail-calls the filter the loader verified once. The loader saves
 the stub's compiled instructions with a placeholder constant (and which pinned map each
 map reference means); enroll patches in the pod's cookie and the map fds it opened from
-the pins and loads the result: no compiler, and a verifier pass over a dozen
+the pins and loads the result: no compiler, and a verifier pass over some 25
 instructions. The attachment is a bpf_link pinned in the pod's pin directory, so unload
 and DEL detach it like the pod's other links.
 """
