@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from interceptor import lab as labmod, netns, paths, state
+from interceptor import counters, lab as labmod, netns, paths, state
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -142,6 +142,14 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
         log_text = open(tmp_path / "haproxy.log").read()
         assert "frontend=outbound client=127.0.0.1:" in log_text
         assert f"dst={SUBNET}.1:18080" in log_text, log_text
+        # the ingress filter on the container's eth0: its proxy's capture port is not
+        # reachable from outside, and the drop is counted
+        assert [a["ifname"] for a in rec["ingress"]["interfaces"]] == ["eth0"]
+        probe = subprocess.run(["curl", "-s", "-m", "2", f"http://{pod_ip}:15001/"])
+        assert probe.returncode != 0
+        with Maps() as maps:
+            dropped = counters.from_maps(maps)[cookie].get("ingress_dropped_protected_port", {})
+        assert dropped.get("count", 0) >= 1
     finally:
         labmod.stop_process(haproxy)
         labmod.stop_process(server)
@@ -158,6 +166,7 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
         assert maps.pods.keys() == []
         assert [k for k, v in maps.pod_addrs.items() if v.value == cookie] == []
         assert [k for k in maps.port_rules.keys() if k.netns_cookie == cookie] == []
+        assert maps.xdp_pods.keys() == []
 
     interceptor_cli("cni", "uninstall", "--bin-dir", str(d["bin"]), "--conf-dir", str(d["conf"]))
     # (libcni leaves its own cni.lock beside the configuration)
