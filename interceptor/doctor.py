@@ -74,8 +74,15 @@ class Report:
         if "outbound" in plan:
             lines += [f"{'Outbound:':<16}{plan['outbound']}", f"{'Inbound:':<16}{plan['inbound']}",
                       f"{'Bypass:':<16}{'ebpf' if plan['bypass'] else 'off'}",
+                      f"{'Ingress filter:':<16}{_ingress_text(plan.get('ingress'))}",
                       f"{'Rules backend:':<16}{plan['rules_backend'] or '-'}"]
         return "\n".join(lines)
+
+
+def _ingress_text(ingress):
+    if ingress == "xdp":
+        return "xdp (generic on veth, native on other drivers)"
+    return ingress or "off (neither XDP nor nftables)"
 
 
 def disabled_features():

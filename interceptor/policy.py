@@ -59,6 +59,8 @@ def change(selector, add=(), remove=(), replace=None):
             ingress.update_policy(rec, settings)
         except ingress.IngressError as exc:
             raise PolicyCommandError(str(exc)) from None
+        except OSError as exc:    # e.g. the datapath was unloaded under the record
+            raise PolicyCommandError(f"cannot apply the policy: {exc}") from None
         rec["settings"] = settings.to_dict()
         state.write_json(paths.pod_state_file(cookie), rec)
         return new
