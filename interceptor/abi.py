@@ -15,10 +15,10 @@ OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 # Istio's sidecar ports that inbound steering must never capture (health/status, metrics).
 ALWAYS_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)
+# The proxy's admin port: with the pod's outbound capture port, what the ingress filter
+# drops from the network by default (a connection to 15001 from outside loops through
+# the proxy; 15000 is Envoy's admin API).
 ADMIN_PORT = 15000
-# Ports the ingress filter drops from the network by default (besides the pod's own
-# outbound capture port): a connection to 15001 from outside loops through the proxy.
-DEFAULT_PROTECTED_PORTS = (ADMIN_PORT, OUTBOUND_PORT)
 
 # --- Map capacities -------------------------------------------------------------------
 MAX_PODS = 4096
