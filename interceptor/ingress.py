@@ -46,12 +46,12 @@ def apply(plan, cookie, netns_path, settings, ifname=None):
     """Set up the filter for a pod (enroll, re-enroll); returns what the pod record keeps."""
     mech = mechanism(plan, settings)
     if mech is None:
-        if settings.ingress_policy or settings.protected_ports:
-            raise IngressError("an ingress policy or protected ports were given, but this node has "
-                               "no ingress filter (neither XDP nor nftables)"
-                               if settings.ingress_filter != "off" else
-                               "an ingress policy was given with the ingress filter off")
-        return {"mechanism": None}
+        if not (settings.ingress_policy or settings.protected_ports):
+            return {"mechanism": None}
+        if settings.ingress_filter == "off":
+            raise IngressError("an ingress policy or protected ports were given with the ingress filter off")
+        raise IngressError("an ingress policy or protected ports were given, but this node has no "
+                           "ingress filter (neither XDP nor nftables)")
     low = ephemeral_low(netns_path)
     interfaces = xdp.pod_interfaces(netns_path, ifname)
     rec = {"mechanism": mech, "ephemeral_low": low, "interfaces": [], "skipped": []}
