@@ -1,4 +1,5 @@
 """Pure logic: no kernel, no root."""
+import os
 import subprocess
 import sys
 
@@ -173,9 +174,13 @@ def test_vagrantfile_validates():
     import shutil
     if not shutil.which("vagrant"):
         pytest.skip("vagrant is not installed (scripts/setup.sh installs it)")
+    import tempfile
     vagrant_dir = bpf_source.BPF_DIR.parent / "vagrant"
-    p = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=vagrant_dir,
-                       capture_output=True, text=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "VAGRANT_CHECKPOINT_DISABLE": "1"})
+    with tempfile.TemporaryDirectory() as scratch:
+        # vagrant keeps a .vagrant directory beside the Vagrantfile unless told otherwise
+        p = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=vagrant_dir,
+                           capture_output=True, text=True, timeout=120,
+                           env={"PATH": "/usr/bin:/bin", "HOME": scratch, "VAGRANT_CHECKPOINT_DISABLE": "1",
+                                "VAGRANT_DOTFILE_PATH": os.path.join(scratch, ".vagrant")})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "validated successfully" in p.stdout
