@@ -196,6 +196,14 @@ static __always_inline int parse(struct xdp_md *ctx, struct ingress_pkt *p)
 	return NOT_IP;
 }
 
+static __always_inline __u8 rule_bits(struct ingress_rule_key *key, __u8 proto, __u16 port)
+{
+	key->proto = proto;
+	key->port = port;
+	__u8 *bits = ingress_rules.lookup(key);
+	return bits ? *bits : 0;
+}
+
 /* MATCH_* bits of every rule that applies to this packet: the source's most specific
  * prefix gives a set (holding the rules of wider prefixes too), then the four
  * {proto|any, port|any} combinations. */
@@ -212,22 +220,9 @@ static __always_inline __u8 policy_match(__u64 cookie, struct ingress_pkt *p)
 	struct ingress_rule_key key = {};
 	key.netns_cookie = cookie;
 	key.source_set = *set;
-	__u8 match = 0;
-	__u8 *bits;
-	key.proto = p->proto;
-	key.port = p->dport;
-	if (p->has_port && (bits = ingress_rules.lookup(&key)))
-		match |= *bits;
-	key.port = 0;
-	if ((bits = ingress_rules.lookup(&key)))
-		match |= *bits;
-	key.proto = 0;
-	key.port = p->dport;
-	if (p->has_port && (bits = ingress_rules.lookup(&key)))
-		match |= *bits;
-	key.port = 0;
-	if ((bits = ingress_rules.lookup(&key)))
-		match |= *bits;
+	__u8 match = rule_bits(&key, p->proto, 0) | rule_bits(&key, 0, 0);
+	if (p->has_port)
+		match |= rule_bits(&key, p->proto, p->dport) | rule_bits(&key, 0, p->dport);
 	return match;
 }
 

@@ -284,6 +284,17 @@ def metrics(listen):
     m.serve(host.strip("[]"), int(port))
 
 
+def _address(value, param, default_host):
+    """--peer / --serve text -> (host, port)."""
+    if value is None:
+        return None
+    from .bench.peer import parse_address
+    try:
+        return parse_address(value, default_host=default_host)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
 @main.command()
 @click.argument("scenarios", nargs=-1,
                 type=click.Choice(["rr", "crr", "stream", "xnode", "rules", "cni", "xdp"]))
@@ -292,9 +303,9 @@ def metrics(listen):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where results.json, summary.txt and the plots go.")
 @click.option("--modes", "modes_", metavar="M1,M2", help="Only these modes (default: all).")
-@click.option("--peer", metavar="HOST[:PORT]",
+@click.option("--peer", metavar="HOST[:PORT]", callback=lambda c, p, v: _address(v, p, None),
               help="Run xnode with the server pod on another machine, which runs --serve.")
-@click.option("--serve", metavar="[ADDR:]PORT",
+@click.option("--serve", metavar="[ADDR:]PORT", callback=lambda c, p, v: _address(v, p, "0.0.0.0"),
               help="Be the server machine of one --peer run, then remove everything.")
 def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
     """Compare interception modes in one interleaved run; prints numbers and ratios.
@@ -325,18 +336,8 @@ def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
     try:
         if serve:
             from .bench import peer as bench_peer
-            try:
-                bench_peer.parse_address(serve, default_host="0.0.0.0")
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--serve") from None
             bench_peer.serve(serve)
             return
-        if peer:
-            from .bench import peer as bench_peer
-            try:
-                bench_peer.parse_address(peer)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--peer") from None
         bench_run.run(scenarios=scenarios or (("xnode",) if peer else bench_run.SCENARIOS), quick=quick,
                       runs=runs, out_dir=out_dir, modes_=selected, peer=peer)
     except OSError as exc:

@@ -37,10 +37,10 @@ def main():
         for pod in (client, server):
             rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(), pod=f"demo/{pod.name}")
             ing = rec["ingress"]
-            server_filter = " ".join(f"{ing['mechanism']} {a['ifname']}" + (
+            ingress_filter = " ".join(f"{ing['mechanism']} {a['ifname']}" + (
                 f" {a['mode']}" if a["mode"] != ing["mechanism"] else "") for a in ing["interfaces"])
-            say(f"   enrolled demo/{pod.name} (netns cookie {rec['cookie']}; ingress filter {server_filter})")
-        server_cookie = rec["cookie"]
+            say(f"   enrolled demo/{pod.name} (netns cookie {rec['cookie']}; ingress filter {ingress_filter})")
+        server_cookie, server_filter = rec["cookie"], ingress_filter     # the server went last
 
         say(f"\n== curl http://{server.ipv4}:{SERVICE_PORT}/ from the client app")
         out = client.run("curl", "-sS", "-o", "/dev/null", "-m", "10", "-w",

@@ -256,9 +256,8 @@ def _probe_netns_cookie():
 
 
 def _probe_xdp(native):
-    lib = libbpf.lib()
-    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-    flags = 1 << 2 if native else 1 << 1    # XDP_FLAGS_DRV_MODE / XDP_FLAGS_SKB_MODE
+    from .xdp import MODE_FLAGS
+    flags = MODE_FLAGS["native" if native else "generic"]
     prog = libbpf.load_trivial_prog(ProgType.XDP, 0, 2)
     try:
         def attach():
@@ -266,9 +265,7 @@ def _probe_xdp(native):
                            check=True, capture_output=True)
             subprocess.run(["ip", "link", "set", "ic0", "up"], check=True, capture_output=True)
             subprocess.run(["ip", "link", "set", "ic1", "up"], check=True, capture_output=True)
-            ret = lib.bpf_xdp_attach(socket_if_index("ic0"), prog, flags, None)
-            if ret < 0:
-                raise OSError(-ret, os.strerror(-ret))
+            libbpf.xdp_attach(socket_if_index("ic0"), prog, flags)
         err = _in_scratch_netns(attach)
     finally:
         os.close(prog)

@@ -12,7 +12,8 @@ import time
 
 from . import abi, ingress, ingress_policy, libbpf, listeners, netns, opstats, paths, state
 from .capabilities import uses_bpf
-from .maps import Maps, addr16
+from .maps import Maps, addr16, cidr_key, port_key
+from .parsing import parse_cidrs, parse_port, parse_ports
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
 SK_LOOKUP_LINK = "sk_lookup"
@@ -115,51 +116,6 @@ INGRESS_FILTER_MODES = ("auto", "native", "generic", "off")
 
 def _is_star(values):
     return list(values) == ["*"] or values == "*"
-
-
-def _split(values):
-    if isinstance(values, str):
-        values = values.split(",")
-    return [str(v).strip() for v in values if str(v).strip()]
-
-
-def parse_port(value, what):
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: {value!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{what}: {port} is not in 1-65535")
-    return port
-
-
-def parse_ports(values, what):
-    return sorted({parse_port(v, what) for v in _split(values)})
-
-
-def parse_cidrs(values, what):
-    """'*' means every address of both families."""
-    out = []
-    for v in _split(values):
-        if v == "*":
-            out += [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
-            continue
-        try:
-            out.append(ipaddress.ip_network(v, strict=False))
-        except ValueError:
-            raise ValueError(f"{what}: {v!r} is not a CIDR") from None
-    return sorted(set(out), key=lambda n: (n.version, n.network_address, n.prefixlen))
-
-
-def _cidr_key(cookie, kind, net):
-    key = abi.CidrKey(kind=kind, netns_cookie=cookie, addr=addr16(net.network_address))
-    prefix = net.prefixlen + (96 if net.version == 4 else 0)   # v4-mapped
-    key.prefixlen = abi.CIDR_KEY_FIXED_BITS + prefix
-    return key
-
-
-def _port_key(cookie, kind, port):
-    return abi.PortKey(netns_cookie=cookie, port=port, kind=kind)
 
 
 def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, ifname=None):
@@ -276,19 +232,19 @@ def _check_address_owners(maps, cookie, addresses):
 
 def _write_map_rules(maps, cookie, s):
     for port in s.exclude_outbound_ports:
-        maps.port_rules.put(_port_key(cookie, abi.PortKind.OUT_EXCLUDE, port), ctypes.c_uint8(1))
+        maps.port_rules.put(port_key(cookie, abi.PortKind.OUT_EXCLUDE, port), ctypes.c_uint8(1))
     for port in s.include_outbound_ports:
-        maps.port_rules.put(_port_key(cookie, abi.PortKind.OUT_INCLUDE, port), ctypes.c_uint8(1))
+        maps.port_rules.put(port_key(cookie, abi.PortKind.OUT_INCLUDE, port), ctypes.c_uint8(1))
     if s.include_inbound_ports != ["*"]:
         for port in s.include_inbound_ports:
-            maps.port_rules.put(_port_key(cookie, abi.PortKind.IN_INCLUDE, port), ctypes.c_uint8(1))
+            maps.port_rules.put(port_key(cookie, abi.PortKind.IN_INCLUDE, port), ctypes.c_uint8(1))
     excluded_in = set(s.exclude_inbound_ports) | set(abi.ALWAYS_EXCLUDED_INBOUND_PORTS)
     for port in sorted(excluded_in):
-        maps.port_rules.put(_port_key(cookie, abi.PortKind.IN_EXCLUDE, port), ctypes.c_uint8(1))
+        maps.port_rules.put(port_key(cookie, abi.PortKind.IN_EXCLUDE, port), ctypes.c_uint8(1))
     for kind, cidrs in ((abi.CidrKind.OUT_INCLUDE, s.include_outbound_cidrs),
                         (abi.CidrKind.OUT_EXCLUDE, s.exclude_outbound_cidrs)):
         for net in parse_cidrs(cidrs, "cidrs"):
-            maps.cidr_rules.put(_cidr_key(cookie, kind, net), ctypes.c_uint8(1))
+            maps.cidr_rules.put(cidr_key(cookie, kind, net), ctypes.c_uint8(1))
 
 
 def _attach_sk_lookup(cookie, netns_path):
@@ -378,27 +334,34 @@ def _detach_pins(pin_dir):
     os.rmdir(pin_dir)
 
 
+def matching_cookies(netns_path=None, cookie=None, pod=None):
+    """Cookies of our enrollments matching any of netns path, cookie or pod name (a
+    namespace that is gone still matches its recorded path)."""
+    records = state.pod_records()
+    cookies = set()
+    if cookie is not None:
+        cookies.add(int(cookie))
+    if netns_path is not None:
+        try:
+            cookies.add(netns.cookie_of(netns_path))
+        except OSError:
+            pass    # namespace gone: match by the recorded path instead
+        cookies |= {c for c, r in records.items() if r.get("netns") == str(netns_path)}
+    if pod is not None:
+        cookies |= {c for c, r in records.items() if r.get("pod") == pod}
+    # only what is ours: a namespace that is not enrolled does not match
+    return sorted(cookies & (set(records) | paths.pinned_pod_cookies()))
+
+
 def unenroll(netns_path=None, cookie=None, pod=None):
     """Remove one pod, found by netns path, cookie or pod name. Returns the cookies
     removed (empty when nothing matched: unenroll is idempotent)."""
     with state.node_lock():
-        cookies = set()
-        if cookie is not None:
-            cookies.add(int(cookie))
-        if netns_path is not None:
-            try:
-                cookies.add(netns.cookie_of(netns_path))
-            except OSError:
-                pass    # namespace gone: match by the recorded path instead
-            cookies |= {c for c, r in state.pod_records().items() if r.get("netns") == str(netns_path)}
-        if pod is not None:
-            cookies |= {c for c, r in state.pod_records().items() if r.get("pod") == pod}
-        # only what is ours: a namespace that is not enrolled is not "removed"
-        cookies &= set(state.pod_records()) | paths.pinned_pod_cookies()
+        cookies = matching_cookies(netns_path, cookie, pod)
         for c in cookies:
             remove_pod(c)
             opstats.record("unenroll", ok=True)
-        return sorted(cookies)
+        return cookies
 
 
 def _container_matches(rec, container_id, ifname):

@@ -10,7 +10,7 @@ never re-attached.
 import ctypes
 
 from . import abi, ingress_policy, netns, xdp
-from .maps import Maps
+from .maps import Maps, cidr_key, port_key
 
 XDP, NFTABLES = "xdp", "nftables"
 DEFAULT_EPHEMERAL_LOW = 32768
@@ -85,8 +85,8 @@ def write_entries(maps, cookie, settings, low):
     config (allow-only switch), then stale entries removed."""
     sources, rule_bits = ingress_policy.entries(settings.ingress_policy)
     new_sources = {}
-    for (kind, version, net), set_id in sources.items():
-        key = ingress_policy.source_key(cookie, kind, version, net)
+    for (kind, net), set_id in sources.items():
+        key = cidr_key(cookie, kind, net)
         new_sources[bytes(key)] = (key, set_id)
     new_rules = {}
     for (set_id, proto, port), bits in rule_bits.items():
@@ -99,8 +99,7 @@ def write_entries(maps, cookie, settings, low):
     for key, set_id in new_sources.values():
         maps.ingress_sources.put(key, ctypes.c_uint32(set_id))
     for port in ports:
-        maps.port_rules.put(abi.PortKey(netns_cookie=cookie, port=port, kind=abi.PortKind.PROTECTED),
-                            ctypes.c_uint8(1))
+        maps.port_rules.put(port_key(cookie, abi.PortKind.PROTECTED, port), ctypes.c_uint8(1))
     flags = abi.XDP_F_ALLOW_ONLY if ingress_policy.allow_only(settings.ingress_policy) else 0
     maps.xdp_pods.put(ctypes.c_uint64(cookie), abi.XdpPodConfig(flags=flags, ephemeral_low=low))
 

@@ -21,6 +21,7 @@ import ipaddress
 import zlib
 
 from . import abi
+from .parsing import parse_port
 
 PROTOCOLS = {"any": 0, "tcp": 6, "udp": 17, "sctp": 132, "icmp": None}
 PORT_PROTOCOLS = ("any", "tcp", "udp", "sctp")
@@ -61,12 +62,9 @@ def parse_rule(value):
         if proto not in PORT_PROTOCOLS:
             raise PolicyError(f"{value!r}: {proto} has no ports")
         try:
-            port = int(port)
-        except (TypeError, ValueError):
-            raise PolicyError(f"{value!r}: {port!r} is not a port") from None
-        if not 1 <= port <= 65535:
-            raise PolicyError(f"{value!r}: port {port} is not in 1-65535 (one port per rule)")
-        rule["port"] = port
+            rule["port"] = parse_port(port, repr(value))
+        except ValueError as exc:
+            raise PolicyError(f"{exc} (one port per rule)") from None
     return rule
 
 
@@ -124,13 +122,13 @@ def allow_only(rules):
     return any(r["action"] == "allow" for r in rules)
 
 
-def _set_id(version, net):
-    return (zlib.crc32(f"{version}/{net}".encode()) & 0x7FFFFFFF) | 1
+def _set_id(net):
+    return (zlib.crc32(f"{net.version}/{net}".encode()) & 0x7FFFFFFF) | 1
 
 
 def entries(rules):
     """The map content for one pod's rules:
-    sources {(cidr_kind, version, network): set_id} and
+    sources {(cidr_kind, network): set_id} and
     rule_bits {(set_id, proto, port): MATCH_* bits}."""
     sources, rule_bits = {}, {}
     parsed = [(r, ipaddress.ip_network(r["from"]) if r["from"] else None) for r in rules]
@@ -142,10 +140,10 @@ def entries(rules):
         if any(n is None for _, n in mine):
             prefixes.add(ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0"))
         for prefix in prefixes:
-            set_id = _set_id(version, prefix)
-            if set_id in {s for s in sources.values()}:
+            set_id = _set_id(prefix)
+            if set_id in sources.values():
                 raise PolicyError(f"source set id collision for {prefix}; change a CIDR")
-            sources[(kind, version, prefix)] = set_id
+            sources[(kind, prefix)] = set_id
             for r, n in mine:
                 if n is not None and not prefix.subnet_of(n):
                     continue
@@ -156,17 +154,6 @@ def entries(rules):
         raise PolicyError(f"these rules need {len(rule_bits)} map entries "
                           f"(at most {MAX_ENTRIES_PER_POD} per pod): use fewer nested CIDRs")
     return sources, rule_bits
-
-
-def source_key(cookie, kind, version, network):
-    key = abi.CidrKey(kind=kind, netns_cookie=cookie)
-    packed = network.network_address.packed
-    if version == 4:
-        packed = b"\0" * 10 + b"\xff\xff" + packed      # v4-mapped, as the program reads it
-    ctypes_bytes = (abi.Addr16)(*packed)
-    key.addr = ctypes_bytes
-    key.prefixlen = abi.CIDR_KEY_FIXED_BITS + network.prefixlen + (96 if version == 4 else 0)
-    return key
 
 
 def rule_key(cookie, set_id, proto, port):

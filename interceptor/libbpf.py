@@ -77,6 +77,7 @@ def _declare(l):
         "bpf_map_create": ([c_uint, c_char_p, c_uint, c_uint, c_uint, c_void_p], c_int),
         "libbpf_num_possible_cpus": ([], c_int),
         "bpf_xdp_query": ([c_int, c_int, c_void_p], c_int),
+        "bpf_xdp_attach": ([c_int, c_int, ctypes.c_uint32, c_void_p], c_int),
         "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], c_int),
     }
     for name, (args, res) in sigs.items():
@@ -254,6 +255,12 @@ def _xdp_query(ifindex):
     opts = XdpQueryOpts(sz=ctypes.sizeof(XdpQueryOpts))
     _check(lib().bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"query XDP on ifindex {ifindex}")
     return opts
+
+
+def xdp_attach(ifindex, prog_fd, flags):
+    """The classic netlink attachment (no link): doctor's probe, and tests standing in for
+    an operator's own program."""
+    _check(lib().bpf_xdp_attach(ifindex, prog_fd, flags, None), f"attach XDP to ifindex {ifindex}")
 
 
 def xdp_query_id(ifindex):

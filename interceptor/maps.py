@@ -102,3 +102,16 @@ def addr16(ip):
     """ip_address -> abi.Addr16, IPv4 v4-mapped (the datapath's one address shape)."""
     packed = ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
     return abi.Addr16.from_buffer_copy(packed)
+
+
+def cidr_key(cookie, kind, net):
+    """The LPM key of a CIDR (ip_network) for one pod and list kind: the fixed fields
+    always match, then the prefix (v4-mapped, so an IPv4 /n is /96+n)."""
+    key = abi.CidrKey(kind=kind, netns_cookie=cookie, addr=addr16(net.network_address))
+    prefix = net.prefixlen + (96 if net.version == 4 else 0)
+    key.prefixlen = abi.CIDR_KEY_FIXED_BITS + prefix
+    return key
+
+
+def port_key(cookie, kind, port):
+    return abi.PortKey(netns_cookie=cookie, port=port, kind=kind)

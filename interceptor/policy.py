@@ -1,7 +1,7 @@
 """`interceptor policy`: change an enrolled pod's ingress policy while it runs. The new
 rule set is written to the maps (or the nftables chain) as a difference and recorded in
 the pod's record, so a re-enroll or CNI CHECK sees the live policy."""
-from . import enrollment, ingress, ingress_policy, netns, paths, state
+from . import enrollment, ingress, ingress_policy, paths, state
 
 
 class PolicyCommandError(Exception):
@@ -11,16 +11,7 @@ class PolicyCommandError(Exception):
 def find_pod(netns_path=None, pod=None, cookie=None):
     """(cookie, record) of exactly one enrolled pod."""
     records = state.pod_records()
-    if cookie is not None:
-        matches = [c for c in records if c == int(cookie)]
-    elif netns_path is not None:
-        try:
-            wanted = netns.cookie_of(netns_path)
-        except OSError:
-            wanted = None
-        matches = [c for c, r in records.items() if c == wanted or r.get("netns") == str(netns_path)]
-    else:
-        matches = [c for c, r in records.items() if r.get("pod") == pod]
+    matches = [c for c in enrollment.matching_cookies(netns_path, cookie, pod) if c in records]
     if not matches:
         raise PolicyCommandError("no such enrolled pod")
     if len(matches) > 1:

@@ -45,7 +45,7 @@ class Rule:
 
 
 def _cidrs(values, version):
-    from .enrollment import parse_cidrs
+    from .parsing import parse_cidrs
     return [str(n) for n in parse_cidrs(values, "cidrs") if n.version == version]
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-test")
 
 import pytest  # noqa: E402
 
-from interceptor import abi, counters, enrollment, lab as labmod, loader, paths  # noqa: E402
+from interceptor import abi, counters, doctor, enrollment, lab as labmod, loader, paths  # noqa: E402
 from interceptor.maps import Maps  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +30,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "kernel" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs root and the real kernel"))
+
+
+def load_without(disabled="", **load_args):
+    """loader.load with doctor told that these features (comma-separated) are absent, to
+    exercise a fallback on a kernel that has them."""
+    old = os.environ.get(doctor.DISABLE_ENV)
+    os.environ[doctor.DISABLE_ENV] = disabled
+    try:
+        return loader.load(**load_args)
+    finally:
+        if old is None:
+            del os.environ[doctor.DISABLE_ENV]
+        else:
+            os.environ[doctor.DISABLE_ENV] = old
 
 
 @pytest.fixture(scope="module")

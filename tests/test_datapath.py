@@ -14,12 +14,12 @@ import re
 
 import pytest
 
-from conftest import (SERVER_PORT, client, enroll, log_lines, pod_bytes, pod_counters,
+from conftest import (SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
                       sidecar_entries, start_server, start_sidecar)
 from interceptor import abi, enrollment, loader, netns, paths, rules, state
 from interceptor.capabilities import uses_bpf
 from interceptor.lab import wait_listening
-from interceptor.maps import Maps
+from interceptor.maps import Maps, cidr_key
 
 pytestmark = pytest.mark.kernel
 
@@ -39,15 +39,7 @@ def datapath(request):
     """The node loaded in one mode for the whole module (overrides conftest's)."""
     load_mode, disabled = MODES[request.param]
     loader.unload()
-    old = os.environ.get("INTERCEPTOR_DISABLE_FEATURES")
-    os.environ["INTERCEPTOR_DISABLE_FEATURES"] = disabled
-    try:
-        loader.load(mode=load_mode, bypass=True)
-    finally:
-        if old is None:
-            del os.environ["INTERCEPTOR_DISABLE_FEATURES"]
-        else:
-            os.environ["INTERCEPTOR_DISABLE_FEATURES"] = old
+    load_without(disabled, mode=load_mode, bypass=True)
     plan = loader.node_plan()
     expected = {"ebpf": "ebpf", "nftables": "nftables", "iptables": "iptables", "hybrid": "hybrid"}
     assert plan["mode"] == expected[request.param], plan
@@ -372,7 +364,7 @@ def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
         maps.pods.put(ctypes.c_uint64(host_cookie), abi.PodConfig(
             proxy_uid=4242, proxy_gid=4242, outbound_port=port + 1, inbound_port=port + 2))
         # a rule that would capture everything
-        maps.cidr_rules.put(enrollment._cidr_key(host_cookie, abi.CidrKind.OUT_INCLUDE,
+        maps.cidr_rules.put(cidr_key(host_cookie, abi.CidrKind.OUT_INCLUDE,
                                                  ipaddress.ip_network("::/0")), ctypes.c_uint8(1))
         try:
             c = socket.create_connection(("127.0.0.2", port), timeout=5)

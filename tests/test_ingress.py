@@ -23,9 +23,8 @@ from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from conftest import enroll, pod_counters
+from conftest import enroll, load_without, pod_counters
 from interceptor import abi, enrollment, ingress_policy, lab as labmod, loader, netns, paths, state
-from interceptor.cni import E_CHECK_INGRESS_FILTER_MISSING  # noqa: F401 -- the code CHECK uses
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -54,15 +53,7 @@ MECHANISMS = {
 def mechanism(request):
     disabled, _ = MECHANISMS[request.param]
     loader.unload()
-    old = os.environ.get("INTERCEPTOR_DISABLE_FEATURES")
-    os.environ["INTERCEPTOR_DISABLE_FEATURES"] = disabled
-    try:
-        loader.load()
-    finally:
-        if old is None:
-            del os.environ["INTERCEPTOR_DISABLE_FEATURES"]
-        else:
-            os.environ["INTERCEPTOR_DISABLE_FEATURES"] = old
+    load_without(disabled)
     assert loader.node_plan()["ingress"] == ("nftables" if request.param == "nftables" else "xdp")
     yield request.param
     loader.unload()
@@ -491,26 +482,16 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
     loader.unload()
     assert xdp_attached(pod) is None and not nft_table_present(pod)
     loader.unload()
-    loader.load() if mechanism != "nftables" else _load_without_xdp()
-
-
-def _load_without_xdp():
-    os.environ["INTERCEPTOR_DISABLE_FEATURES"] = MECHANISMS["nftables"][0]
-    try:
-        loader.load()
-    finally:
-        del os.environ["INTERCEPTOR_DISABLE_FEATURES"]
+    load_without(MECHANISMS[mechanism][0])
 
 
 def _attach_foreign_xdp(pod):
     """An operator's own XDP program, attached the classic way (netlink, no link)."""
-    from interceptor import libbpf
+    from interceptor import libbpf, xdp
     prog = libbpf.load_trivial_prog(libbpf.ProgType.XDP, 0, 2)     # XDP_PASS
-    lib = libbpf.lib()
-    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
     try:
         with netns.entered(pod.netns_path):
-            assert lib.bpf_xdp_attach(socket.if_nametoindex("eth0"), prog, 1 << 1, None) == 0
+            libbpf.xdp_attach(socket.if_nametoindex("eth0"), prog, xdp.MODE_FLAGS["generic"])
     finally:
         os.close(prog)
 

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from interceptor import abi, bpf_source
 from interceptor.cli import main
-from interceptor.enrollment import PodSettings, parse_cidrs
+from interceptor.enrollment import PodSettings
+from interceptor.parsing import parse_cidrs
 
 
 def test_committed_abi_header_is_current():
@@ -119,7 +120,7 @@ def test_policy_sets_inherit_wider_prefixes_and_families_stay_apart():
         "deny from 10.0.0.0/8 udp port 53; deny from 10.1.0.0/16 tcp port 22; allow tcp port 80; "
         "deny from ::/0 icmp")
     sources, bits = ingress_policy.entries(rules)
-    by_net = {str(net): (kind, set_id) for (kind, _, net), set_id in sources.items()}
+    by_net = {str(net): (kind, set_id) for (kind, net), set_id in sources.items()}
     # v4: /8, /16 and the implicit 0.0.0.0/0 of the CIDR-less allow; v6: ::/0 only
     assert set(by_net) == {"10.0.0.0/8", "10.1.0.0/16", "0.0.0.0/0", "::/0"}
     assert by_net["::/0"][0] == abi.CidrKind.INGRESS_V6
@@ -146,7 +147,8 @@ def test_policy_set_ids_are_stable_across_edits():
 
 def test_policy_source_keys_are_v4_mapped():
     import ipaddress
-    key = ingress_policy.source_key(7, abi.CidrKind.INGRESS_V4, 4, ipaddress.ip_network("10.0.0.0/8"))
+    from interceptor.maps import cidr_key
+    key = cidr_key(7, abi.CidrKind.INGRESS_V4, ipaddress.ip_network("10.0.0.0/8"))
     assert bytes(key.addr) == b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 0])
     assert key.prefixlen == abi.CIDR_KEY_FIXED_BITS + 96 + 8
 

@@ -23,7 +23,7 @@ import subprocess
 
 from .. import enrollment, lab as labmod, loader
 from . import modes, tools
-from .topology import (APP, APP_PORT, APP_PORTS, IPERF_PORT, POD_SYSCTLS, Topology)
+from .topology import Topology
 
 CONTROL_PORT = 15599
 CLIENT_NET, SERVER_NET = 91, 92
@@ -89,17 +89,10 @@ class _Half(Topology):
             self.labs = [labmod.Lab(prefix=f"icv{os.getpid() % 10000}{role[0]}", net=net)]
             pod = self.labs[0].add_pod(role)
             self.link = HostLink(self.labs[0], net, other, peer_ip)
-            for key, value in POD_SYSCTLS.items():
-                pod.run("sysctl", "-q", "-w", f"{key}={value}")
-            self._start_sidecar(pod, peer=pod_ip(other))
+            self._start_pod(pod, peer=pod_ip(other))
             if role == "server":
                 self.server = pod
-                self._write_and_spawn(pod, "app", APP.format(
-                    app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1))
-                self.pids["iperf3"] = pod.spawn("iperf3", "-s", "-p", str(IPERF_PORT),
-                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
-                labmod.wait_listening(pod, APP_PORT)
-                labmod.wait_listening(pod, IPERF_PORT)
+                self._start_server_apps(pod)
             else:
                 self.client = pod
         except BaseException:
@@ -216,7 +209,8 @@ class ClientTopology(_Half):
 
 
 def connect(peer):
-    host, port = parse_address(peer)
+    """peer: (host, port) of `bench --serve`."""
+    host, port = peer
     try:
         sock = socket.create_connection((host, port), timeout=600)
     except OSError as exc:
@@ -226,12 +220,12 @@ def connect(peer):
 
 # --- server side -------------------------------------------------------------------------
 def serve(listen, log=print):
-    """Serve one client's run, then remove everything. Returns when the client is done
-    (or gone)."""
+    """Serve one client's run on listen (host, port), then remove everything. Returns
+    when the client is done (or gone)."""
     import signal
     from .run import _interrupt
     signal.signal(signal.SIGTERM, _interrupt)     # cleanup runs on SIGTERM too
-    host, port = parse_address(listen, default_host="0.0.0.0")
+    host, port = listen
     listener = socket.create_server((host, port), reuse_port=False)
     log(f"bench peer: waiting for `interceptor bench xnode --peer` on {host}:{port}")
     try:

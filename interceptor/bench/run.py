@@ -56,7 +56,7 @@ def _excluded(n):
 
 
 def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES, peer=None):
-    """peer: HOST[:PORT] of `interceptor bench --serve` on another machine; the x-node
+    """peer: (host, port) of `interceptor bench --serve` on another machine; the x-node
     scenario then runs with the server pod there (scenarios other than xnode are refused
     by the CLI)."""
     runs = runs or (1 if quick else 3)
@@ -140,7 +140,7 @@ def _across_machines(peer, modes_, runs, seconds, results):
     control, peer_ip = peer_mod.connect(peer)
     try:
         results["peer_env"] = control.call("hello")["env"]
-        _progress(f"x-machine: server pods on {peer} ({results['peer_env']['kernel']})")
+        _progress(f"x-machine: server pods on {peer[0]}:{peer[1]} ({results['peer_env']['kernel']})")
         _rounds(lambda: peer_mod.ClientTopology(control, peer_ip), ("rr", "crr", "stream"), modes_,
                 runs, seconds, results, prefix="x-machine ")
     finally:

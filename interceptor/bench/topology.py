@@ -112,18 +112,9 @@ class Topology:
                 self.labs = [labmod.Lab(prefix=tag, net=90)]
                 self.client = self.labs[0].add_pod("client")
                 self.server = self.labs[0].add_pod("server")
-            for pod in (self.client, self.server):
-                for key, value in POD_SYSCTLS.items():
-                    pod.run("sysctl", "-q", "-w", f"{key}={value}")
-            self._start_sidecar(self.client, peer=self.server.ipv4)
-            self._start_sidecar(self.server, peer=self.client.ipv4)
-            self._write_and_spawn(self.server, "app", APP.format(
-                app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1))
-            self.pids["iperf3"] = self.server.spawn(
-                "iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL).pid
-            labmod.wait_listening(self.server, APP_PORT)
-            labmod.wait_listening(self.server, IPERF_PORT)
+            self._start_pod(self.client, peer=self.server.ipv4)
+            self._start_pod(self.server, peer=self.client.ipv4)
+            self._start_server_apps(self.server)
         except BaseException:
             self.close()
             raise
@@ -156,6 +147,20 @@ class Topology:
                          stderr=subprocess.DEVNULL)
         self.pids[f"{name}-{pod.name}"] = proc.pid
         return proc
+
+    def _start_pod(self, pod, peer):
+        """The pod's sysctls and its sidecar (whose explicit path leads to peer)."""
+        for key, value in POD_SYSCTLS.items():
+            pod.run("sysctl", "-q", "-w", f"{key}={value}")
+        self._start_sidecar(pod, peer)
+
+    def _start_server_apps(self, pod):
+        self._write_and_spawn(pod, "app", APP.format(
+            app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1))
+        self.pids["iperf3"] = pod.spawn("iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL).pid
+        labmod.wait_listening(pod, APP_PORT)
+        labmod.wait_listening(pod, IPERF_PORT)
 
     def _start_sidecar(self, pod, peer):
         self._write_and_spawn(pod, "sidecar", SIDECAR.format(

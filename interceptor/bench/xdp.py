@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 
-from .. import abi, enrollment, ingress_nft, lab as labmod, loader
+from .. import abi, counters, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
 from .tools import _machine_ticks
 
@@ -81,9 +81,8 @@ def _setup(mode, pod):
 
         def xdp_dropped():
             with Maps() as maps:
-                per_cpu = maps.stats.get(abi.StatKey(netns_cookie=cookie,
-                                                     reason=abi.Reason.INGRESS_DROPPED_PROTECTED_PORT))
-            return sum(v.count for v in per_cpu) if per_cpu else 0
+                mine = counters.from_maps(maps).get(cookie, {})
+            return mine.get("ingress_dropped_protected_port", {}).get("count", 0)
         return xdp_dropped
     if mode == "nftables":
         ingress_nft.apply(pod.netns_path, ["eth0"], [abi.ADMIN_PORT, PORT], [], 32768)
@@ -91,6 +90,19 @@ def _setup(mode, pod):
             "ingress_dropped_protected_port", {}).get("count", 0)
     pod.run("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", str(PORT), "-j", "DROP")
     return lambda: _iptables_dropped(pod)
+
+
+def _settled(read, timeout=2.0):
+    """The counter once the last queued frames have been judged (it stops moving)."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def _stream_gbit(lab, pod, seconds):
@@ -128,8 +140,7 @@ def one(mode, seconds, net):
                            capture_output=True, text=True)
             elapsed = time.monotonic() - started
             busy_ns = (_machine_ticks()["busy"] - ticks0) * TICK_NS
-            time.sleep(0.2)     # let the last queued frames be judged
-            sent, drops = _tx_packets(lab, host_if) - sent0, dropped() - dropped0
+            sent, drops = _tx_packets(lab, host_if) - sent0, _settled(dropped) - dropped0
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
             if mode.startswith("xdp-"):
