@@ -5,6 +5,19 @@
 
 #define OUT_SKIP 0
 #define OUT_REDIRECT 1
+#define OUT_REFUSE 2
+
+/* A proxy that found no original destination for an accepted connection falls back to
+ * the socket's own address (HAProxy, and Envoy's original-dst cluster, do), which is its
+ * own capture port: connecting there would make it accept the connection again and do
+ * the same, without end. No redirect ever needs that connection, so it is refused. */
+static __always_inline int is_proxy_loop(__u64 cookie, struct pod_config *cfg,
+					 const struct addr16 *dst, __u16 dst_port)
+{
+	if (dst_port != cfg->outbound_port && dst_port != cfg->inbound_port)
+		return 0;
+	return addr_is_loopback(dst) || pod_of_addr(dst) == cookie;
+}
 
 /* Istio's order: excluded port, explicitly included port, excluded CIDR, included CIDR. */
 static __always_inline int outbound_verdict(__u64 cookie, struct pod_config *cfg,
@@ -12,6 +25,10 @@ static __always_inline int outbound_verdict(__u64 cookie, struct pod_config *cfg
 {
 	__u64 gids = bpf_get_current_uid_gid();
 	if ((__u32)gids == cfg->proxy_uid || (__u32)(gids >> 32) == cfg->proxy_gid) {
+		if (is_proxy_loop(cookie, cfg, dst, dst_port)) {
+			count(cookie, REASON_OUT_REFUSED_PROXY_LOOP, 0);
+			return OUT_REFUSE;
+		}
 		count(cookie, REASON_OUT_SKIP_PROXY_OWNER, 0);
 		return OUT_SKIP;
 	}
@@ -65,8 +82,9 @@ static __always_inline int proxy_listening(struct bpf_sock_addr *ctx, int v6, __
 	return 1;
 }
 
-/* Shared by connect4 and connect6. Returns 1 (let connect() proceed) in every case:
- * a refused interception must look like iptables REDIRECT (ECONNREFUSED), not EPERM. */
+/* Shared by connect4 and connect6. Returns 1 (let connect() proceed) except for a
+ * proxy's loop to itself (EPERM): a refused interception must look like iptables
+ * REDIRECT (ECONNREFUSED), but a loop is refused before it starts. */
 static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr16 *dst,
 					  int user_family)
 {
@@ -83,7 +101,10 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr
 		connect_orig.sk_storage_delete(ctx->sk);
 
 	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
-	if (outbound_verdict(cookie, cfg, dst, dst_port) != OUT_REDIRECT)
+	int verdict = outbound_verdict(cookie, cfg, dst, dst_port);
+	if (verdict == OUT_REFUSE)
+		return 0;
+	if (verdict != OUT_REDIRECT)
 		return 1;
 
 	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);

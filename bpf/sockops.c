@@ -1,6 +1,9 @@
 /* sock_ops at the cgroup2 root, for sockets of enrolled pods:
- * - on connect: publish the app socket's original destination by tuple (redirected),
- *   so the proxy's getsockopt(SO_ORIGINAL_DST) can find it; remove it on close;
+ * - on connect: publish the app socket's original destination by tuple (redirected);
+ *   remove it on close;
+ * - on the proxy's side of that connection becoming established: copy the record onto
+ *   the proxy's accepted socket (proxy_orig), where getsockopt(SO_ORIGINAL_DST) reads
+ *   it for as long as that socket lives, whenever the app closes;
  * - on listen: register the proxy's inbound listener for sk_lookup to steer to;
  * - on established: mark redirected connections live, put same-host socket pairs in
  *   bypass_socks for sk_msg. */
@@ -31,6 +34,31 @@ static __always_inline void forget_redirect(struct bpf_sock_ops *ops, __u64 cook
 	TUPLE_FROM_CTX(ops, &t);
 	tuple_qualify(&t, cookie);
 	redirected.delete(&t);
+}
+
+/* The proxy's accepted socket on its outbound capture port: the connection's other end
+ * is the app's redirected socket, whose record sock_ops published on connect. This runs
+ * (softirq, on the handshake's last ACK) before the app can see its own FIN acknowledged,
+ * so a client that connects and closes at once cannot take the record with it. */
+static __always_inline void hand_over_to_proxy(struct bpf_sock_ops *ops, __u64 cookie,
+					       struct pod_config *cfg, struct sock_tuple *t)
+{
+	if (ops->local_port != cfg->outbound_port || !addr_is_loopback(t->remote))
+		return;
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return;
+	struct sock_tuple app = {};
+	tuple_peer(t, &app);
+	struct orig_dst *orig = redirected.lookup(&app);
+	if (!orig || orig->direction != DIR_OUTBOUND)
+		return;
+	struct orig_dst *held = proxy_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!held) {
+		count(cookie, REASON_ORIG_DST_RECORD_FAILED, 0);
+		return;
+	}
+	__builtin_memcpy(held, orig, sizeof(*held));
 }
 
 static __always_inline void register_listener(struct bpf_sock_ops *ops, __u64 cookie,
@@ -69,6 +97,8 @@ static __always_inline void on_established(struct bpf_sock_ops *ops, __u64 cooki
 	tuple_qualify(&t, cookie);
 	/* a redirected connection (outbound app socket, or the proxy's accepted socket of
 	 * a steered inbound one): mark it live, and have its entry removed on close */
+	if (ops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		hand_over_to_proxy(ops, cookie, cfg, &t);
 	struct orig_dst *conn = redirected.lookup(&t);
 	if (conn) {
 		conn->flags |= CONN_F_ESTABLISHED;

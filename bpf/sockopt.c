@@ -1,6 +1,8 @@
 /* cgroup getsockopt at the cgroup2 root: answers SO_ORIGINAL_DST (SOL_IP) and
  * IP6T_SO_ORIGINAL_DST (SOL_IPV6) on a proxy's accepted socket with the destination the
- * app asked for, so unmodified proxies (Envoy, HAProxy) work without NAT. */
+ * app asked for, so unmodified proxies (Envoy, HAProxy) work without NAT. The answer is
+ * kept on the asking socket itself (proxy_orig, see sockops.c), so it holds however long
+ * the proxy takes to ask and whether or not the app is still there. */
 #include "lib/helpers.h"
 
 struct ic_sockaddr_in {
@@ -18,25 +20,6 @@ struct ic_sockaddr_in6 {
 	__u32 scope_id;
 };
 
-/* Find the app socket connected to this proxy socket: its tuple is ours reversed. */
-static __always_inline struct orig_dst *lookup_orig(struct bpf_sock *sk, __u64 cookie)
-{
-	struct sock_tuple app = {};
-	if (sk->family == IC_AF_INET) {
-		addr_set_v4(app.local, sk->dst_ip4);
-		addr_set_v4(app.remote, sk->src_ip4);
-	} else {
-		addr_set_v6(app.local, CTX_LOAD32(sk->dst_ip6[0]), CTX_LOAD32(sk->dst_ip6[1]),
-			    CTX_LOAD32(sk->dst_ip6[2]), CTX_LOAD32(sk->dst_ip6[3]));
-		addr_set_v6(app.remote, CTX_LOAD32(sk->src_ip6[0]), CTX_LOAD32(sk->src_ip6[1]),
-			    CTX_LOAD32(sk->src_ip6[2]), CTX_LOAD32(sk->src_ip6[3]));
-	}
-	app.local_port = bpf_ntohs(sk->dst_port);
-	app.remote_port = sk->src_port;
-	app.netns_cookie = addr_is_loopback(app.remote) ? cookie : 0;
-	return redirected.lookup(&app);
-}
-
 int getsockopt(struct bpf_sockopt *ctx)
 {
 	if (ctx->optname != IC_SO_ORIGINAL_DST)
@@ -50,7 +33,8 @@ int getsockopt(struct bpf_sockopt *ctx)
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	if (!pod_lookup(cookie))
 		return 1;
-	struct orig_dst *orig = lookup_orig(sk, cookie);
+	/* handed over by sock_ops when this (the proxy's accepted) socket was established */
+	struct orig_dst *orig = proxy_orig.sk_storage_get(sk, 0, 0);
 	if (!orig) {
 		count(cookie, REASON_ORIG_DST_UNKNOWN, 0);
 		return 1;

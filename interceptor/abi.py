@@ -116,6 +116,9 @@ class Reason(Codes):
     INGRESS_DROPPED_DENIED = 26
     INGRESS_DROPPED_NOT_ALLOWED = 27
     INGRESS_DROPPED_MALFORMED = 28
+    # the proxy connecting to its own capture port (it found no original destination
+    # and fell back to its socket's own address): refused, or it would loop to itself
+    OUT_REFUSED_PROXY_LOOP = 29
 
 
 # --- Map layouts ----------------------------------------------------------------------
@@ -192,10 +195,14 @@ class SockTuple(ctypes.Structure):
 
 class OrigDst(ctypes.Structure):
     """A redirected connection and the destination it was meant for.
-    Outbound: sk_storage on the app's socket (connect -> sock_ops, getpeername), then
-    redirected[app socket tuple] (sock_ops -> getsockopt, status).
+    Outbound: sk_storage on the app's socket (connect_orig: connect -> sock_ops,
+    getpeername), then redirected[app socket tuple] (sock_ops, status), then, when the
+    proxy's side of the connection is established, sk_storage on the proxy's accepted
+    socket (proxy_orig: sock_ops -> getsockopt). The proxy may ask for SO_ORIGINAL_DST
+    long after the app has closed (a client that connects and closes at once): the
+    answer lives as long as the socket that asks, and the kernel frees it with it.
     Inbound: redirected[proxy's accepted socket tuple] (sk_lookup -> sock_ops, status).
-    Entries go when the socket closes (sock_ops state callback); the map is an LRU."""
+    redirected entries go when their socket closes (sock_ops state callback); it is an LRU."""
     _fields_ = [
         ("addr", Addr16),
         ("port", ctypes.c_uint16),          # host order

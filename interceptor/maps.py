@@ -14,6 +14,7 @@ LAYOUT = {
     "bypass_socks": (abi.SockTuple, None),
     "redirected": (abi.SockTuple, abi.OrigDst),
     "connect_orig": (ctypes.c_int, abi.OrigDst),
+    "proxy_orig": (ctypes.c_int, abi.OrigDst),
     "stats": (abi.StatKey, abi.StatValue),
     "settings": (ctypes.c_uint32, abi.NodeSettings),
     "xdp_main": (ctypes.c_uint32, ctypes.c_uint32),    # prog array: key -> program fd

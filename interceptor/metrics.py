@@ -26,11 +26,14 @@ _REASON_METRICS = {
     "out_rejected_no_proxy": ("no_proxy_decisions", {"direction": "outbound", "decision": "reject"}),
     "in_passthrough_no_proxy": ("no_proxy_decisions", {"direction": "inbound", "decision": "passthrough"}),
     "in_rejected_no_proxy": ("no_proxy_decisions", {"direction": "inbound", "decision": "reject"}),
+    "out_refused_proxy_loop": ("proxy_loops_refused", {}),
 }
 _HELP = {
     "redirected_connections": "Connections sent to the proxy, by direction.",
     "original_dst_answers": "SO_ORIGINAL_DST queries on proxy sockets, by result.",
     "no_proxy_decisions": "Connections seen while the proxy was not listening.",
+    "proxy_loops_refused": "Connections of the proxy to its own capture port, refused (it had "
+                           "no original destination for a connection and fell back to its own).",
     "skipped_connections": "Connections of enrolled pods not redirected, by reason.",
     "bypass_messages": "Messages moved by the same-host bypass (result: redirected, no_peer).",
     "bypass_bytes": "Bytes moved by the same-host bypass (result: redirected, no_peer).",

@@ -242,6 +242,12 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
             report["warnings"].append(f"{name}: no ingress filter on {', '.join(pod['ingress']['skipped'])}")
         for p in problems:
             report["errors"].append(f"{name}: {p}")
+        loops = c.get("out_refused_proxy_loop", {}).get("count", 0)
+        if loops:
+            # the proxy had accepted connections it could not find a destination for
+            # (sent to its capture port directly, or a full original-destination map)
+            report["warnings"].append(f"{name}: {loops} connections of its proxy to its own "
+                                      "capture port refused (it had no original destination)")
         listening = pod["proxy_listening"]
         if rec and listening.get("inbound") is False and listening.get("outbound") is False:
             policy = rec.get("settings", {}).get("no_proxy", "reject")

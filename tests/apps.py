@@ -6,6 +6,11 @@
                                   sends N random bytes (default: b"hello"), half-closes,
                                   prints {peername, sent_sha256, reply} or {error}
     apps.py stream-checks PORT    see stream_checks(): FIONREAD, splice, half-close, RST
+    apps.py storm HOST PORT N --close fin|rst
+                                  N connections, each closed as soon as it is connected
+                                  (fin: close(); rst: SO_LINGER 0), as wrk's start-up
+                                  probe, health checkers and port scanners do; prints
+                                  {connected, failed}
 
 Run inside pod namespaces by the tests (ip netns exec). Standard library only.
 """
@@ -107,6 +112,24 @@ def connect(host, port, nbytes=None, uid=None, gid=None):
     return out
 
 
+def storm(host, port, n, close):
+    import struct
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    counts = {"connected": 0, "failed": 0}
+    for _ in range(n):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect((host, port))
+            counts["connected"] += 1
+        except OSError:
+            counts["failed"] += 1
+        if close == "rst":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    return counts
+
+
 def stream_checks(port):
     """Stream semantics over one connection inside a pod (a loopback pair, which the
     bypass short-circuits when on): FIONREAD sees queued bytes, splice() moves them,
@@ -196,11 +219,18 @@ def main():
     p.add_argument("--gid", type=int)
     p = sub.add_parser("stream-checks")
     p.add_argument("port", type=int)
+    p = sub.add_parser("storm")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("n", type=int)
+    p.add_argument("--close", choices=("fin", "rst"), default="fin")
     args = ap.parse_args()
     if args.cmd == "serve":
         serve(args.port)
     elif args.cmd == "connect":
         print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid)))
+    elif args.cmd == "storm":
+        print(json.dumps(storm(args.host, args.port, args.n, args.close)))
     else:
         print(json.dumps(stream_checks(args.port)))
 

@@ -48,7 +48,10 @@ def pipe(src, dst):
 def handle(conn, listener, log, lock):
     # Non-blocking under the hood, like every event-loop proxy (see apps.py serve()).
     conn.settimeout(300)
-    peer = conn.getpeername()
+    try:
+        peer = conn.getpeername()
+    except OSError:     # reset before we got to it: still ask and log, as HAProxy does
+        peer = ("-", 0)
     sockname = conn.getsockname()[:2]
     # As HAProxy and Envoy do: SO_ORIGINAL_DST first (answered by the datapath, or by
     # conntrack under REDIRECT rules), else the socket's own address (sk_lookup: no NAT).

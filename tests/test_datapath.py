@@ -9,12 +9,15 @@ extra counters, no NAT, the bypass) are guarded by the mode.
 """
 import ctypes
 import ipaddress
+import json
 import os
 import re
+import sys
+import time
 
 import pytest
 
-from conftest import (SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
+from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
                       sidecar_entries, start_server, start_sidecar)
 from interceptor import abi, enrollment, loader, netns, paths, rules, state
 from interceptor.capabilities import uses_bpf
@@ -155,6 +158,104 @@ def test_proxy_owner_is_never_redirected(pods, who):
     assert out["reply"]["bytes"] == 5
     assert sidecar_entries(log) == []
     assert pod_counters(a)["out_skip_proxy_owner"] == 1
+
+
+STORM = 200
+
+
+def outbound_sessions(proxy_log, family):
+    """Original destinations of the sessions the pod's sidecar saw on its outbound
+    listener: HAProxy's log for IPv4, the Python sidecar's for IPv6 (HAProxy reads only
+    the IPv4 original destination). Polled until the count stops changing, for 15 s at
+    most: a sidecar looping to itself never stops, and the caller's assertions say so."""
+    def read():
+        if family == 4:
+            return [dst for frontend, dst in haproxy_dsts(proxy_log) if frontend == "outbound"]
+        return [e["orig_dst"] for e in sidecar_entries(proxy_log, settle=0) if e["listener"] == "outbound"]
+    seen = read()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = read()
+        if len(again) == len(seen):
+            break
+        seen = again
+    return seen
+
+
+def storm(pod, host, close):
+    return json.loads(pod.run(sys.executable, APPS, "storm", str(host), str(SERVER_PORT),
+                              str(STORM), "--close", close, timeout=120).stdout)
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+@pytest.mark.parametrize("bypass", [False, True], ids=["no-bypass", "bypass"])
+def test_connect_then_close_storm_reaches_the_app_without_sidecar_loops(pods, datapath, bypass,
+                                                                       family, close):
+    """Clients that close at once (wrk's probe, health checkers, scanners): the sidecar
+    asks for the original destination after the app's socket is gone. Every session
+    must still get the destination the app asked for, never the sidecar's own capture
+    port (it would connect to itself, and again, until maxconn), and a normal request
+    must succeed afterwards."""
+    lab, a, b = pods
+    if bypass and not datapath["bypass"]:
+        pytest.skip(f"{datapath['mode']} mode has no bypass")
+    if family == 4:
+        _, log = lab.start_haproxy(a)
+        host = b.ipv4
+    else:
+        log = start_sidecar(lab, a)
+        host = b.ipv6
+    enroll(a, bypass=bypass)
+    counts = storm(a, host, close)
+    assert counts == {"connected": STORM, "failed": 0}
+    sessions = outbound_sessions(log, family)
+    assert sessions and set(sessions) == {f"{host}:{SERVER_PORT}"}, "a session lost its destination"
+    if close == "fin":
+        # each reached the sidecar with its destination, once (rst may abort a session
+        # before the sidecar logs it, but never sends it anywhere else)
+        assert len(sessions) == STORM
+    c = pod_counters(a)
+    if ebpf(datapath, "outbound"):
+        assert c["out_redirected"] == STORM
+        assert c.get("orig_dst_unknown", 0) == 0
+        assert c.get("out_refused_proxy_loop", 0) == 0
+    # and the sidecar still works
+    out = client(a, host)
+    assert out["reply"]["sha256"] == out["sent_sha256"]
+    assert outbound_sessions(log, family)[-1] == f"{host}:{SERVER_PORT}"
+    if bypass:
+        assert pod_counters(a)["bypass_socket_added"] > 0
+
+
+def test_sidecar_connecting_to_its_own_capture_port_is_refused(pods, datapath):
+    """An app that connects to the sidecar's capture port itself gives the sidecar no
+    original destination; HAProxy then falls back to the port it accepted on, its own.
+    The datapath refuses that connection (counted) instead of letting it loop."""
+    needs_ebpf(datapath, "outbound", why="under REDIRECT rules such a connection reaches "
+               "the proxy as it does with istio-iptables")
+    lab, a, b = pods
+    _, log = lab.start_haproxy(a)
+    enroll(a)
+    client(a, "127.0.0.1", abi.OUTBOUND_PORT)
+    assert outbound_sessions(log, 4) == [f"127.0.0.1:{abi.OUTBOUND_PORT}"], "the sidecar looped"
+    refused = pod_counters(a)["out_refused_proxy_loop"]
+    assert refused >= 1
+    # an operator sees it: a warning in status, and the metric
+    from interceptor import metrics, status
+    assert f"test/a: {refused} connections of its proxy to its own capture port refused" in \
+        " ".join(status.collect()["warnings"])
+    samples = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+               for m in metrics.DatapathCollector().collect() for smp in m.samples}
+    assert samples[("interceptor_proxy_loops_refused_total", (("pod", "test/a"),))] == refused
+    # as the proxy's uid: its own capture ports, on loopback or the pod's address, refused...
+    for host, port in (("127.0.0.1", abi.OUTBOUND_PORT), (str(a.ipv4), abi.INBOUND_PORT),
+                       ("::1", abi.OUTBOUND_PORT)):
+        assert client(a, host, port, uid=abi.PROXY_UID)["error"] == "EPERM", (host, port)
+    # ...another pod's are not its own
+    start_server(b, abi.OUTBOUND_PORT)
+    assert client(a, b.ipv4, abi.OUTBOUND_PORT, uid=abi.PROXY_UID)["reply"]["bytes"] == 5
 
 
 def test_inbound_steered_to_proxy(pods, datapath):
@@ -299,9 +400,6 @@ def test_large_transfer_through_both_sidecars(pods, datapath, bypass):
 
 
 def stream_checks(pod):
-    import json
-    import sys
-    from conftest import APPS
     return json.loads(pod.run(sys.executable, APPS, "stream-checks", "9191").stdout)
 
 

@@ -44,8 +44,15 @@ BPF_SOCKHASH(bypass_socks, struct sock_tuple, MAX_BYPASS_SOCKETS);
 BPF_SK_STORAGE(connect_orig, struct orig_dst);
 
 /* Live redirected connections by the app socket's tuple. Writer: sock_ops (insert on
- * connect, delete on close). Readers: getsockopt (SO_ORIGINAL_DST), status. */
+ * connect, delete on close). Readers: sock_ops (hands the record to the proxy's accepted
+ * socket), status. */
 BPF_TABLE("lru_hash", struct sock_tuple, struct orig_dst, redirected, MAX_REDIRECTED_SOCKETS);
+
+/* Original destination on the proxy's accepted socket of a redirected outbound
+ * connection: its lifetime is that of the socket that asks, not of the app's socket,
+ * which may be gone before the proxy asks. Writer: sock_ops (passive established).
+ * Reader: getsockopt (SO_ORIGINAL_DST). */
+BPF_SK_STORAGE(proxy_orig, struct orig_dst);
 
 /* Counters by {pod, reason}. Writers: every hook. Reader: status, metrics. */
 BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
