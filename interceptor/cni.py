@@ -14,7 +14,7 @@ SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = SUPPORTED_VERSIONS[-1]
 DEFAULT_LOG = "/var/log/interceptor-cni.log"
 
-# Error codes of the CNI spec, and ours (100+) for CHECK.
+# Error codes of the CNI spec; ours for CHECK (100+) are interceptor.problems.Kind.
 E_INCOMPATIBLE_VERSION = 1
 E_UNSUPPORTED_FIELD = 2
 E_UNKNOWN_CONTAINER = 3
@@ -24,12 +24,6 @@ E_DECODE = 6
 E_INVALID_CONFIG = 7
 E_TRY_AGAIN = 11
 E_PLUGIN_NOT_AVAILABLE = 50
-E_CHECK_NOT_ENROLLED = 100
-E_CHECK_POD_ENTRY_MISSING = 101
-E_CHECK_INBOUND_LINK_MISSING = 102
-E_CHECK_NETNS_MISMATCH = 103
-E_CHECK_RULES_MISSING = 104
-E_CHECK_INGRESS_FILTER_MISSING = 105
 E_INTERNAL = 999
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -173,6 +167,7 @@ def cmd_del(req, log):
 
 def cmd_check(req, log):
     from . import enrollment
+    from .problems import Kind
     rec = enrollment.find_container(req.container_id, req.ifname)
     if rec is None:
         from . import cni_config
@@ -182,16 +177,11 @@ def cmd_check(req, log):
             raise CniError(E_INVALID_CONFIG, str(exc)) from None
         if not decision.enroll:
             return None   # skipped at ADD, nothing to verify
-        raise CniError(E_CHECK_NOT_ENROLLED, f"container {req.container_id} is not enrolled")
+        raise CniError(Kind.NOT_ENROLLED, f"container {req.container_id} is not enrolled")
     problems = enrollment.verify(rec, req.netns)
-    for code, what in ((E_CHECK_POD_ENTRY_MISSING, "pods map entry"),
-                       (E_CHECK_INBOUND_LINK_MISSING, "inbound sk_lookup link"),
-                       (E_CHECK_RULES_MISSING, "rules missing"),
-                       (E_CHECK_INGRESS_FILTER_MISSING, "ingress filter"),
-                       (E_CHECK_NETNS_MISMATCH, "network namespace")):
-        bad = [p for p in problems if what in p]
-        if bad:
-            raise CniError(code, f"container {req.container_id}: {bad[0]}", "; ".join(problems))
+    if problems:
+        raise CniError(problems[0].kind, f"container {req.container_id}: {problems[0]}",
+                       "; ".join(map(str, problems)))
     log(f"CHECK {req.container_id}: ok")
     return None
 

@@ -14,6 +14,7 @@ from . import abi, ingress, ingress_policy, libbpf, listeners, netns, opstats, p
 from .capabilities import uses_bpf
 from .maps import Maps, addr16, cidr_key, port_key
 from .parsing import parse_cidrs, parse_port, parse_ports
+from .problems import Kind, Problem
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
 SK_LOOKUP_LINK = "sk_lookup"
@@ -169,7 +170,7 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
                 backend = _rules_backend(plan, netns_path)
                 record["rules"] = {"backend": backend.name, "directions": rule_directions}
                 # recorded before applying, so a failure half-way is undone below
-                state.write_json(paths.pod_state_file(cookie), record)
+                state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
                 record["rules"]["created"] = backend.apply(netns_path, settings, rule_directions)
             mech = ingress.mechanism(plan, settings)
             record["ingress"] = {"mechanism": mech}
@@ -388,50 +389,54 @@ def unenroll_container(container_id, ifname=None):
 
 
 def verify(rec, netns_path=None):
-    """Problems with one enrollment (CNI CHECK, status), as short sentences."""
+    """Problems with one enrollment (CNI CHECK, status), most fundamental first: CHECK
+    answers with the first one's code."""
     problems = []
     cookie = rec["cookie"]
+    if rec.get("complete") is not True:
+        problems.append(Problem(Kind.INCOMPLETE, "enrollment incomplete (interrupted, or still "
+                                "in progress): run ADD/enroll again, or DEL/unenroll"))
+    if netns_path:
+        try:
+            if netns.cookie_of(netns_path) != cookie:
+                problems.append(Problem(Kind.NETNS_MISMATCH,
+                                        f"network namespace {netns_path} is not the enrolled one"))
+        except OSError:
+            problems.append(Problem(Kind.NETNS_MISMATCH,
+                                    f"network namespace {netns_path} cannot be opened"))
     mode = rec.get("mode", {"outbound": "ebpf", "inbound": "ebpf"})
+    if "ebpf" in mode.values():
+        problems += _verify_bpf(cookie, mode)
     applied = rec.get("rules")
     if applied and rec.get("netns") and os.path.exists(rec["netns"]):
         from . import rules
         if not rules.backend_named(applied["backend"]).present(rec["netns"]):
-            problems.append(f"{applied['backend']} rules missing")
-    if "ebpf" in mode.values():
-        problems += _verify_bpf(cookie, mode, netns_path)
+            problems.append(Problem(Kind.RULES_MISSING, f"{applied['backend']} rules missing"))
     problems += ingress.verify(rec, netns_path)
-    if netns_path:
-        try:
-            if netns.cookie_of(netns_path) != cookie:
-                problems.append(f"network namespace {netns_path} is not the enrolled one")
-        except OSError:
-            problems.append(f"network namespace {netns_path} cannot be opened")
     return problems
 
 
-def _verify_bpf(cookie, mode, netns_path):
+def _verify_bpf(cookie, mode):
     problems = []
     try:
         with Maps() as maps:
             if maps.pods.get(ctypes.c_uint64(cookie)) is None:
-                problems.append("pods map entry missing")
+                problems.append(Problem(Kind.POD_ENTRY_MISSING, "pods map entry missing"))
     except OSError:
-        return ["pods map entry missing: the datapath is not loaded"]
+        return [Problem(Kind.POD_ENTRY_MISSING, "pods map entry missing: the datapath is not loaded")]
     if mode["inbound"] != "ebpf":
         return problems
     pin = paths.pod_link_pin(cookie, SK_LOOKUP_LINK)
     if not os.path.exists(pin):
-        return problems + ["inbound sk_lookup link missing"]
+        return problems + [Problem(Kind.INBOUND_LINK_MISSING, "inbound sk_lookup link missing")]
     fd = libbpf.obj_get(pin)
     try:
         info = libbpf.obj_info(fd, libbpf.LinkInfo)
     finally:
         os.close(fd)
-    netns_ino = info.u0 & 0xffffffff     # bpf_link_info.netns.netns_ino
-    if netns_ino == 0:
-        problems.append("inbound sk_lookup link detached (its namespace is gone)")
-    elif netns_path and os.stat(netns_path).st_ino != netns_ino:
-        problems.append(f"network namespace {netns_path} is not the enrolled one")
+    if info.u0 & 0xffffffff == 0:     # bpf_link_info.netns.netns_ino: 0 once detached
+        problems.append(Problem(Kind.INBOUND_LINK_MISSING,
+                                "inbound sk_lookup link detached (its namespace is gone)"))
     return problems
 
 

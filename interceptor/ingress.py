@@ -11,6 +11,7 @@ import ctypes
 
 from . import abi, ingress_policy, netns, xdp
 from .maps import Maps, cidr_key, port_key
+from .problems import Kind, Problem
 
 XDP, NFTABLES = "xdp", "nftables"
 DEFAULT_EPHEMERAL_LOW = 32768
@@ -157,7 +158,7 @@ def verify(rec, netns_path):
         from . import ingress_nft, rules
         if path and not rules.netns_gone(path) and \
                 not ingress_nft.present(path, [a["ifname"] for a in ing["interfaces"]]):
-            return ["ingress filter (nftables) chain missing"]
+            return [Problem(Kind.INGRESS_FILTER_MISSING, "ingress filter (nftables) chain missing")]
     return []
 
 

@@ -219,7 +219,8 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
         name = rec.get("pod") or f"cookie:{cookie}"
         if pod_filter and name != pod_filter:
             continue
-        problems = verify(rec, None) if rec else ["no record (enrolled behind interceptor's back?)"]
+        problems = [str(p) for p in verify(rec, None)] if rec else \
+            ["no record (enrolled behind interceptor's back?)"]
         live = [s for s in sockets if s["cookie"] == cookie]
         c = stats.get(cookie, {})
         pod = {

@@ -19,6 +19,7 @@ import socket
 import struct
 
 from . import abi, libbpf, netns, paths, state
+from .problems import Kind, Problem
 
 PROG_NAME = "xdp_pod"
 LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may have)
@@ -235,16 +236,18 @@ def _unpin(pin):
 
 
 def verify(cookie, netns_path, attachments):
-    """Problems with the pod's XDP attachments, as short sentences."""
+    """Problems with the pod's XDP attachments."""
+    def missing(message):
+        return Problem(Kind.INGRESS_FILTER_MISSING, message)
     problems = []
     for a in attachments:
         pin = link_pin(cookie, a["ifindex"])
         info = link_info(pin)
         if info is None:
-            problems.append(f"ingress filter (XDP) link missing on {a['ifname']}")
+            problems.append(missing(f"ingress filter (XDP) link missing on {a['ifname']}"))
             continue
         if info.u0 & 0xFFFFFFFF == 0:     # bpf_link_info.xdp.ifindex: 0 once detached
-            problems.append(f"ingress filter (XDP) detached from {a['ifname']}")
+            problems.append(missing(f"ingress filter (XDP) detached from {a['ifname']}"))
             continue
         if netns_path and os.path.exists(netns_path):
             try:
@@ -252,5 +255,5 @@ def verify(cookie, netns_path, attachments):
             except OSError:
                 current = 0
             if current != info.prog_id:
-                problems.append(f"ingress filter (XDP) not the program on {a['ifname']}")
+                problems.append(missing(f"ingress filter (XDP) not the program on {a['ifname']}"))
     return problems

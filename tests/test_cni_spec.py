@@ -315,6 +315,18 @@ def test_check(plugin, log, datapath, namespaces):
     assert run(plugin, log, "ADD", config(), **env)[0] == 0
     assert run(plugin, log, "CHECK", config(), **env) == (0, None)
     cookie = netns.cookie_of(ns)
+    # the runtime names another namespace than the one enrolled
+    rc, doc = run(plugin, log, "CHECK", config(), **dict(env, CNI_NETNS=namespaces()))
+    assert doc["code"] == 103 and "not the enrolled one" in doc["msg"]
+    # a record an ADD killed half-way leaves (written first, completed last)
+    rec = state.read_json(paths.pod_state_file(cookie))
+    state.write_json(paths.pod_state_file(cookie), dict(rec, complete=False))
+    rc, doc = run(plugin, log, "CHECK", config(), **env)
+    assert doc["code"] == 106 and "incomplete" in doc["msg"]
+    from interceptor import status
+    assert any("enrollment incomplete" in e for e in status.collect()["errors"])
+    state.write_json(paths.pod_state_file(cookie), rec)
+    assert run(plugin, log, "CHECK", config(), **env) == (0, None)
     # break the inbound attachment behind the plugin's back
     loader._detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))
     rc, doc = run(plugin, log, "CHECK", config(), **env)

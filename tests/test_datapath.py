@@ -426,18 +426,24 @@ def test_stream_semantics_without_bypass(pods):
     assert pod_counters(a).get("bypass_msg_redirected", 0) == 0
 
 
-@pytest.mark.xfail(strict=False, reason=(
+class KernelLimit(Exception):
+    """A known limit of the kernel's sockmap code showed itself. Only this is booked as
+    an expected failure: a broken precondition (the bypass not taken) is a real one."""
+
+
+@pytest.mark.xfail(raises=KernelLimit, strict=True, reason=(
     "kernel: tcp_bpf has no splice_read, so splice() reads only the TCP receive queue and "
     "never sees data the bypass put in the socket's psock queue (the nginx hang). Pods "
-    "whose app or proxy splices from sockets must be enrolled with --no-bypass. Kept to "
-    "notice a kernel fix."))
+    "whose app or proxy splices from sockets must be enrolled with --no-bypass. Strict: "
+    "a kernel that fixes it fails this test, to be noticed."))
 def test_splice_on_a_bypassed_socket(pods, datapath):
     lab, a, b = pods
     needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
     enroll(a)
     result = stream_checks(a)
     assert pod_counters(a)["bypass_msg_redirected"] >= 3
-    assert result["splice"] == 4096 and result["splice_data_ok"]
+    if not (result["splice"] == 4096 and result["splice_data_ok"]):
+        raise KernelLimit(f"splice() moved {result['splice']} of 4096 bypassed bytes")
 
 
 def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
@@ -534,39 +540,50 @@ def test_proxy_listening_on_custom_ports(pods):
     wait_listening(a, 16001)
 
 
-@pytest.mark.xfail(strict=False, reason=(
+@pytest.mark.xfail(raises=KernelLimit, strict=False, reason=(
     "kernel: tcp_bpf_recvmsg() waits once and returns EAGAIN when a blocking socket in a "
     "sockmap is woken without data (e.g. by the ACK of its own FIN); event-loop proxies and "
-    "non-blocking apps retry, blocking apps see an error. Kept to notice a kernel fix."))
-def test_blocking_recv_on_a_bypassed_socket(pods):
+    "non-blocking apps retry, blocking apps see an error. A race (some runs pass), so not "
+    "strict; kept to notice a kernel fix."))
+def test_blocking_recv_on_a_bypassed_socket(pods, datapath):
     lab, a, b = pods
+    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
     enroll(a)
-    import sys
+    # Blocking reads on both ends of a bypassed loopback pair; an error (the kernel's
+    # EAGAIN) is counted, never allowed to end a thread, so a run always finishes.
     script = (
         "import socket,threading\n"
         "srv=socket.socket(); srv.bind(('127.0.0.1',9292)); srv.listen(8)\n"
         "def serve():\n"
         "    while True:\n"
         "        c,_=srv.accept(); d=b''\n"
-        "        while True:\n"
-        "            x=c.recv(100)\n"
-        "            if not x: break\n"
-        "            d+=x\n"
-        "        c.sendall(d); c.close()\n"
+        "        try:\n"
+        "            while True:\n"
+        "                x=c.recv(100)\n"
+        "                if not x: break\n"
+        "                d+=x\n"
+        "            c.sendall(d)\n"
+        "        except OSError: pass\n"
+        "        c.close()\n"
         "threading.Thread(target=serve,daemon=True).start()\n"
         "bad=0\n"
         "for i in range(50):\n"
         "    s=socket.create_connection(('127.0.0.1',9292))\n"
         "    got=[]\n"
-        "    t=threading.Thread(target=lambda: got.append(s.recv(100)))\n"
+        "    def read():\n"
+        "        try: got.append(s.recv(100))\n"
+        "        except OSError as e: got.append(e.errno)\n"
+        "    t=threading.Thread(target=read,daemon=True)\n"
         "    t.start(); s.sendall(b'hello'); s.shutdown(socket.SHUT_WR)\n"
         "    t.join(5)\n"
         "    bad += got != [b'hello']\n"
         "    s.close()\n"
         "print(bad)\n")
-    out = a.run(sys.executable, "-c", script, check=False)
+    out = a.run(sys.executable, "-c", script, check=False, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
     assert pod_counters(a)["bypass_msg_redirected"] > 0
-    assert out.stdout.strip() == "0", out.stderr[-500:]
+    if out.stdout.strip() != "0":
+        raise KernelLimit(f"{out.stdout.strip()} of 50 blocking recv() calls failed")
 
 
 def netfilter_state(pod):
