@@ -4,8 +4,6 @@ import sys
 
 import click
 
-from . import abi
-
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -68,50 +66,40 @@ def _pod_name(ctx, param, value):
     return value
 
 
+def _pod_setting_options(fn):
+    """One option per pod setting (interceptor/podspec.py): values are passed on as
+    given and parsed by PodSettings, the same parse as for CNI config keys."""
+    from .podspec import FIELDS
+    for field in reversed(FIELDS):
+        if field.name == "bypass":
+            option = click.option("--bypass/--no-bypass", default=field.default,
+                                  show_default=True, help=field.help)
+        elif field.name == "ingress_policy":
+            option = click.option(field.flag, field.name, multiple=True, metavar="RULE",
+                                  help=field.help)
+        elif field.choices:
+            option = click.option(field.flag, type=click.Choice(field.choices),
+                                  default=field.default, show_default=True, help=field.help)
+        else:
+            option = click.option(field.flag, default=str(field.default),
+                                  show_default=field.default != "", help=field.help)
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.option("--netns", "netns_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).")
 @click.option("--pod", callback=_pod_name, help="NAMESPACE/NAME, for status and unenroll.")
-@click.option("--proxy-uid", type=int, default=abi.PROXY_UID, show_default=True)
-@click.option("--proxy-gid", type=int, default=abi.PROXY_GID, show_default=True)
-@click.option("--outbound-port", type=click.IntRange(1, 65535), default=abi.OUTBOUND_PORT,
-              show_default=True)
-@click.option("--inbound-port", type=click.IntRange(1, 65535), default=abi.INBOUND_PORT,
-              show_default=True)
-@click.option("--include-outbound-cidrs", default="*", show_default=True,
-              help="Comma-separated CIDRs to capture ('*' = all, '' = none).")
-@click.option("--exclude-outbound-cidrs", default="", help="Comma-separated CIDRs never captured.")
-@click.option("--include-outbound-ports", default="",
-              help="Ports captured whatever their CIDR.")
-@click.option("--exclude-outbound-ports", default="", help="Ports never captured.")
-@click.option("--include-inbound-ports", default="*", show_default=True,
-              help="Inbound ports steered to the proxy ('*' = all).")
-@click.option("--exclude-inbound-ports", default="",
-              help=f"Inbound ports never steered (always: {', '.join(map(str, abi.ALWAYS_EXCLUDED_INBOUND_PORTS))}"
-                   " and the proxy's own ports).")
-@click.option("--no-proxy", type=click.Choice(["reject", "passthrough"]), default="reject",
-              show_default=True, help="When the proxy is not listening yet.")
-@click.option("--bypass/--no-bypass", default=True, show_default=True,
-              help="Allow same-host bypass for this pod.")
-@click.option("--ingress-filter", type=click.Choice(["auto", "native", "generic", "off"]),
-              default="auto", show_default=True,
-              help="XDP mode of the pod's ingress filter (auto: generic on veth, where "
-                   "native costs TSO and saves nothing; native on other drivers; nftables "
-                   "where the node has no XDP).")
-@click.option("--protected-ports", default="",
-              help=f"Ports dropped from the network besides the outbound port and {abi.ADMIN_PORT}.")
-@click.option("--ingress-policy", "ingress_policy", multiple=True, metavar="RULE",
-              help="'deny|allow [from CIDR] [tcp|udp|sctp|icmp|any] [port N]' (repeatable).")
-@click.option("--ingress-conflict", type=click.Choice(["refuse", "skip"]), default="refuse",
-              show_default=True, help="When another XDP program is on the interface.")
+@_pod_setting_options
 def enroll(netns_path, pod, **opts):
     """Intercept one network namespace's traffic (no compile: uses the pinned datapath)."""
-    from .enrollment import EnrollError, PodSettings, enroll as do_enroll
-    settings = PodSettings(**opts)
+    from .enrollment import EnrollError, enroll as do_enroll
+    from .podspec import PodSettings, SettingError
     try:
-        settings.validate()
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        settings = PodSettings(**opts)
+    except SettingError as exc:
+        raise click.BadParameter(exc.detail, param_hint=exc.field.flag) from None
     try:
         rec = do_enroll(netns_path, settings, pod=pod)
     except (EnrollError, OSError) as exc:

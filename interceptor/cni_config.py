@@ -5,46 +5,12 @@ Pure logic over the plugin's network configuration, CNI_ARGS and the pod annotat
 capability). Every invalid value becomes a ConfigError naming the key or annotation it
 came from, which the plugin reports as CNI error 7.
 """
-from .enrollment import PodSettings
+from . import parsing
+from .podspec import BY_ANNOTATION, BY_CONFIG_KEY, PodSettings, SettingError
 
 ANNOTATIONS_CAPABILITY = "io.kubernetes.cri.pod-annotations"
 INJECT_ANNOTATION = "sidecar.istio.io/inject"
-BYPASS_ANNOTATION = "interceptor.io/bypass"
 STATUS_PORT_ANNOTATION = "status.sidecar.istio.io/port"
-
-# plugin config key -> PodSettings field
-CONFIG_KEYS = {
-    "proxyUID": "proxy_uid",
-    "proxyGID": "proxy_gid",
-    "outboundPort": "outbound_port",
-    "inboundPort": "inbound_port",
-    "includeOutboundCIDRs": "include_outbound_cidrs",
-    "excludeOutboundCIDRs": "exclude_outbound_cidrs",
-    "includeOutboundPorts": "include_outbound_ports",
-    "excludeOutboundPorts": "exclude_outbound_ports",
-    "includeInboundPorts": "include_inbound_ports",
-    "excludeInboundPorts": "exclude_inbound_ports",
-    "noProxy": "no_proxy",
-    "bypass": "bypass",
-    "ingressFilter": "ingress_filter",
-    "protectedPorts": "protected_ports",
-    "ingressPolicy": "ingress_policy",
-    "ingressConflict": "ingress_conflict",
-}
-
-# Istio's per-pod annotations -> PodSettings field
-ANNOTATION_KEYS = {
-    "traffic.sidecar.istio.io/includeOutboundIPRanges": "include_outbound_cidrs",
-    "traffic.sidecar.istio.io/excludeOutboundIPRanges": "exclude_outbound_cidrs",
-    "traffic.sidecar.istio.io/includeOutboundPorts": "include_outbound_ports",
-    "traffic.sidecar.istio.io/excludeOutboundPorts": "exclude_outbound_ports",
-    "traffic.sidecar.istio.io/includeInboundPorts": "include_inbound_ports",
-    "traffic.sidecar.istio.io/excludeInboundPorts": "exclude_inbound_ports",
-    # ours: rules separated by ';' (see interceptor/ingress_policy.py), ports by ','
-    "interceptor.io/ingress-policy": "ingress_policy",
-    "interceptor.io/protected-ports": "protected_ports",
-    "interceptor.io/ingress-filter": "ingress_filter",
-}
 
 
 class ConfigError(Exception):
@@ -70,46 +36,28 @@ def parse_cni_args(raw):
 
 
 def _settings_from_config(config):
-    values = {}
-    for key, field in CONFIG_KEYS.items():
-        if key in config:
-            values[field] = config[key]
-    settings = PodSettings(**values)
+    raw = {f.name: config[key] for key, f in BY_CONFIG_KEY.items() if key in config}
     try:
-        return settings.validate()
-    except ValueError as exc:
-        field = str(exc).split(":", 1)[0]
-        key = next((k for k, f in CONFIG_KEYS.items() if f == field), field)
-        raise ConfigError(f"config {key}: {str(exc).split(': ', 1)[-1]}") from None
+        return PodSettings(**raw)
+    except SettingError as exc:
+        raise ConfigError(f"config {exc.field.config_key}: {exc.detail}") from None
 
 
 def _apply_annotations(settings, annotations):
-    for name, field in ANNOTATION_KEYS.items():
-        if name not in annotations:
-            continue
-        trial = settings.copy()
-        setattr(trial, field, annotations[name])
-        try:
-            trial.validate()
-        except ValueError as exc:
-            raise ConfigError(f"annotation {name}: {str(exc).split(': ', 1)[-1]}") from None
-        setattr(settings, field, getattr(trial, field))
+    """The pod's annotations override the config, field by field (podspec.FIELDS)."""
+    raw = {f.name: annotations[name] for name, f in BY_ANNOTATION.items() if name in annotations}
+    try:
+        if raw:
+            settings = settings.replace(**raw)
+    except SettingError as exc:
+        raise ConfigError(f"annotation {exc.field.annotation}: {exc.detail}") from None
     if STATUS_PORT_ANNOTATION in annotations:
-        value = annotations[STATUS_PORT_ANNOTATION]
         try:
-            port = int(value)
-            if not 1 <= port <= 65535:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ConfigError(f"annotation {STATUS_PORT_ANNOTATION}: {value!r} is not a port") from None
+            status_port = parsing.port(annotations[STATUS_PORT_ANNOTATION])
+        except ValueError as exc:
+            raise ConfigError(f"annotation {STATUS_PORT_ANNOTATION}: {exc}") from None
         # the sidecar's status port must be reachable directly, as in Istio
-        settings.exclude_inbound_ports = sorted(set(settings.exclude_inbound_ports) | {port})
-    if BYPASS_ANNOTATION in annotations:
-        value = str(annotations[BYPASS_ANNOTATION]).lower()
-        if value not in ("true", "false"):
-            raise ConfigError(f"annotation {BYPASS_ANNOTATION}: {annotations[BYPASS_ANNOTATION]!r} "
-                              "is not 'true' or 'false'")
-        settings.bypass = value == "true"
+        settings = settings.replace(exclude_inbound_ports=settings.exclude_inbound_ports + [status_port])
     return settings
 
 

@@ -9,6 +9,7 @@ import time
 
 from . import abi, counters, enrollment, lab as labmod, loader, status
 from .maps import Maps
+from .podspec import PodSettings
 
 SERVICE_PORT = 8080
 HOLD_CONNECTION = "import socket,sys,time; s=socket.create_connection((sys.argv[1],int(sys.argv[2]))); time.sleep(60)"
@@ -35,7 +36,7 @@ def main():
         _, server_log = lab.start_haproxy(server)
         say("== HAProxy sidecars running as uid 1337 (outbound :15001, inbound :15006)")
         for pod in (client, server):
-            rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(), pod=f"demo/{pod.name}")
+            rec = enrollment.enroll(pod.netns_path, PodSettings(), pod=f"demo/{pod.name}")
             ing = rec["ingress"]
             ingress_filter = " ".join(f"{ing['mechanism']} {a['ifname']}" + (
                 f" {a['mode']}" if a["mode"] != ing["mechanism"] else "") for a in ing["interfaces"])

@@ -10,10 +10,9 @@ import ipaddress
 import os
 import time
 
-from . import abi, ingress, ingress_policy, libbpf, listeners, netns, opstats, paths, state
+from . import abi, ingress, libbpf, listeners, netns, opstats, paths, state
 from .capabilities import uses_bpf
 from .maps import Maps, addr16, cidr_key, port_key
-from .parsing import parse_cidrs, parse_port, parse_ports
 from .problems import Kind, Problem
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
@@ -26,97 +25,6 @@ class EnrollError(Exception):
 
 class NotLoadedError(EnrollError):
     pass
-
-
-class PodSettings:
-    """What `interceptor enroll` options and the CNI config/annotations set per pod.
-    Defaults are Istio's. (A plain class: dataclasses would add ~15 ms of imports to
-    every CNI call.)"""
-    DEFAULTS = {
-        "proxy_uid": abi.PROXY_UID,
-        "proxy_gid": abi.PROXY_GID,
-        "outbound_port": abi.OUTBOUND_PORT,
-        "inbound_port": abi.INBOUND_PORT,
-        "include_outbound_cidrs": ("*",),
-        "exclude_outbound_cidrs": (),
-        "include_outbound_ports": (),
-        "exclude_outbound_ports": (),
-        "include_inbound_ports": ("*",),
-        "exclude_inbound_ports": (),
-        "no_proxy": "reject",          # or "passthrough"
-        "bypass": True,
-        # ingress filter: auto | native | generic | off. auto: XDP native on drivers where
-        # it runs before an skb exists, generic on veth (see xdp.SKB_BACKED_DRIVERS);
-        # nftables where the node has no XDP
-        "ingress_filter": "auto",
-        "protected_ports": (),         # besides the outbound capture and admin ports
-        "ingress_policy": (),          # rules, see interceptor/ingress_policy.py
-        "ingress_conflict": "refuse",  # another XDP program on the interface: refuse | skip
-    }
-
-    def __init__(self, **values):
-        unknown = set(values) - set(self.DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown pod settings: {', '.join(sorted(unknown))}")
-        for name, default in self.DEFAULTS.items():
-            value = values.get(name, default)
-            setattr(self, name, list(value) if isinstance(value, tuple) else value)
-
-    def to_dict(self):
-        return {name: getattr(self, name) for name in self.DEFAULTS}
-
-    def copy(self):
-        return PodSettings(**self.to_dict())
-
-    def validate(self):
-        """Normalise in place; raise ValueError naming the offending setting."""
-        for name in ("proxy_uid", "proxy_gid"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < 2**32:
-                raise ValueError(f"{name}: {value!r} is not a uid/gid")
-        for name in ("outbound_port", "inbound_port"):
-            setattr(self, name, parse_port(getattr(self, name), name))
-        if self.outbound_port == self.inbound_port:
-            raise ValueError("outbound_port and inbound_port must differ")
-        for name in ("include_outbound_cidrs", "exclude_outbound_cidrs"):
-            setattr(self, name, [str(c) for c in parse_cidrs(getattr(self, name), name)])
-        for name in ("include_outbound_ports", "exclude_outbound_ports", "exclude_inbound_ports"):
-            setattr(self, name, parse_ports(getattr(self, name), name))
-        inc = self.include_inbound_ports
-        self.include_inbound_ports = ["*"] if _is_star(inc) else parse_ports(inc, "include_inbound_ports")
-        if self.no_proxy not in ("reject", "passthrough"):
-            raise ValueError(f"no_proxy: {self.no_proxy!r} is not 'reject' or 'passthrough'")
-        self.bypass = bool(self.bypass)
-        if self.ingress_filter not in INGRESS_FILTER_MODES:
-            raise ValueError(f"ingress_filter: {self.ingress_filter!r} is not one of "
-                             f"{', '.join(INGRESS_FILTER_MODES)}")
-        self.protected_ports = parse_ports(self.protected_ports, "protected_ports")
-        try:
-            self.ingress_policy = ingress_policy.parse_rules(self.ingress_policy)
-        except ingress_policy.PolicyError as exc:
-            raise ValueError(f"ingress_policy: {exc}") from None
-        if self.ingress_conflict not in ("refuse", "skip"):
-            raise ValueError(f"ingress_conflict: {self.ingress_conflict!r} is not 'refuse' or 'skip'")
-        return self
-
-    def flags(self):
-        flags = 0
-        if self.no_proxy == "passthrough":
-            flags |= abi.POD_F_PASSTHROUGH
-        if self.bypass:
-            flags |= abi.POD_F_BYPASS
-        if self.include_outbound_ports:
-            flags |= abi.POD_F_OUT_PORTS_INCLUDE
-        if self.include_inbound_ports != ["*"]:
-            flags |= abi.POD_F_IN_PORTS_INCLUDE
-        return flags
-
-
-INGRESS_FILTER_MODES = ("auto", "native", "generic", "off")
-
-
-def _is_star(values):
-    return list(values) == ["*"] or values == "*"
 
 
 def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, ifname=None):
@@ -133,7 +41,6 @@ def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, if
 
 
 def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
-    settings.validate()
     plan = state.node_plan()
     if plan is None:
         raise NotLoadedError("the datapath is not loaded (run `interceptor load`)")
@@ -236,7 +143,7 @@ def _write_map_rules(maps, cookie, s):
         maps.port_rules.put(port_key(cookie, abi.PortKind.OUT_EXCLUDE, port), ctypes.c_uint8(1))
     for port in s.include_outbound_ports:
         maps.port_rules.put(port_key(cookie, abi.PortKind.OUT_INCLUDE, port), ctypes.c_uint8(1))
-    if s.include_inbound_ports != ["*"]:
+    if not s.steers_all_inbound:
         for port in s.include_inbound_ports:
             maps.port_rules.put(port_key(cookie, abi.PortKind.IN_INCLUDE, port), ctypes.c_uint8(1))
     excluded_in = set(s.exclude_inbound_ports) | set(abi.ALWAYS_EXCLUDED_INBOUND_PORTS)
@@ -244,7 +151,7 @@ def _write_map_rules(maps, cookie, s):
         maps.port_rules.put(port_key(cookie, abi.PortKind.IN_EXCLUDE, port), ctypes.c_uint8(1))
     for kind, cidrs in ((abi.CidrKind.OUT_INCLUDE, s.include_outbound_cidrs),
                         (abi.CidrKind.OUT_EXCLUDE, s.exclude_outbound_cidrs)):
-        for net in parse_cidrs(cidrs, "cidrs"):
+        for net in cidrs:
             maps.cidr_rules.put(cidr_key(cookie, kind, net), ctypes.c_uint8(1))
 
 

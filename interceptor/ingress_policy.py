@@ -48,9 +48,10 @@ def parse_rule(value):
         action, cidr, proto, port = _parse_text(value)
     else:
         raise PolicyError(f"{value!r} is not a rule")
-    if action not in ACTIONS:
+    # isinstance first: a JSON list or object here is not hashable
+    if not isinstance(action, str) or action not in ACTIONS:
         raise PolicyError(f"{value!r}: action must be deny or allow")
-    if proto not in PROTOCOLS:
+    if not isinstance(proto, str) or proto not in PROTOCOLS:
         raise PolicyError(f"{value!r}: protocol must be one of {', '.join(PROTOCOLS)}")
     rule = {"action": action, "from": None, "protocol": proto, "port": None}
     if cidr is not None:

@@ -1,31 +1,47 @@
 """Values operators give (enroll options, CNI config keys, annotations, policy rules):
-ports, port lists and CIDR lists. Errors are ValueErrors that name the setting.
-Standard library only: the CNI plugin parses its configuration on every ADD."""
+ports, port lists and CIDR lists. Errors are ValueErrors saying what is wrong with the
+value; the caller names the setting (interceptor/podspec.py). Standard library only:
+the CNI plugin parses its configuration on every ADD."""
 import ipaddress
 
 
 def _split(values):
+    """A list from a list, a comma-separated string or a single number; anything else
+    (an object, a boolean, nesting) is an error, not a crash."""
     if isinstance(values, str):
         values = values.split(",")
-    return [str(v).strip() for v in values if str(v).strip()]
+    elif isinstance(values, int) and not isinstance(values, bool):
+        values = [values]
+    elif not isinstance(values, (list, tuple)):
+        raise ValueError(f"{values!r} is not a list or a comma-separated string")
+    out = []
+    for v in values:
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ValueError(f"{v!r} is not a single value")
+        if str(v).strip():
+            out.append(str(v).strip())
+    return out
 
 
-def parse_port(value, what):
+def port(value):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{value!r} is not a port number")
     try:
-        port = int(value)
+        number = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: {value!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{what}: {port} is not in 1-65535")
-    return port
+        raise ValueError(f"{value!r} is not a port number") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{number} is not in 1-65535")
+    return number
 
 
-def parse_ports(values, what):
-    return sorted({parse_port(v, what) for v in _split(values)})
+def ports(values):
+    """Sorted, without duplicates."""
+    return sorted({port(v) for v in _split(values)})
 
 
-def parse_cidrs(values, what):
-    """'*' means every address of both families."""
+def cidrs(values):
+    """'*' means every address of both families. Sorted, without duplicates."""
     out = []
     for v in _split(values):
         if v == "*":
@@ -34,5 +50,13 @@ def parse_cidrs(values, what):
         try:
             out.append(ipaddress.ip_network(v, strict=False))
         except ValueError:
-            raise ValueError(f"{what}: {v!r} is not a CIDR") from None
+            raise ValueError(f"{v!r} is not a CIDR") from None
     return sorted(set(out), key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def parse_port(value, what):
+    """port(), with the error naming what the value is."""
+    try:
+        return port(value)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None

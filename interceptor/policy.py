@@ -2,6 +2,7 @@
 rule set is written to the maps (or the nftables chain) as a difference and recorded in
 the pod's record, so a re-enroll or CNI CHECK sees the live policy."""
 from . import enrollment, ingress, ingress_policy, paths, state
+from .podspec import PodSettings
 
 
 class PolicyCommandError(Exception):
@@ -24,8 +25,8 @@ def change(selector, add=(), remove=(), replace=None):
     Removing a rule that is not there is an error (a typo must not look like success)."""
     with state.node_lock():
         cookie, rec = find_pod(**selector)
-        settings = enrollment.PodSettings(**rec["settings"])
-        current = ingress_policy.parse_rules(settings.ingress_policy)
+        settings = PodSettings(**rec["settings"])
+        current = settings.ingress_policy
         try:
             if replace is not None:
                 new = ingress_policy.parse_rules(list(replace))
@@ -40,8 +41,7 @@ def change(selector, add=(), remove=(), replace=None):
                     rule = ingress_policy.parse_rule(text)
                     if rule not in new:
                         new.append(rule)
-            settings.ingress_policy = new
-            settings.validate()
+            settings = settings.replace(ingress_policy=new)
         except ValueError as exc:
             raise PolicyCommandError(str(exc)) from None
         if new == current:
@@ -65,7 +65,7 @@ def listing(selector=None):
         items = sorted(state.pod_records().items())
     out = []
     for cookie, rec in items:
-        settings = enrollment.PodSettings(**rec["settings"]).validate()
+        settings = PodSettings(**rec["settings"])
         out.append({
             "pod": rec.get("pod"), "cookie": cookie, "netns": rec.get("netns"),
             "mechanism": (rec.get("ingress") or {}).get("mechanism"),

@@ -44,11 +44,6 @@ class Rule:
         self.dports, self.daddrs = list(dports), list(daddrs)
 
 
-def _cidrs(values, version):
-    from .parsing import parse_cidrs
-    return [str(n) for n in parse_cidrs(values, "cidrs") if n.version == version]
-
-
 def outbound_rules(s):
     out_port = s.outbound_port
     rules = [
@@ -64,13 +59,14 @@ def outbound_rules(s):
     if s.include_outbound_ports:
         rules.append(Rule("out_redirected", out_port, dports=s.include_outbound_ports))
     for version in (4, 6):
-        excluded = _cidrs(s.exclude_outbound_cidrs, version)
+        excluded = s.cidrs("exclude_outbound_cidrs", version)
         if excluded:
-            rules.append(Rule("out_skip_excluded_cidr", "return", family=version, daddrs=excluded))
+            rules.append(Rule("out_skip_excluded_cidr", "return", family=version,
+                              daddrs=map(str, excluded)))
     for version in (4, 6):
-        included = _cidrs(s.include_outbound_cidrs, version)
+        included = s.cidrs("include_outbound_cidrs", version)
         if included:
-            rules.append(Rule("out_redirected", out_port, family=version, daddrs=included))
+            rules.append(Rule("out_redirected", out_port, family=version, daddrs=map(str, included)))
     rules.append(Rule("out_skip_not_included", "return"))
     return rules
 
@@ -82,7 +78,7 @@ def inbound_rules(s):
         Rule("in_skip_local", "return", iif_lo=True),
         Rule("in_skip_excluded_port", "return", dports=never),
     ]
-    if s.include_inbound_ports != ["*"]:
+    if not s.steers_all_inbound:
         rules.append(Rule("in_steered", in_port, dports=s.include_inbound_ports))
         rules.append(Rule("in_skip_excluded_port", "return"))
     else:

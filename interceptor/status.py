@@ -135,7 +135,7 @@ def _ingress(rec, c):
     passed = sum(c.get(label, {}).get("count", 0) for label in
                  ("ingress_passed", "ingress_passed_non_ip", "ingress_passed_fragment"))
     from .ingress import protected_ports
-    from .enrollment import PodSettings
+    from .podspec import PodSettings
     return {
         "mechanism": ing["mechanism"],
         "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in ing.get("interfaces", [])],

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from interceptor import abi, counters, doctor, enrollment, lab as labmod, loader, paths  # noqa: E402
 from interceptor.maps import Maps  # noqa: E402
+from interceptor.podspec import PodSettings  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(TESTS, "apps.py")
@@ -127,5 +128,5 @@ def pod_bytes(pod, label):
 
 
 def enroll(pod, **settings):
-    return enrollment.enroll(pod.netns_path, enrollment.PodSettings(**settings),
+    return enrollment.enroll(pod.netns_path, PodSettings(**settings),
                              pod=f"test/{pod.name}")

@@ -23,6 +23,7 @@ from interceptor import abi, enrollment, loader, netns, paths, rules, state
 from interceptor.capabilities import uses_bpf
 from interceptor.lab import wait_listening
 from interceptor.maps import Maps, cidr_key
+from interceptor.podspec import PodSettings
 
 pytestmark = pytest.mark.kernel
 
@@ -486,7 +487,7 @@ def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
 
 def test_enroll_refuses_the_host_namespace(datapath):
     with pytest.raises(enrollment.EnrollError, match="host network namespace"):
-        enrollment.enroll("/proc/self/ns/net", enrollment.PodSettings())
+        enrollment.enroll("/proc/self/ns/net", PodSettings())
 
 
 def test_unenroll_removes_everything_of_the_pod(pods, datapath):

@@ -1,5 +1,7 @@
 """Pure logic: no kernel, no root."""
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -8,8 +10,8 @@ from click.testing import CliRunner
 
 from interceptor import abi, bpf_source
 from interceptor.cli import main
-from interceptor.enrollment import PodSettings
-from interceptor.parsing import parse_cidrs
+from interceptor import cni_config, parsing, podspec
+from interceptor.podspec import PodSettings, SettingError
 
 
 def test_committed_abi_header_is_current():
@@ -41,24 +43,79 @@ def test_reason_codes_are_unique_and_stable():
     ("proxy_uid", -1, "proxy_uid: -1 is not a uid/gid"),
 ])
 def test_settings_errors_name_the_setting(field, value, message):
-    with pytest.raises(ValueError) as err:
-        PodSettings(**{field: value}).validate()
+    with pytest.raises(SettingError) as err:
+        PodSettings(**{field: value})
     assert str(err.value) == message
+    assert err.value.field.name == field
 
 
 def test_settings_normalise():
     s = PodSettings(exclude_outbound_ports="443, 80,80", include_outbound_cidrs="10.1.2.3/8",
-                    include_inbound_ports="*").validate()
+                    include_inbound_ports="*")
     assert s.exclude_outbound_ports == [80, 443]
-    assert s.include_outbound_cidrs == ["10.0.0.0/8"]
-    assert s.include_inbound_ports == ["*"]
+    assert [str(n) for n in s.include_outbound_cidrs] == ["10.0.0.0/8"]
+    assert s.to_dict()["include_outbound_cidrs"] == ["10.0.0.0/8"]
+    assert s.steers_all_inbound
     assert s.flags() & abi.POD_F_BYPASS
     assert not s.flags() & abi.POD_F_IN_PORTS_INCLUDE
 
 
+def test_the_plugin_entry_lists_every_setting_with_its_default():
+    """cni/interceptor-entry.json is the operator's reference: every config key of the
+    table, at its default."""
+    entry = json.loads((pathlib.Path(bpf_source.BPF_DIR).parent / "cni" / "interceptor-entry.json").read_text())
+    plugin_keys = {"type", "capabilities", "excludeNamespaces", "sidecarMarker",
+                   "enrollWithoutNamespace", "logFile", "pinRoot", "runDir"}
+    assert set(entry) - plugin_keys == set(podspec.BY_CONFIG_KEY)
+    from_entry = cni_config.decide(entry, {}).settings
+    assert from_entry.to_dict() == PodSettings().to_dict()
+
+
+def test_every_setting_is_an_enroll_flag():
+    flags = {opt for p in main.commands["enroll"].params for opt in p.opts}
+    assert {f.flag for f in podspec.FIELDS} <= flags
+
+
+HOSTILE = [None, True, 1.5, -1, 2**70, "", "x" * 10000, "\udcff", {}, {"a": 1}, [], [[]],
+           [{}], ["1", None], [True], "1,,2", "*", "0.0.0.0/0, nope", "deny from 1.2.3.4/40",
+           [{"action": [], "protocol": {}}], [{"action": "deny", "port": [80]}], [{"from": 5}]]
+
+
+@pytest.mark.parametrize("field", podspec.FIELDS, ids=lambda f: f.name)
+def test_any_json_value_either_parses_or_is_a_setting_error(field):
+    """Config keys and annotations arrive as any JSON type: each value is a setting or a
+    SettingError naming its field, never another exception (a traceback in the plugin)."""
+    for value in HOSTILE:
+        try:
+            PodSettings(**{field.name: value})
+        except SettingError as exc:
+            assert exc.field in (field, podspec.BY_NAME["inbound_port"]), (value, exc)
+
+
+def test_a_record_reads_back_as_the_same_settings():
+    s = PodSettings(exclude_outbound_cidrs="10.0.0.0/8,fd00::/8", include_inbound_ports="80,81",
+                    ingress_policy=["deny from 10.0.0.0/8 tcp port 22"], bypass="false")
+    assert PodSettings(**json.loads(json.dumps(s.to_dict()))).to_dict() == s.to_dict()
+    assert s.bypass is False and not s.steers_all_inbound
+
+
+def test_cni_errors_name_the_key_or_annotation():
+    with pytest.raises(cni_config.ConfigError, match="^config excludeOutboundPorts: 'ssh' is not a port"):
+        cni_config.decide({"excludeOutboundPorts": "22,ssh"}, {})
+    annotations = {"runtimeConfig": {cni_config.ANNOTATIONS_CAPABILITY: {
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/99"}}}
+    with pytest.raises(cni_config.ConfigError,
+                       match="^annotation traffic.sidecar.istio.io/excludeOutboundIPRanges: '10.0.0.0/99'"):
+        cni_config.decide(annotations, {})
+    ok = {"excludeInboundPorts": [9000], "runtimeConfig": {cni_config.ANNOTATIONS_CAPABILITY: {
+        "status.sidecar.istio.io/port": "15020", "interceptor.io/bypass": "false"}}}
+    s = cni_config.decide(ok, {}).settings
+    assert s.exclude_inbound_ports == [9000, 15020] and s.bypass is False
+
+
 def test_star_is_both_families():
-    assert [str(n) for n in parse_cidrs("*", "x")] == ["0.0.0.0/0", "::/0"]
-    assert parse_cidrs("", "x") == []
+    assert [str(n) for n in parsing.cidrs("*")] == ["0.0.0.0/0", "::/0"]
+    assert parsing.cidrs("") == []
 
 
 @pytest.mark.parametrize("argv", [

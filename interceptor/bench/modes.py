@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from .. import enrollment, loader
+from ..podspec import PodSettings
 from .topology import APP_PORT, APP_PORTS, EXPLICIT_APP_PORT, EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT, NODE2_ENV
 
 MODES = ("direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-nobypass")
@@ -42,10 +43,10 @@ def apply(mode, topo, client_settings=None):
         loader.load(mode=load_mode, bypass=bypass)
     else:
         loader.load(mode=load_mode, bypass=bypass)      # only switches the bypass
-    enrollment.enroll(topo.client.netns_path, enrollment.PodSettings(**(client_settings or {})),
+    enrollment.enroll(topo.client.netns_path, PodSettings(**(client_settings or {})),
                       pod="bench/client")
     if topo.server_node is None:
-        enrollment.enroll(topo.server.netns_path, enrollment.PodSettings(), pod="bench/server")
+        enrollment.enroll(topo.server.netns_path, PodSettings(), pod="bench/server")
 
 
 def _node2(*args):

@@ -22,6 +22,7 @@ import socket
 import subprocess
 
 from .. import enrollment, lab as labmod, loader
+from ..podspec import PodSettings
 from . import modes, tools
 from .topology import Topology
 
@@ -278,7 +279,7 @@ class _Server:
                 if node is None or node.get("requested_mode") != load_mode:
                     loader.unload()
                 loader.load(mode=load_mode, bypass=bypass)
-                enrollment.enroll(self.topo.server.netns_path, enrollment.PodSettings(), pod="bench/server")
+                enrollment.enroll(self.topo.server.netns_path, PodSettings(), pod="bench/server")
             self.log(f"bench peer: {msg['mode']}")
             return {"ok": True, "server": str(self.topo.server.ipv4)}
         if cmd == "cpu_start":

@@ -25,6 +25,7 @@ import time
 
 from .. import abi, counters, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
+from ..podspec import PodSettings
 from .tools import _machine_ticks
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
@@ -75,7 +76,7 @@ def _setup(mode, pod):
         return lambda: 0
     if mode.startswith("xdp-"):
         # iperf3's port is not steered: there is no sidecar, only the filter is measured
-        rec = enrollment.enroll(pod.netns_path, enrollment.PodSettings(
+        rec = enrollment.enroll(pod.netns_path, PodSettings(
             ingress_filter=mode[len("xdp-"):], exclude_inbound_ports=[5201]), pod="bench/sink")
         cookie = rec["cookie"]
 
