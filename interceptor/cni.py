@@ -236,6 +236,9 @@ def run(environ, stdin_text):
     except CniError as err:
         return 1, _error_doc(config, version, err)
     except Exception as exc:   # a bug: still answer in the spec's format, never a bare traceback
+        from .maps import LayoutError
+        if isinstance(exc, LayoutError):   # a datapath of another version: mid-upgrade
+            return 1, _error_doc(config, version, CniError(E_TRY_AGAIN, str(exc)))
         import traceback
         traceback.print_exc()
         return 1, _error_doc(config, version, CniError(E_INTERNAL, f"internal error: {exc}"))

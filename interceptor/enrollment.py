@@ -5,6 +5,7 @@ opens the pinned maps and programs through libbpf. Entries are written in an ord
 keeps the datapath consistent at every instant: rules and addresses first, the pods
 entry (which switches the hooks on for the namespace) last; removal the other way round.
 """
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -12,7 +13,7 @@ import time
 
 from . import abi, ingress, libbpf, listeners, netns, opstats, paths, state
 from .capabilities import uses_bpf
-from .maps import Maps, addr16, cidr_key, port_key
+from .maps import LayoutError, Maps, addr16, cidr_key, port_key
 from .problems import Kind, Problem
 from .programs import BY_NAME, SK_LOOKUP_PROG
 
@@ -64,15 +65,18 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
         "settings": settings.to_dict(), "enrolled_at": time.time(),
         "mode": {"outbound": plan["outbound"], "inbound": plan["inbound"]},
     }
-    with state.node_lock():
+    # opened (and layout-checked) before anything is written: a datapath of another
+    # version is refused with nothing to undo
+    maps = _open_maps() if uses_bpf(plan) else None
+    with state.node_lock(), (maps or contextlib.nullcontext()):
         # Cookies are never reused, so a namespace without a record has nothing of ours
         # in the maps: only a re-enroll (or one that crashed half-way, which recorded
         # itself first) needs the full sweep of old entries.
         seen_before = os.path.exists(paths.pod_state_file(cookie))
         state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
         try:
-            if uses_bpf(plan):
-                _enroll_bpf(plan, cookie, netns_path, settings, addresses, seen_before)
+            if maps is not None:
+                _enroll_bpf(maps, plan, cookie, netns_path, settings, addresses, seen_before)
             if rule_directions:
                 backend = _rules_backend(plan, netns_path)
                 record["rules"] = {"backend": backend.name, "directions": rule_directions}
@@ -102,32 +106,32 @@ def _rules_backend(plan, netns_path):
     return rules.Iptables(rules.detect_iptables_backend(netns_path))
 
 
-def _enroll_bpf(plan, cookie, netns_path, settings, addresses, seen_before):
-    with _open_maps() as maps:
-        _check_address_owners(maps, cookie, addresses)
-        if seen_before:
-            _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
-        _write_map_rules(maps, cookie, settings)
-        for a in addresses:
-            maps.pod_addrs.put(abi.PodAddrKey(addr=addr16(a)), ctypes.c_uint64(cookie))
-        maps.pods.put(ctypes.c_uint64(cookie), abi.PodConfig(
-            proxy_uid=settings.proxy_uid, proxy_gid=settings.proxy_gid,
-            outbound_port=settings.outbound_port, inbound_port=settings.inbound_port,
-            flags=settings.flags()))
-        if plan["inbound"] == "ebpf":
-            _attach_sk_lookup(cookie, netns_path)
-            # a proxy that listened before enrollment was not seen by sock_ops
-            listeners.register_existing(maps, cookie, netns_path, settings.inbound_port)
+def _enroll_bpf(maps, plan, cookie, netns_path, settings, addresses, seen_before):
+    _check_address_owners(maps, cookie, addresses)
+    if seen_before:
+        _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
+    _write_map_rules(maps, cookie, settings)
+    for a in addresses:
+        maps.pod_addrs.put(abi.PodAddrKey(addr=addr16(a)), ctypes.c_uint64(cookie))
+    maps.pods.put(ctypes.c_uint64(cookie), abi.PodConfig(
+        proxy_uid=settings.proxy_uid, proxy_gid=settings.proxy_gid,
+        outbound_port=settings.outbound_port, inbound_port=settings.inbound_port,
+        flags=settings.flags()))
+    if plan["inbound"] == "ebpf":
+        _attach_sk_lookup(cookie, netns_path)
+        # a proxy that listened before enrollment was not seen by sock_ops
+        listeners.register_existing(maps, cookie, netns_path, settings.inbound_port)
 
 
 def _open_maps():
-    maps = Maps()
+    """Every map, each checked against the layout this code writes, before anything is
+    written: a datapath of another version is reported, never half-written."""
     try:
-        maps.pods   # noqa: B018 -- fail early with a clear message
+        return Maps().open_all()
     except OSError as exc:
-        maps.close()
         raise NotLoadedError("the datapath is not loaded (run `interceptor load`)") from exc
-    return maps
+    except LayoutError as exc:
+        raise NotLoadedError(str(exc)) from None
 
 
 def _check_address_owners(maps, cookie, addresses):
@@ -197,23 +201,19 @@ def _remove_entries(maps, cookie, keep_pod=False):
                 maps.redirected.delete(key)
 
 
-def remove_pod(cookie):
+def remove_pod(cookie, unloading=False):
     """Everything of one netns: hooks off first (pods entry), then the sk_lookup link,
     map entries, rules, pins and record. Safe when parts are already gone; caller holds
-    the lock."""
+    the lock. Maps of another version's layout (LayoutError) cannot be edited: a DEL is
+    refused (the runtime retries once the upgrade is done), while unload, which unpins
+    the maps themselves, goes on without their entries."""
     record = state.read_json(paths.pod_state_file(cookie)) or {}
     pin_dir = paths.pod_pin_dir(cookie)
     try:
-        maps = Maps()
-        maps.pods   # noqa: B018
-    except OSError:
-        maps = None
-    if maps is not None:
-        with maps:
-            maps.pods.delete(ctypes.c_uint64(cookie))
-            _detach_pins(pin_dir)
-            _remove_entries(maps, cookie)
-    else:
+        _remove_bpf(cookie, pin_dir)
+    except LayoutError:
+        if not unloading:
+            raise
         _detach_pins(pin_dir)
     applied = record.get("rules")
     if applied and record.get("netns") and os.path.exists(record["netns"]):
@@ -221,6 +221,19 @@ def remove_pod(cookie):
         rules.backend_named(applied["backend"]).remove(record["netns"], applied.get("created"))
     ingress.remove_rules(record)
     state.remove(paths.pod_state_file(cookie))
+
+
+def _remove_bpf(cookie, pin_dir):
+    try:
+        maps = Maps()
+        maps.pods   # noqa: B018
+    except OSError:
+        _detach_pins(pin_dir)
+        return
+    with maps:
+        maps.pods.delete(ctypes.c_uint64(cookie))
+        _detach_pins(pin_dir)
+        _remove_entries(maps, cookie)
 
 
 def _detach_pins(pin_dir):

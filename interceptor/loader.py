@@ -215,7 +215,7 @@ def _teardown(log=lambda msg: None):
     node = node_state()
     cookies = set(state.pod_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
-        enrollment.remove_pod(cookie)
+        enrollment.remove_pod(cookie, unloading=True)
         log(f"unenrolled netns cookie {cookie}")
     for name in paths.listdir(paths.PIN_LINKS):
         _detach_link_pin(paths.link_pin(name))

@@ -29,6 +29,11 @@ DATA_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "sta
              "xdp_pods", "ingress_sources", "ingress_rules")
 
 
+class LayoutError(Exception):
+    """A pinned map whose key or value size is not the one this code was built with: the
+    loaded datapath is another version (say, mid-upgrade). Writing to it would corrupt it."""
+
+
 class PinnedMap:
     def __init__(self, name):
         self.name = name
@@ -37,6 +42,22 @@ class PinnedMap:
         self.percpu = name in PERCPU
         if self.percpu:
             self.ncpus = libbpf.num_possible_cpus()
+        try:
+            self._check_layout()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_layout(self):
+        info = self.info()
+        expected = [("key", ctypes.sizeof(self.key_type), info.key_size)]
+        if self.value_type is not None:     # sockhash values are the kernel's own
+            expected.append(("value", ctypes.sizeof(self.value_type), info.value_size))
+        for what, ours, kernels in expected:
+            if ours != kernels:
+                raise LayoutError(f"map {self.name}: {what} is {kernels} bytes in the loaded datapath, "
+                                  f"{ours} in this interceptor: they are different versions "
+                                  "(run `interceptor load` with this version)")
 
     def close(self):
         if self.fd >= 0:
@@ -86,6 +107,17 @@ class Maps:
         if name not in self._open:
             self._open[name] = PinnedMap(name)
         return self._open[name]
+
+    def open_all(self):
+        """Open every map now, each checked against its layout (LayoutError, OSError);
+        closes what it opened when one fails."""
+        try:
+            for name in LAYOUT:
+                getattr(self, name)
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def close(self):
         for m in self._open.values():

@@ -13,7 +13,7 @@ import time
 from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
-from .maps import Maps
+from .maps import LayoutError, Maps
 from .programs import CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL
 
 REPORT_VERSION = 1
@@ -182,7 +182,12 @@ def collect(pod_filter=None):
     records = state.pod_records()
     if uses_bpf(plan):
         report["node"]["programs"] = _programs(node, plan)
-        with Maps() as maps:
+        try:
+            maps = Maps().open_all()
+        except LayoutError as exc:
+            report["errors"].append(str(exc))
+            return report
+        with maps:
             enrolled, listener_keys, sockets = _from_maps(report, maps, records)
             stats = counters.by_pod(maps, records)
             if plan.get("ingress") == "xdp" and maps.xdp_main.get(ctypes.c_uint32(0)) is None:

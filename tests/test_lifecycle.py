@@ -176,3 +176,32 @@ def test_without_bcc_everything_runs_on_rules(clean, lab, monkeypatch):
     assert report["pods"][0]["redirected"]["outbound"] == 1
     loader.unload()
     assert a.run("nft", "list", "ruleset").stdout == ""
+
+
+def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
+    """A plugin or CLI of one version meeting a datapath of another (an upgrade half
+    done): a map whose key or value size differs is reported, and nothing is written."""
+    from interceptor import cni, state, status
+    from interceptor.maps import Maps
+    from interceptor.podspec import PodSettings
+    loader.load()
+    pod = lab.add_pod("a")
+    # the pods map as a version with a 4-byte larger value would have pinned it
+    os.unlink(paths.map_pin("pods"))
+    fd = libbpf.map_create(libbpf.MapType.HASH, 8, 16 + 4, 16)
+    libbpf.obj_pin(fd, paths.map_pin("pods"))
+    os.close(fd)
+    with pytest.raises(enrollment.NotLoadedError, match="map pods: value is 20 bytes in the loaded "
+                       "datapath, 16 in this interceptor"):
+        enrollment.enroll(pod.netns_path, PodSettings(), pod="test/a")
+    assert state.pod_records() == {}
+    with Maps() as maps:
+        assert maps.pod_addrs.keys() == [] and maps.port_rules.keys() == []
+    assert any("different versions" in e for e in status.collect()["errors"])
+    # the CNI plugin asks the runtime to try again (the upgrade will complete)
+    code, doc = cni.run({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": pod.netns_path,
+                         "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"},
+                        json.dumps({"cniVersion": "1.0.0", "name": "t", "type": "interceptor-cni",
+                                    "prevResult": {"cniVersion": "1.0.0", "interfaces": [],
+                                                   "ips": [{"address": f"{pod.ipv4}/24"}]}}))
+    assert code == 1 and doc["code"] == 11 and "different versions" in doc["msg"], doc
