@@ -79,6 +79,7 @@ def _declare(l):
         "bpf_xdp_query": ([c_int, c_int, c_void_p], c_int),
         "bpf_xdp_attach": ([c_int, c_int, ctypes.c_uint32, c_void_p], c_int),
         "bpf_prog_get_fd_by_id": ([ctypes.c_uint32], c_int),
+        "bpf_prog_test_run_opts": ([c_int, c_void_p], c_int),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(l, name)
@@ -315,6 +316,30 @@ def load_trivial_prog(prog_type, expected_attach_type, return_value):
     opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type)
     return _check(lib().bpf_prog_load(prog_type, b"ic_probe", b"GPL", insns, 2,
                                       ctypes.byref(opts)), "load probe program")
+
+
+class TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf 1.x)
+    __test__ = False    # not a pytest class, whatever its name
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def prog_test_run(prog_fd, data, repeat=1):
+    """BPF_PROG_TEST_RUN: run a loaded program on one packet in the kernel, attached to
+    nothing. Returns (the program's return value, mean ns per run)."""
+    buf = ctypes.create_string_buffer(bytes(data), len(data))
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts), data_in=ctypes.cast(buf, ctypes.c_void_p),
+                       data_size_in=len(data), repeat=repeat)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run")
+    return opts.retval, opts.duration
 
 
 def map_create(map_type, key_size, value_size, max_entries):
