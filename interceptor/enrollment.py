@@ -2,8 +2,10 @@
 
 This path runs for every pod start (CNI ADD), so it never imports BCC or compiles: it
 opens the pinned maps and programs through libbpf. Entries are written in an order that
-keeps the datapath consistent at every instant: rules and addresses first, the pods
-entry (which switches the hooks on for the namespace) last; removal the other way round.
+keeps the datapath consistent and the pod safe at every instant: the ingress filter
+first (the proxy's ports are shielded before the proxy is used), then capture rules and
+addresses, the pods entry (which switches the hooks on for the namespace) last; removal
+the other way round.
 """
 import contextlib
 import ctypes
@@ -73,21 +75,25 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
         # in the maps: only a re-enroll (or one that crashed half-way, which recorded
         # itself first) needs the full sweep of old entries.
         seen_before = os.path.exists(paths.pod_state_file(cookie))
+        if maps is not None:
+            _check_address_owners(maps, cookie, addresses)
         state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
         try:
-            if maps is not None:
-                _enroll_bpf(maps, plan, cookie, netns_path, settings, addresses, seen_before)
+            # The ingress filter first: once capture is on, the proxy's ports are in use
+            # and must already be shielded from outside the pod.
+            mech = ingress.mechanism(plan, settings)
+            record["ingress"] = {"mechanism": mech}
+            if mech == ingress.NFTABLES:    # recorded first, so a failure is undone below
+                state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
+            record["ingress"] = ingress.apply(plan, cookie, netns_path, settings, ifname)
             if rule_directions:
                 backend = _rules_backend(plan, netns_path)
                 record["rules"] = {"backend": backend.name, "directions": rule_directions}
                 # recorded before applying, so a failure half-way is undone below
                 state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
                 record["rules"]["created"] = backend.apply(netns_path, settings, rule_directions)
-            mech = ingress.mechanism(plan, settings)
-            record["ingress"] = {"mechanism": mech}
-            if mech == ingress.NFTABLES:    # recorded first, so a failure is undone below
-                state.write_json(paths.pod_state_file(cookie), dict(record, complete=False))
-            record["ingress"] = ingress.apply(plan, cookie, netns_path, settings, ifname)
+            if maps is not None:    # last: its pods entry switches the hooks on
+                _enroll_bpf(maps, plan, cookie, netns_path, settings, addresses, seen_before)
         except ingress.IngressError as exc:
             remove_pod(cookie)
             raise EnrollError(str(exc)) from None
@@ -107,7 +113,6 @@ def _rules_backend(plan, netns_path):
 
 
 def _enroll_bpf(maps, plan, cookie, netns_path, settings, addresses, seen_before):
-    _check_address_owners(maps, cookie, addresses)
     if seen_before:
         _remove_entries(maps, cookie, keep_pod=True)    # re-enroll replaces the old rules
     _write_map_rules(maps, cookie, settings)
@@ -183,7 +188,9 @@ def _remove_entries(maps, cookie, keep_pod=False):
     if not keep_pod:
         maps.pods.delete(ctypes.c_uint64(cookie))
     for key in maps.port_rules.keys():
-        if key.netns_cookie == cookie:
+        # protected ports are the ingress filter's (ingress.write_entries / remove_entries):
+        # kept through a re-enroll, so the proxy's ports are never exposed in between
+        if key.netns_cookie == cookie and key.kind != abi.PortKind.PROTECTED:
             maps.port_rules.delete(key)
     for key in maps.cidr_rules.keys():
         if key.netns_cookie == cookie:

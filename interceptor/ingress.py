@@ -121,6 +121,9 @@ def remove_entries(maps, cookie):
         for key in m.keys():
             if key.netns_cookie == cookie:
                 m.delete(key)
+    for key in maps.port_rules.keys():
+        if key.netns_cookie == cookie and key.kind == abi.PortKind.PROTECTED:
+            maps.port_rules.delete(key)
 
 
 def update_policy(rec, settings):

@@ -348,6 +348,47 @@ def policy_cli(*args):
                           capture_output=True, text=True)
 
 
+def test_the_filter_is_in_place_before_capture_is_switched_on(flab, mechanism, monkeypatch):
+    """Once the pods entry exists the pod's traffic goes through its proxy, whose
+    internal ports must then already be shielded: enroll applies the filter first, and a
+    re-enroll never takes the protected ports away while the pod stays captured."""
+    from interceptor import ingress
+    pod = flab.add_pod("target")
+    cookie = netns.cookie_of(pod.netns_path)
+
+    def captured():
+        with Maps() as maps:
+            return maps.pods.get(ctypes.c_uint64(cookie)) is not None
+
+    def protected():
+        with Maps() as maps:
+            return sorted(k.port for k in maps.port_rules.keys()
+                          if k.netns_cookie == cookie and k.kind == abi.PortKind.PROTECTED)
+
+    seen = []
+    real_apply, real_write = ingress.apply, enrollment._write_map_rules
+
+    def apply(*args, **kwargs):
+        seen.append(("filter applied, captured", captured()))
+        return real_apply(*args, **kwargs)
+
+    def write_map_rules(*args, **kwargs):
+        seen.append(("capture rules written, protected", protected()))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(ingress, "apply", apply)
+    monkeypatch.setattr(enrollment, "_write_map_rules", write_map_rules)
+    enroll_filtered(pod, mechanism)
+    shielded = [] if mechanism == "nftables" else [abi.ADMIN_PORT, abi.OUTBOUND_PORT]
+    assert seen == [("filter applied, captured", False),
+                    ("capture rules written, protected", shielded)]
+    assert captured()
+    seen.clear()
+    enroll_filtered(pod, mechanism, exclude_outbound_ports=[22])     # re-enroll
+    assert seen == [("filter applied, captured", True),
+                    ("capture rules written, protected", shielded)]
+
+
 def test_live_policy_change_keeps_allowed_flows(flab, mechanism):
     """Through the real sidecar (HAProxy, inbound steering): an established connection
     survives policy edits that keep it allowed, stops while denied, resumes after."""
