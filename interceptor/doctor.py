@@ -6,14 +6,13 @@ removes it. Nothing here compiles except the BCC probe, so doctor also works whe
 cannot run. INTERCEPTOR_DISABLE_FEATURES=a,b makes probes report features absent, to
 exercise fallbacks on a kernel that has them.
 """
-import ctypes
 import os
 import platform
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 
-from . import libbpf, mounts
+from . import libbpf, libc, mounts
 from .libbpf import AttachType, MapType, ProgType
 
 DISABLE_ENV = "INTERCEPTOR_DISABLE_FEATURES"
@@ -159,8 +158,8 @@ class _scratch_cgroup:
             if root is None:
                 self.tmp_mount = f"/run/interceptor/doctor-cgroup2-{os.getpid()}"
                 os.makedirs(self.tmp_mount, exist_ok=True)
-                if _libc.mount(b"cgroup2", self.tmp_mount.encode(), b"cgroup2", 0, None) != 0:
-                    return None
+                libc.call("mount cgroup2", "mount", b"cgroup2", self.tmp_mount.encode(),
+                          b"cgroup2", 0, None)
                 root = self.tmp_mount
             self.path = os.path.join(root, f"interceptor-doctor-{os.getpid()}")
             os.makedirs(self.path, exist_ok=True)
@@ -175,14 +174,14 @@ class _scratch_cgroup:
             except OSError:
                 pass
         if self.tmp_mount:
-            _libc.umount2(self.tmp_mount.encode(), 2)
+            try:
+                libc.call("umount cgroup2", "umount2", self.tmp_mount.encode(), 2)
+            except OSError:
+                pass
             try:
                 os.rmdir(self.tmp_mount)
             except OSError:
                 pass
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _probe_cgroup_hook(cgroup, prog_type, attach_type):
@@ -222,10 +221,8 @@ def _in_scratch_netns(fn):
     if pid == 0:   # child
         code = 0
         try:
-            if _libc.unshare(0x40000000) != 0:
-                code = ctypes.get_errno() or 1
-            else:
-                fn()
+            libc.call("unshare", "unshare", 0x40000000)
+            fn()
         except OSError as exc:
             code = exc.errno or 1
         except BaseException:

@@ -247,18 +247,7 @@ def _detach_pins(pin_dir):
     if not os.path.isdir(pin_dir):
         return
     for name in paths.listdir(pin_dir):
-        pin = os.path.join(pin_dir, name)
-        try:
-            fd = libbpf.obj_get(pin)
-            try:
-                libbpf.link_detach(fd)
-            except OSError:
-                pass    # defunct: its netns is already gone
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        os.unlink(pin)
+        libbpf.detach_link_pin(os.path.join(pin_dir, name))
     os.rmdir(pin_dir)
 
 
@@ -353,14 +342,9 @@ def _verify_bpf(cookie, mode):
         return [Problem(Kind.POD_ENTRY_MISSING, "pods map entry missing: the datapath is not loaded")]
     if mode["inbound"] != "ebpf":
         return problems
-    pin = paths.pod_link_pin(cookie, SK_LOOKUP_LINK)
-    if not os.path.exists(pin):
+    info = libbpf.pinned_info(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), libbpf.LinkInfo)
+    if info is None:
         return problems + [Problem(Kind.INBOUND_LINK_MISSING, "inbound sk_lookup link missing")]
-    fd = libbpf.obj_get(pin)
-    try:
-        info = libbpf.obj_info(fd, libbpf.LinkInfo)
-    finally:
-        os.close(fd)
     if info.u0 & 0xffffffff == 0:     # bpf_link_info.netns.netns_ino: 0 once detached
         problems.append(Problem(Kind.INBOUND_LINK_MISSING,
                                 "inbound sk_lookup link detached (its namespace is gone)"))

@@ -16,7 +16,7 @@ reassembly discards overlapping fragments).
 import json
 
 from . import abi, ingress_policy
-from .rules import _run
+from .rules import run_in_netns
 
 TABLE = "interceptor_ingress"
 LABELS = [name.lower() for name, _ in abi.Reason.items() if name.startswith("INGRESS_")]
@@ -90,15 +90,15 @@ def script(ifnames, protected_ports, rules, ephemeral_low):
 
 def apply(netns_path, ifnames, protected_ports, rules, ephemeral_low):
     """Create or replace (one transaction: flows stay judged throughout)."""
-    _run(netns_path, ["nft", "-f", "-"], stdin=script(ifnames, protected_ports, rules, ephemeral_low))
+    run_in_netns(netns_path, ["nft", "-f", "-"], stdin=script(ifnames, protected_ports, rules, ephemeral_low))
 
 
 def remove(netns_path):
-    _run(netns_path, ["nft", "-f", "-"], stdin=f"table netdev {TABLE}\ndelete table netdev {TABLE}\n")
+    run_in_netns(netns_path, ["nft", "-f", "-"], stdin=f"table netdev {TABLE}\ndelete table netdev {TABLE}\n")
 
 
 def present(netns_path, ifnames):
-    p = _run(netns_path, ["nft", "-j", "list", "table", "netdev", TABLE], check=False)
+    p = run_in_netns(netns_path, ["nft", "-j", "list", "table", "netdev", TABLE], check=False)
     if p.returncode != 0:
         return False
     chains = {item["chain"]["name"] for item in json.loads(p.stdout).get("nftables", [])
@@ -107,7 +107,7 @@ def present(netns_path, ifnames):
 
 
 def counters(netns_path):
-    p = _run(netns_path, ["nft", "-j", "list", "counters", "table", "netdev", TABLE], check=False)
+    p = run_in_netns(netns_path, ["nft", "-j", "list", "counters", "table", "netdev", TABLE], check=False)
     if p.returncode != 0:
         return {}
     out = {}

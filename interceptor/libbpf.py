@@ -318,6 +318,35 @@ def load_trivial_prog(prog_type, expected_attach_type, return_value):
                                       ctypes.byref(opts)), "load probe program")
 
 
+def pinned_info(pin, info_type):
+    """The info of a pinned object, or None when there is no such pin."""
+    try:
+        fd = obj_get(pin)
+    except OSError:
+        return None
+    try:
+        return obj_info(fd, info_type)
+    finally:
+        os.close(fd)
+
+
+def detach_link_pin(pin):
+    """Detach a pinned link and remove its pin. Safe when the link is already defunct
+    (its cgroup, netns or interface went away) or the pin unreadable."""
+    try:
+        fd = obj_get(pin)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            link_detach(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    os.unlink(pin)
+
+
 class TestRunOpts(ctypes.Structure):
     # struct bpf_test_run_opts (libbpf 1.x)
     __test__ = False    # not a pytest class, whatever its name

@@ -10,17 +10,13 @@ import os
 import socket
 import struct
 
-from . import abi, netns
+from . import abi, libc, netlink, netns
 
 _SYS_pidfd_getfd = 438
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_NLMSG_DONE = 3
-_NLMSG_ERROR = 2
 _TCP_LISTEN = 10
 
 
@@ -28,28 +24,16 @@ def _listener_inodes(port):
     """{inode: family} of TCP listeners on port in the current namespace, through
     sock_diag (reading /proc/net/tcp walks every socket of the node: ~10 ms)."""
     found = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as nl:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            # inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid
-            req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
-            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY,
-                                _NLM_F_REQUEST_DUMP, 1, 0) + req)
-            done = False
-            while not done:
-                data = nl.recv(65536)
-                off = 0
-                while off + 16 <= len(data):
-                    length, msg_type = struct.unpack_from("=IH", data, off)
-                    if msg_type in (_NLMSG_DONE, _NLMSG_ERROR):
-                        done = True
-                        break
-                    # inet_diag_msg: family, state, timer, retrans, sockid (sport first,
-                    # big-endian), expires, rqueue, wqueue, uid, inode
-                    sport = struct.unpack_from("!H", data, off + 16 + 4)[0]
-                    inode = struct.unpack_from("=I", data, off + 16 + 68)[0]
-                    if sport == port:
-                        found[inode] = family
-                    off += (length + 3) & ~3
+    for family in (socket.AF_INET, socket.AF_INET6):
+        # inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
+        for _, msg in netlink.dump(_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, req):
+            # inet_diag_msg: family, state, timer, retrans, sockid (sport first,
+            # big-endian), expires, rqueue, wqueue, uid, inode
+            sport = struct.unpack_from("!H", msg, 4)[0]
+            inode = struct.unpack_from("=I", msg, 68)[0]
+            if sport == port:
+                found[inode] = family
     return found
 
 
@@ -80,11 +64,7 @@ def _owner_fd(inode):
 def _dup_from(pid, fd):
     pidfd = os.pidfd_open(pid)
     try:
-        new = _libc.syscall(_SYS_pidfd_getfd, pidfd, fd, 0)
-        if new < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
-        return new
+        return libc.call("pidfd_getfd", "syscall", _SYS_pidfd_getfd, pidfd, fd, 0)
     finally:
         os.close(pidfd)
 

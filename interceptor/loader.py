@@ -218,7 +218,7 @@ def _teardown(log=lambda msg: None):
         enrollment.remove_pod(cookie, unloading=True)
         log(f"unenrolled netns cookie {cookie}")
     for name in paths.listdir(paths.PIN_LINKS):
-        _detach_link_pin(paths.link_pin(name))
+        libbpf.detach_link_pin(paths.link_pin(name))
     prog = _sk_msg_prog()
     if os.path.exists(paths.prog_pin(prog.name)) and os.path.exists(paths.map_pin(BYPASS_MAP)):
         _attach_sk_msg(False)
@@ -232,16 +232,3 @@ def _teardown(log=lambda msg: None):
         shutil.rmtree(paths.POD_STATE)
 
 
-def _detach_link_pin(pin):
-    try:
-        fd = libbpf.obj_get(pin)
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            libbpf.link_detach(fd)
-        except OSError:
-            pass   # already defunct (its cgroup or netns went away)
-        finally:
-            os.close(fd)
-    os.unlink(pin)

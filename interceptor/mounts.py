@@ -1,11 +1,7 @@
 """bpffs and cgroup2: find them, mount them when the node has none."""
-import ctypes
 import os
 
-from . import paths
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
+from . import libc, paths
 
 def _mounts():
     with open("/proc/self/mounts") as f:
@@ -28,9 +24,8 @@ def is_mounted(path, fstype):
 
 def _mount(fstype, target):
     os.makedirs(target, exist_ok=True)
-    if _libc.mount(fstype.encode(), str(target).encode(), fstype.encode(), 0, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount -t {fstype} {target}: {os.strerror(err)}")
+    libc.call(f"mount -t {fstype} {target}", "mount", fstype.encode(), str(target).encode(),
+              fstype.encode(), 0, None)
 
 
 def ensure_bpffs():
@@ -54,9 +49,7 @@ def release_own_cgroup2():
     users of the same hierarchy are unaffected)."""
     if is_mounted(paths.OWN_CGROUP2, "cgroup2"):
         MNT_DETACH = 2
-        if _libc.umount2(paths.OWN_CGROUP2.encode(), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"umount {paths.OWN_CGROUP2}: {os.strerror(err)}")
+        libc.call(f"umount {paths.OWN_CGROUP2}", "umount2", paths.OWN_CGROUP2.encode(), MNT_DETACH)
     try:
         os.rmdir(paths.OWN_CGROUP2)
     except FileNotFoundError:

@@ -5,24 +5,20 @@ this on every pod start. setns() acts on the calling thread only; callers are
 single-threaded, and the original namespace is always restored.
 """
 import contextlib
-import ctypes
 import ipaddress
 import os
 import socket
 import struct
+
+from . import libc, netlink
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71          # Linux 5.14+
 HOST_NETNS_PATH = "/proc/1/ns/net"
 PROC_NET_INIT_INO = 0xEFFFFFF9   # the init namespace's fixed inode (linux/proc_ns.h)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _setns(fd):
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+    libc.call("setns", "setns", fd, CLONE_NEWNET)
 
 
 @contextlib.contextmanager
@@ -77,50 +73,26 @@ def host_cookie():
 # --- addresses through a bare rtnetlink dump ------------------------------------------
 _RTM_GETADDR = 22
 _RTM_NEWADDR = 20
-_NLMSG_DONE = 3
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST = 1
-_NLM_F_DUMP = 0x300
 _IFA_ADDRESS = 1
 _IFA_LOCAL = 2
 _RT_SCOPE_UNIVERSE = 0
+_IFADDRMSG = struct.Struct("=BBBBI")   # family, prefixlen, flags, scope, index
 
 
 def _dump_addresses():
     """Global-scope addresses of the current namespace, as ip_address objects."""
     found = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-        req = struct.pack("=IHHII", 16 + 8, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
-        req += struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0)
-        nl.send(req)
-        while True:
-            data = nl.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, msg_type, _, _, _ = struct.unpack_from("=IHHII", data, off)
-                if msg_type == _NLMSG_DONE:
-                    return list(found.values())
-                if msg_type == _NLMSG_ERROR:
-                    raise OSError("rtnetlink address dump failed")
-                if msg_type == _RTM_NEWADDR:
-                    family, _, _, scope, index = struct.unpack_from("=BBBBI", data, off + 16)
-                    attrs = _parse_attrs(data, off + 24, off + length)
-                    raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
-                    if raw and scope == _RT_SCOPE_UNIVERSE:
-                        addr = ipaddress.ip_address(raw)
-                        found[addr] = addr
-                off += (length + 3) & ~3
-
-
-def _parse_attrs(data, off, end):
-    attrs = {}
-    while off + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", data, off)
-        if alen < 4:
-            break
-        attrs[atype] = bytes(data[off + 4:off + alen])
-        off += (alen + 3) & ~3
-    return attrs
+    request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETADDR, request):
+        if kind != _RTM_NEWADDR:
+            continue
+        _, _, _, scope, _ = _IFADDRMSG.unpack_from(body)
+        attrs = netlink.attributes(body, _IFADDRMSG.size)
+        raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
+        if raw and scope == _RT_SCOPE_UNIVERSE:
+            addr = ipaddress.ip_address(raw)
+            found[addr] = addr
+    return list(found.values())
 
 
 def addresses_of(path):

@@ -176,7 +176,7 @@ def iptables_restore_input(settings, directions, version):
 
 
 # --- running them in a pod's namespace --------------------------------------------------
-def _run(netns_path, argv, stdin=None, check=True):
+def run_in_netns(netns_path, argv, stdin=None, check=True):
     p = subprocess.run(["nsenter", f"--net={netns_path}", *argv], input=stdin,
                        capture_output=True, text=True, timeout=30)
     if check and p.returncode != 0:
@@ -192,7 +192,7 @@ def detect_iptables_backend(netns_path):
     """The backend whose tables already hold rules in this netns (so ours land beside
     them: Istio once wrote to the wrong one, istio/istio#49279); else the system's."""
     for backend in iptables_backends():
-        saved = _run(netns_path, [f"iptables-{backend}-save"], check=False).stdout
+        saved = run_in_netns(netns_path, [f"iptables-{backend}-save"], check=False).stdout
         if any(line.startswith("-A ") for line in saved.splitlines()):
             return backend
     version = subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
@@ -221,18 +221,18 @@ class Nftables(Backend):
     name = "nftables"
 
     def apply(self, netns_path, settings, directions):
-        _run(netns_path, ["nft", "-f", "-"], stdin=nft_script(settings, directions))
+        run_in_netns(netns_path, ["nft", "-f", "-"], stdin=nft_script(settings, directions))
         return None
 
     def remove(self, netns_path, created=None):
-        _run(netns_path, ["nft", "-f", "-"],
+        run_in_netns(netns_path, ["nft", "-f", "-"],
              stdin=f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
 
     def present(self, netns_path):
-        return _run(netns_path, ["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
+        return run_in_netns(netns_path, ["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
 
     def counters(self, netns_path):
-        p = _run(netns_path, ["nft", "-j", "list", "table", "inet", NFT_TABLE], check=False)
+        p = run_in_netns(netns_path, ["nft", "-j", "list", "table", "inet", NFT_TABLE], check=False)
         if p.returncode != 0:
             return {}
         out = {}
@@ -265,7 +265,7 @@ class Iptables(Backend):
     def apply(self, netns_path, settings, directions):
         before = self._nat_chains(netns_path)
         for version in (4, 6):
-            _run(netns_path, [self._tool(version, "-restore"), "--noflush"],
+            run_in_netns(netns_path, [self._tool(version, "-restore"), "--noflush"],
                  stdin=iptables_restore_input(settings, directions, version))
             for parent, chain in self._jumps(directions):
                 if self._jump(netns_path, version, "-C", parent, chain).returncode != 0:
@@ -281,7 +281,7 @@ class Iptables(Backend):
             return set()
         out = set()
         for family in ("ip", "ip6"):
-            p = _run(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
+            p = run_in_netns(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
             if p.returncode != 0:
                 continue
             out.add((family, ""))
@@ -290,7 +290,7 @@ class Iptables(Backend):
         return out
 
     def _jump(self, netns_path, version, op, parent, chain, check=False):
-        return _run(netns_path, [self._tool(version), "-t", "nat", op, parent, "-p", "tcp", "-m",
+        return run_in_netns(netns_path, [self._tool(version), "-t", "nat", op, parent, "-p", "tcp", "-m",
                                  "comment", "--comment", JUMP_COMMENT, "-j", chain], check=check)
 
     def remove(self, netns_path, created=None):
@@ -299,7 +299,7 @@ class Iptables(Backend):
                 while self._jump(netns_path, version, "-D", parent, chain).returncode == 0:
                     pass
                 for op in ("-F", "-X"):
-                    _run(netns_path, [self._tool(version), "-t", "nat", op, chain], check=False)
+                    run_in_netns(netns_path, [self._tool(version), "-t", "nat", op, chain], check=False)
         self._drop_created(netns_path, created or [])
 
     def _drop_created(self, netns_path, created):
@@ -307,26 +307,26 @@ class Iptables(Backend):
         tool has put rules in them since, they stay)."""
         chains = [(f, c) for f, c in created if c and c not in (IPT_OUT, IPT_IN)]
         for family, chain in chains:
-            listed = _run(netns_path, ["nft", "-j", "list", "chain", family, "nat", chain], check=False)
+            listed = run_in_netns(netns_path, ["nft", "-j", "list", "chain", family, "nat", chain], check=False)
             if listed.returncode == 0 and not any("rule" in i for i in
                                                   json.loads(listed.stdout).get("nftables", [])):
-                _run(netns_path, ["nft", "delete", "chain", family, "nat", chain], check=False)
+                run_in_netns(netns_path, ["nft", "delete", "chain", family, "nat", chain], check=False)
         for family, chain in created:
             if chain:
                 continue
-            listed = _run(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
+            listed = run_in_netns(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
             if listed.returncode == 0 and not any("chain" in i for i in
                                                   json.loads(listed.stdout).get("nftables", [])):
-                _run(netns_path, ["nft", "delete", "table", family, "nat"], check=False)
+                run_in_netns(netns_path, ["nft", "delete", "table", family, "nat"], check=False)
 
     def present(self, netns_path):
-        saved = _run(netns_path, [self._tool(4, "-save"), "-t", "nat"], check=False).stdout
+        saved = run_in_netns(netns_path, [self._tool(4, "-save"), "-t", "nat"], check=False).stdout
         return f"--comment {JUMP_COMMENT} -j " in saved
 
     def counters(self, netns_path):
         out = {}
         for version in (4, 6):
-            saved = _run(netns_path, [self._tool(version, "-save"), "-c", "-t", "nat"], check=False).stdout
+            saved = run_in_netns(netns_path, [self._tool(version, "-save"), "-c", "-t", "nat"], check=False).stdout
             for line in saved.splitlines():
                 if not line.startswith("[") or " -A INTERCEPTOR_" not in line:
                     continue

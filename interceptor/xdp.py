@@ -167,7 +167,7 @@ def attach(cookie, netns_path, ifname, ifindex, mode="auto", on_conflict="refuse
             attached_mode = _mode_of(netns_path, ifindex)
             if mode in ("auto", attached_mode):
                 return attached_mode        # re-enroll: keep it
-        _unpin(pin)                          # stale, or another mode was asked for
+        libbpf.detach_link_pin(pin)          # stale, or another mode was asked for
         current = attached_prog_id(netns_path, ifindex)
     if current:
         name = libbpf.prog_name_by_id(current) or "?"
@@ -211,28 +211,7 @@ def _mode_of(netns_path, ifindex):
 
 
 def link_info(pin):
-    try:
-        fd = libbpf.obj_get(pin)
-    except OSError:
-        return None
-    try:
-        return libbpf.obj_info(fd, libbpf.LinkInfo)
-    finally:
-        os.close(fd)
-
-
-def _unpin(pin):
-    try:
-        fd = libbpf.obj_get(pin)
-        try:
-            libbpf.link_detach(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    os.unlink(pin)
+    return libbpf.pinned_info(pin, libbpf.LinkInfo)
 
 
 def verify(cookie, netns_path, attachments):

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from interceptor import abi, cni_install, ingress_policy, loader, netns, paths, rules, state, xdp
+from interceptor import abi, cni_install, ingress_policy, libbpf, loader, netns, paths, rules, state, xdp
 from interceptor.maps import Maps, addr16
 from pyroute2 import netns as pyr_netns
 
@@ -328,7 +328,7 @@ def test_check(plugin, log, datapath, namespaces):
     state.write_json(paths.pod_state_file(cookie), rec)
     assert run(plugin, log, "CHECK", config(), **env) == (0, None)
     # break the inbound attachment behind the plugin's back
-    loader._detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))
+    libbpf.detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))
     rc, doc = run(plugin, log, "CHECK", config(), **env)
     assert doc["code"] == 102 and "sk_lookup" in doc["msg"]
     with Maps() as maps:
@@ -357,7 +357,7 @@ def test_ingress_filter_from_config_and_annotation_and_its_check(plugin, log, da
     assert rec["ingress"]["mechanism"] == "xdp" and rec["ingress"]["interfaces"][0]["ifname"] == "eth0"
     assert run(plugin, log, "CHECK", cfg, **env) == (0, None)
     # take the XDP program off behind the plugin's back
-    loader._detach_link_pin(xdp.link_pin(cookie, rec["ingress"]["interfaces"][0]["ifindex"]))
+    libbpf.detach_link_pin(xdp.link_pin(cookie, rec["ingress"]["interfaces"][0]["ifindex"]))
     rc, doc = run(plugin, log, "CHECK", cfg, **env)
     assert doc["code"] == 105 and "ingress filter" in doc["msg"]
     assert run(plugin, log, "DEL", cfg, **env)[0] == 0

@@ -101,7 +101,7 @@ def test_interrupted_load_is_repaired(clean):
     loader.load()
     ids = pinned_prog_ids()
     # simulate a crash that left one attachment missing
-    loader._detach_link_pin(paths.link_pin("connect4"))
+    libbpf.detach_link_pin(paths.link_pin("connect4"))
     assert not loader.is_loaded()
     assert loader.load() == "loaded"
     assert loader.is_loaded()

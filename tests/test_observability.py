@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import SERVER_PORT, enroll, start_server
-from interceptor import loader, netns, paths
+from interceptor import libbpf, netns, paths
 
 pytestmark = pytest.mark.kernel
 
@@ -183,7 +183,7 @@ def test_broken_attachment_makes_status_fail(datapath, lab):
     enroll(a)
     assert cli("status").returncode == 0
     cookie = netns.cookie_of(a.netns_path)
-    loader._detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))   # behind the loader's back
+    libbpf.detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))   # behind the loader's back
     r = cli("status")
     assert r.returncode == 1
     assert "Errors:" in r.stdout and "test/a: inbound sk_lookup link missing" in r.stdout

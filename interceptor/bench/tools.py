@@ -47,7 +47,7 @@ def iperf3(pod, host, port, seconds):
                 "error": error or p.stderr.strip() or f"iperf3 exit {p.returncode}"}
 
 
-def _machine_ticks():
+def machine_ticks():
     with open("/proc/stat") as f:
         fields = f.readline().split()[1:]
     user, nice, system, idle, iowait, irq, softirq = map(int, fields[:7])
@@ -72,12 +72,12 @@ class CpuMeter:
         self.pids = sidecar_pids
 
     def __enter__(self):
-        self.m0 = _machine_ticks()
+        self.m0 = machine_ticks()
         self.p0 = sum(_proc_ticks(p) for p in self.pids)
         return self
 
     def __exit__(self, *exc):
-        m1 = _machine_ticks()
+        m1 = machine_ticks()
         self.sidecars_s = (sum(_proc_ticks(p) for p in self.pids) - self.p0) / CLK_TCK
         self.kernel_s = (m1["kernel"] - self.m0["kernel"]) / CLK_TCK
         self.total_s = (m1["busy"] - self.m0["busy"]) / CLK_TCK

@@ -26,7 +26,7 @@ import time
 from .. import abi, counters, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
 from ..podspec import PodSettings
-from .tools import _machine_ticks
+from .tools import machine_ticks
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
 
@@ -133,14 +133,14 @@ def one(mode, seconds, net):
             conf = os.path.join(workdir, "udp.cfg")
             _trafgen_conf(_frame(lab, pod), conf)
             sent0, dropped0 = _tx_packets(lab, host_if), dropped()
-            ticks0 = _machine_ticks()["busy"]
+            ticks0 = machine_ticks()["busy"]
             started = time.monotonic()
             subprocess.run(["ip", "netns", "exec", lab.node_ns, "timeout", "-s", "INT", str(seconds),
                             "taskset", "-c", str(SENDER_CPU), "trafgen", "--dev", host_if, "--conf", conf,
                             "--cpus", "1", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"],
                            capture_output=True, text=True)
             elapsed = time.monotonic() - started
-            busy_ns = (_machine_ticks()["busy"] - ticks0) * TICK_NS
+            busy_ns = (machine_ticks()["busy"] - ticks0) * TICK_NS
             sent, drops = _tx_packets(lab, host_if) - sent0, _settled(dropped) - dropped0
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
