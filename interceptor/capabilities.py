@@ -10,6 +10,19 @@ EBPF, RULES, XDP = "ebpf", "rules", "xdp"
 
 _BASE = ("bpffs", "cgroup2", "sock_ops", "netns_cookie", "bcc_compile")
 _OUTBOUND = ("connect4", "connect6", "getpeername", "getsockopt")
+REQUIRED_FOR_EBPF = (*_BASE, *_OUTBOUND, "sk_lookup")
+_RULES_PROBES = ("nftables", "iptables")
+
+
+def probes_for(mode):
+    """The doctor probes a load in this mode needs (None: all). A forced rules mode loads
+    no BPF, so it neither compiles nor attaches a probe program."""
+    return _RULES_PROBES if mode in ("nftables", "iptables") else None
+
+
+def ebpf_usable(ok):
+    """{probe name: ok} -> can the whole datapath run on eBPF?"""
+    return all(ok.get(n) for n in REQUIRED_FOR_EBPF)
 
 
 def plan(mode, report):
@@ -22,8 +35,8 @@ def plan(mode, report):
     rules_backend = "nftables" if ok.get("nftables") else ("iptables" if ok.get("iptables") else None)
 
     if mode == "ebpf":
-        if not (outbound_ebpf and inbound_ebpf):
-            missing = [n for n in (*_BASE, *_OUTBOUND, "sk_lookup") if not ok.get(n)]
+        if not ebpf_usable(ok):
+            missing = [n for n in REQUIRED_FOR_EBPF if not ok.get(n)]
             raise ValueError("eBPF mode needs " + ", ".join(missing))
         directions = (EBPF, EBPF)
     elif mode in ("nftables", "iptables"):
@@ -31,7 +44,8 @@ def plan(mode, report):
             raise ValueError(f"{mode} is not usable here")
         # forced rules: the Istio-equivalent baseline, no BPF at all
         return {"mode": mode, "outbound": RULES, "inbound": RULES, "bypass": False,
-                "rules_backend": mode, "ingress": "nftables" if ok.get("nftables") else None}
+                "sockmap": False, "rules_backend": mode,
+                "ingress": "nftables" if ok.get("nftables") else None}
     elif mode == "auto":
         directions = (EBPF if outbound_ebpf else RULES, EBPF if inbound_ebpf else RULES)
     else:
@@ -48,6 +62,9 @@ def plan(mode, report):
         name = "hybrid"
     return {"mode": name, "outbound": directions[0], "inbound": directions[1],
             "bypass": base and ok.get("sockmap", False),
+            # what the kernel offers: the loader loads the bypass program wherever it
+            # can, so `load --bypass` can switch it on later without a reload
+            "sockmap": base and ok.get("sockmap", False),
             "rules_backend": rules_backend if RULES in directions else None,
             "ingress": _ingress(ok, base)}
 

@@ -8,6 +8,7 @@ exercise fallbacks on a kernel that has them.
 """
 import os
 import platform
+from contextlib import nullcontext
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +18,6 @@ from .libbpf import AttachType, MapType, ProgType
 
 DISABLE_ENV = "INTERCEPTOR_DISABLE_FEATURES"
 
-# Capabilities eBPF mode needs; bypass and XDP only add to it.
-REQUIRED_FOR_EBPF = ("bpffs", "cgroup2", "connect4", "connect6", "getpeername", "getsockopt",
-                     "sock_ops", "sk_lookup", "netns_cookie", "bcc_compile")
 
 
 @dataclass
@@ -41,8 +39,8 @@ class Report:
 
     @property
     def ebpf_usable(self):
-        found = self.by_name
-        return all(found[n].ok for n in REQUIRED_FOR_EBPF if n in found)
+        from .capabilities import ebpf_usable
+        return ebpf_usable({c.name: c.ok for c in self.checks})
 
     @property
     def plan(self):
@@ -58,7 +56,7 @@ class Report:
 
     def to_json(self):
         return {"kernel": self.kernel, "mode": self.mode, "ebpf_usable": self.ebpf_usable,
-                "plan": self.plan, "bypass": self.by_name["sockmap"].ok,
+                "plan": self.plan, "bypass": self.plan.get("sockmap", False),
                 "checks": [asdict(c) for c in self.checks]}
 
     def render(self):
@@ -88,11 +86,14 @@ def disabled_features():
     return {f.strip() for f in os.environ.get(DISABLE_ENV, "").split(",") if f.strip()}
 
 
-def run():
+def run(only=None):
+    """Every probe, or only those named in `only`."""
     disabled = disabled_features()
     checks = []
 
     def probe(name, fn):
+        if only is not None and name not in only:
+            return
         if name in disabled:
             checks.append(Check(name, False, f"disabled by {DISABLE_ENV}"))
             return
@@ -109,7 +110,8 @@ def run():
 
     probe("bpffs", _probe_bpffs)
     probe("cgroup2", _probe_cgroup2)
-    with _scratch_cgroup() as cg:
+    hooks = ("connect4", "connect6", "getpeername", "getsockopt", "sock_ops")
+    with (_scratch_cgroup() if only is None or set(hooks) & set(only) else nullcontext()) as cg:
         probe("connect4", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
                                                      AttachType.CGROUP_INET4_CONNECT))
         probe("connect6", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,

@@ -13,7 +13,7 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, state
-from .capabilities import plan as make_plan, uses_bpf
+from .capabilities import plan as make_plan, probes_for, uses_bpf
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
 
@@ -39,7 +39,7 @@ def expected_pins(plan=None):
     if not uses_bpf(plan):
         return []
     pins = [paths.map_pin(name) for name in LAYOUT]
-    pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.scope != POD_COPY]
+    pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.loaded(plan)]
     pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP and p.needed(plan)]
     return pins
 
@@ -68,7 +68,7 @@ def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
             log("removing leftovers of an incomplete load")
             _teardown()
         try:
-            plan = make_plan(mode, doctor.run())
+            plan = make_plan(mode, doctor.run(only=probes_for(mode)))
         except ValueError as exc:
             raise LoadError(str(exc)) from None
         plan["bypass"] = plan["bypass"] and bypass
@@ -112,18 +112,20 @@ def _load_bpf(plan, cg_path, log):
 
     for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
         os.makedirs(d, exist_ok=True)
-    map_names_by_fd = {}
+    # BCC's own fds are used throughout (bpf.cleanup() closes them at the end): nothing
+    # is reopened from its pin here
+    map_fds = {}
     for name in LAYOUT:
         fd = bcclib.bpf_table_fd(bpf.module, name.encode())
         if fd < 0:
             raise LoadError(f"map {name} missing from the compiled datapath")
         libbpf.obj_pin(fd, paths.map_pin(name))
-        map_names_by_fd[fd] = name
+        map_fds[name] = fd
     prog_fds = {}
     for prog in PROGRAMS:
-        if prog.scope == POD_COPY:
-            if prog.needed(plan):
-                _save_pod_template(bpf, prog, map_names_by_fd)
+        if prog.scope == POD_COPY and prog.needed(plan):
+            _save_pod_template(bpf, prog, {fd: name for name, fd in map_fds.items()})
+        if not prog.loaded(plan):
             continue
         # tail-called programs keep expected_attach_type 0, as the stubs that call them
         attach_type = -1 if prog.scope == TAIL else prog.attach_type
@@ -131,12 +133,9 @@ def _load_bpf(plan, cg_path, log):
         prog_fds[prog.name] = fn.fd
         libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
         if prog.scope == TAIL:
-            with Maps() as maps:
-                getattr(maps, XDP_MAIN_MAP).put(ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
-
-    with Maps() as maps:
-        maps.settings.put(ctypes.c_uint32(0),
-                          abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
+            libbpf.map_update(map_fds[XDP_MAIN_MAP], ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
+    libbpf.map_update(map_fds["settings"], ctypes.c_uint32(0),
+                      abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
 
     # Links, not legacy attachments: they coexist with other programs on the same hook
     # (multi-attach) and go away with their pin, which is what makes unload clean.
@@ -153,7 +152,7 @@ def _load_bpf(plan, cg_path, log):
     finally:
         os.close(cg_fd)
     if plan["bypass"]:
-        _attach_sk_msg(True)
+        _attach_sk_msg(True, prog_fds[_sk_msg_prog().name], map_fds[BYPASS_MAP])
     bpf.cleanup()   # our fds only; pins and links keep everything alive
     return {"host_netns_cookie": host_cookie, "compile_seconds": round(compile_s, 3)}
 
@@ -173,20 +172,25 @@ def _sk_msg_prog():
     return next(p for p in PROGRAMS if p.scope == SOCKHASH)
 
 
-def _attach_sk_msg(attach):
+def _attach_sk_msg(attach, prog_fd=None, map_fd=None):
     """sk_msg attaches to the bypass sockhash itself (legacy attach; it is detached
-    explicitly on unload)."""
+    explicitly on unload). The fds are opened from the pins unless given."""
     prog = _sk_msg_prog()
-    prog_fd = libbpf.obj_get(paths.prog_pin(prog.name))
-    map_fd = libbpf.obj_get(paths.map_pin(BYPASS_MAP))
+    opened = []
     try:
+        if prog_fd is None:
+            prog_fd = libbpf.obj_get(paths.prog_pin(prog.name))
+            opened.append(prog_fd)
+        if map_fd is None:
+            map_fd = libbpf.obj_get(paths.map_pin(BYPASS_MAP))
+            opened.append(map_fd)
         if attach:
             libbpf.prog_attach(prog_fd, map_fd, prog.attach_type)
         else:
             libbpf.prog_detach(prog_fd, map_fd, prog.attach_type)
     finally:
-        os.close(prog_fd)
-        os.close(map_fd)
+        for fd in opened:
+            os.close(fd)
 
 
 def _apply_bypass(bypass):
@@ -194,8 +198,8 @@ def _apply_bypass(bypass):
     plan = node["plan"]
     if node.get("bypass") == bypass:
         return False
-    if bypass and not uses_bpf(plan):
-        raise LoadError(f"mode {plan['mode']} has no same-host bypass")
+    if bypass and not (uses_bpf(plan) and plan.get("sockmap", True)):
+        raise LoadError(f"mode {plan['mode']} has no same-host bypass (it needs eBPF and sockmap)")
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
     _attach_sk_msg(bypass)

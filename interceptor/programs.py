@@ -23,6 +23,16 @@ class Program:
         self.scope = scope
         self.serves = serves
 
+    def loaded(self, plan):
+        """Loaded and pinned by the loader for this plan. Per-pod copies never are (the
+        loader saves a template); the bypass program is wherever the kernel has sockmap,
+        so `load --bypass` can switch the bypass on later without a reload."""
+        if self.scope == POD_COPY:
+            return False
+        if self.serves == BYPASS:
+            return plan.get("sockmap", plan["bypass"])
+        return self.needed(plan)
+
     def needed(self, plan):
         if self.serves == CORE:
             return True

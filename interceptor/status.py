@@ -14,7 +14,7 @@ from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import LayoutError, Maps
-from .programs import CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL
+from .programs import CGROUP, PROGRAMS, SOCKHASH, TAIL
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
@@ -48,16 +48,10 @@ def _headers():
 def _programs(node, plan):
     out = []
     for p in PROGRAMS:
-        if p.scope == POD_COPY:
-            continue    # one copy per pod, shown with the pod
-        pin = paths.prog_pin(p.name)
-        entry = {"name": p.name, "pinned": os.path.exists(pin), "id": None}
-        if entry["pinned"]:
-            fd = libbpf.obj_get(pin)
-            try:
-                entry["id"] = libbpf.obj_info(fd, libbpf.ProgInfo).id
-            finally:
-                os.close(fd)
+        if not p.loaded(plan):
+            continue    # per-pod copies are shown with the pod; others not in this plan
+        info = libbpf.pinned_info(paths.prog_pin(p.name), libbpf.ProgInfo)
+        entry = {"name": p.name, "pinned": info is not None, "id": info.id if info else None}
         if p.scope == CGROUP:
             entry["attached"] = f"cgroup {node.get('cgroup')}" if os.path.exists(paths.link_pin(p.name)) else None
         elif p.scope == SOCKHASH:

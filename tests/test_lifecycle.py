@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import client, enroll, sidecar_entries, start_server, start_sidecar
+from conftest import client, enroll, load_without, sidecar_entries, start_server, start_sidecar
 from interceptor import enrollment, libbpf, loader, paths
 from interceptor.programs import BYPASS_MAP, POD_COPY, PROGRAMS
 
@@ -205,3 +205,28 @@ def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
                                     "prevResult": {"cniVersion": "1.0.0", "interfaces": [],
                                                    "ips": [{"address": f"{pod.ipv4}/24"}]}}))
     assert code == 1 and doc["code"] == 11 and "different versions" in doc["msg"], doc
+
+
+def test_a_rules_mode_load_neither_compiles_nor_probes_bpf(clean):
+    from interceptor import capabilities, doctor
+    checks = [c.name for c in doctor.run(only=capabilities.probes_for("nftables")).checks]
+    assert checks == ["nftables", "iptables"]
+    out = subprocess.run([sys.executable, "-c", "import sys; from interceptor import loader; "
+                          "loader.load(mode='nftables'); print(sorted(m for m in ('bcc', 'pyroute2') "
+                          "if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert loader.is_loaded() and not os.path.exists(paths.PIN_ROOT)
+
+
+def test_only_the_programs_the_plan_uses_are_loaded(clean):
+    """sk_lookup and XDP reported absent: inbound runs on rules and the filter on
+    nftables, so neither program is loaded (an old kernel without them must still load)."""
+    load_without("sk_lookup,xdp_native,xdp_generic")
+    plan = loader.node_plan()
+    assert (plan["inbound"], plan["ingress"]) == ("rules", "nftables")
+    pinned = set(os.listdir(paths.PIN_PROGS))
+    assert {"steer_inbound", "xdp_ingress"}.isdisjoint(pinned)
+    assert {"connect4", "sockops", "msg_redirect"} <= pinned
+    assert loader.is_loaded() and not os.path.exists(paths.XDP_TEMPLATE)
+    assert loader.load(bypass=True, mode="auto") == "bypass switched"    # sk_msg is there to switch
+    assert sk_msg_attached()
