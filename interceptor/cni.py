@@ -59,10 +59,7 @@ class Request:
         self.ifname = environ.get("CNI_IFNAME", "")
         self.raw_args = environ.get("CNI_ARGS", "")
         self.cni_version = LATEST
-        try:
-            self.config = json.loads(stdin_text) if stdin_text.strip() else {}
-        except ValueError as exc:
-            raise CniError(E_DECODE, "network configuration is not valid JSON", str(exc)) from None
+        self.config = _decode(stdin_text)
         if not isinstance(self.config, dict):
             raise CniError(E_DECODE, "network configuration must be a JSON object")
         version = self.config.get("cniVersion")
@@ -102,10 +99,15 @@ class Log:
     """Plain lines to stderr and the log file; the logging module costs start-up time."""
 
     def __init__(self, config):
-        self.path = os.environ.get("INTERCEPTOR_CNI_LOG") or config.get("logFile") or DEFAULT_LOG
+        configured = config.get("logFile")
+        # absolute only: a plugin's working directory is the runtime's, whatever it is
+        self.path = os.environ.get("INTERCEPTOR_CNI_LOG") or \
+            (configured if isinstance(configured, str) and os.path.isabs(configured) else DEFAULT_LOG)
 
     def __call__(self, msg):
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{os.getpid()}] {msg}\n"
+        # names and values from the request may hold anything, lone surrogates included
+        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         sys.stderr.write(line)
         try:
             with open(self.path, "a") as f:
@@ -115,11 +117,21 @@ class Log:
 
 
 def _prev_result_addresses(prev):
+    """The pod's addresses from the interface plugin's result (CIDR notation)."""
+    import ipaddress
+    ips = prev.get("ips") or []
+    if not isinstance(ips, list):
+        raise CniError(E_INVALID_CONFIG, "prevResult ips: expected a list")
     out = []
-    for ip in prev.get("ips", []) or []:
-        addr = str(ip.get("address", "")).split("/")[0]
-        if addr:
-            out.append(addr)
+    for i, ip in enumerate(ips):
+        address = ip.get("address") if isinstance(ip, dict) else None
+        try:
+            if not isinstance(address, str):   # ipaddress would take 1 or true as 0.0.0.1
+                raise ValueError
+            out.append(ipaddress.ip_interface(address).ip)
+        except ValueError:
+            raise CniError(E_INVALID_CONFIG, f"prevResult ips[{i}].address: {str(address)[:60]!r} "
+                           "is not an address with prefix length") from None
     return out
 
 
@@ -256,12 +268,24 @@ def _apply_location_overrides(config):
             os.environ[env] = value
 
 
+def _decode(stdin_text):
+    """The network configuration document (from str or bytes). Any input gets CNI error
+    6, never a traceback: nesting thousands deep exhausts the parser's recursion."""
+    try:
+        return json.loads(stdin_text) if stdin_text.strip() else {}
+    except ValueError as exc:
+        raise CniError(E_DECODE, "network configuration is not valid JSON", str(exc)[:200]) from None
+    except RecursionError:
+        raise CniError(E_DECODE, "network configuration is nested too deeply") from None
+
+
 def _requested_version(stdin_text):
     """The request's cniVersion when it is a supported one, for encoding errors in it."""
     try:
-        version = json.loads(stdin_text).get("cniVersion")
-    except (ValueError, AttributeError):
+        doc = _decode(stdin_text)
+    except CniError:
         return LATEST
+    version = doc.get("cniVersion") if isinstance(doc, dict) else None
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
@@ -274,7 +298,8 @@ def _error_doc(config, version, err):
 
 
 def main():
-    code, doc = run(os.environ, sys.stdin.read() if not sys.stdin.isatty() else "")
+    # bytes: invalid UTF-8 is then the JSON decoder's error (code 6), whatever the locale
+    code, doc = run(os.environ, sys.stdin.buffer.read() if not sys.stdin.isatty() else b"")
     if doc is not None:
         sys.stdout.write(json.dumps(doc) + "\n")
     return code

@@ -66,14 +66,21 @@ def decide(config, cni_args):
     namespace = cni_args.get("K8S_POD_NAMESPACE")
     name = cni_args.get("K8S_POD_NAME")
     pod = f"{namespace or '-'}/{name}" if name else None
-    annotations = (config.get("runtimeConfig") or {}).get(ANNOTATIONS_CAPABILITY) or {}
+    runtime = config.get("runtimeConfig") or {}
+    if not isinstance(runtime, dict):
+        raise ConfigError("runtimeConfig: expected an object")
+    annotations = runtime.get(ANNOTATIONS_CAPABILITY) or {}
     if not isinstance(annotations, dict):
         raise ConfigError(f"runtimeConfig {ANNOTATIONS_CAPABILITY}: expected an object")
 
     excluded = config.get("excludeNamespaces", ["kube-system"])
-    if not isinstance(excluded, list):
+    if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
         raise ConfigError("config excludeNamespaces: expected a list of namespaces")
     marker = config.get("sidecarMarker")
+    if marker is not None and not isinstance(marker, str):
+        raise ConfigError("config sidecarMarker: expected an annotation name")
+    if not isinstance(config.get("enrollWithoutNamespace", True), bool):
+        raise ConfigError("config enrollWithoutNamespace: expected true or false")
     settings = _settings_from_config(config)
 
     if namespace is None and not config.get("enrollWithoutNamespace", True):

@@ -70,7 +70,7 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
     # opened (and layout-checked) before anything is written: a datapath of another
     # version is refused with nothing to undo
     maps = _open_maps() if uses_bpf(plan) else None
-    with state.node_lock(), (maps or contextlib.nullcontext()):
+    with state.node_lock(), (maps if maps is not None else contextlib.nullcontext()):
         # Cookies are never reused, so a namespace without a record has nothing of ours
         # in the maps: only a re-enroll (or one that crashed half-way, which recorded
         # itself first) needs the full sweep of old entries.

@@ -130,6 +130,20 @@ def test_malformed_requests(plugin, log, datapath, desc, command, stdin, env, co
     assert_nothing_enrolled()
 
 
+@pytest.mark.parametrize("desc,stdin", [
+    ("invalid UTF-8", b'{"cniVersion": "1.0.0", "name": "\xff\xfe"}'),
+    ("nested 100,000 deep", b'{"cniVersion": "1.0.0", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
+])
+def test_undecodable_requests_get_code_6_and_no_traceback(plugin, log, datapath, desc, stdin):
+    env = {"CNI_COMMAND": "ADD", "PATH": os.environ["PATH"], "INTERCEPTOR_CNI_LOG": log,
+           "INTERCEPTOR_PIN_ROOT": paths.PIN_ROOT, "INTERCEPTOR_RUN_DIR": paths.RUN_DIR}
+    p = subprocess.run([plugin], input=stdin, env=env, capture_output=True, timeout=30)
+    doc = json.loads(p.stdout)
+    assert p.returncode == 1 and doc["code"] == 6, (desc, doc)
+    assert b"Traceback" not in p.stderr
+    assert_nothing_enrolled()
+
+
 def test_missing_env_names_the_variables(plugin, log, datapath):
     rc, doc = run(plugin, log, "ADD", config(), CNI_CONTAINERID="abc")
     assert doc["code"] == 4
@@ -306,6 +320,69 @@ def test_invalid_config_key_is_an_error_naming_it(plugin, log, datapath, namespa
     rc, doc = run(plugin, log, "ADD", config(outboundPort=0), **container_env(namespaces()))
     assert doc["code"] == 7 and "outboundPort" in doc["msg"]
     assert_nothing_enrolled()
+
+
+# Any JSON value where a request has a field, a plugin key or an annotation.
+HOSTILE = [None, True, False, 0, -1, 1.5, 2**70, "", "x", "garbage/99", "10.0.0.1/40", "*", [], [None],
+           [[[]]], {}, {"a": [1]}, "a" * 10000, "\udcff", ["10.1.2.3/24"], [{"address": 5}],
+           {"address": "1.2.3.4/24"}]
+HOSTILE_KEYS = ["proxyUID", "outboundPort", "includeOutboundCIDRs", "excludeInboundPorts", "ingressPolicy",
+                "bypass", "noProxy", "excludeNamespaces", "sidecarMarker", "enrollWithoutNamespace",
+                "logFile", "pinRoot", "runDir", "cniVersion", "name", "type", "runtimeConfig", "prevResult"]
+HOSTILE_ANNOTATIONS = ["traffic.sidecar.istio.io/excludeOutboundPorts", "interceptor.io/ingress-policy",
+                       "interceptor.io/bypass", "status.sidecar.istio.io/port", "sidecar.istio.io/inject",
+                       "traffic.sidecar.istio.io/includeOutboundIPRanges"]
+
+
+def _fields(doc, path=()):
+    """Every path into a JSON document."""
+    if path:
+        yield path
+    children = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in children:
+        yield from _fields(value, path + (key,))
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning")   # e.g. a bool taken as an address
+def test_hostile_requests_get_a_spec_error_and_change_nothing(datapath, namespaces, monkeypatch, capfd,
+                                                              tmp_path):
+    """A valid ADD with one field, plugin key or annotation at a time replaced by each
+    hostile JSON value (>1,000 requests): each answer is a success or the spec's error
+    JSON with a code below 100 (never 999, an internal error), no traceback, and after
+    DEL of each nothing is left."""
+    from interceptor import cni
+    ns = namespaces()
+
+    def valid():
+        return config(runtimeConfig={ANN: {"sidecar.istio.io/status": "x"}})
+    targets = list(_fields(valid())) + [(k,) for k in HOSTILE_KEYS] + \
+        [("runtimeConfig", ANN, a) for a in HOSTILE_ANNOTATIONS]
+    env = container_env(ns)
+    monkeypatch.setenv("INTERCEPTOR_CNI_LOG", str(tmp_path / "cni.log"))   # not the corpus' logFile
+    cwd_before = sorted(os.listdir("."))
+    tried, answers = 0, {}
+    for path in targets:
+        for value in HOSTILE:
+            doc = valid()
+            parent = doc
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = value
+            text = json.dumps(doc)
+            for command in ("ADD", "DEL"):
+                with monkeypatch.context() as m:     # the plugin may set location variables
+                    m.setattr(os, "environ", dict(os.environ))
+                    code, out = cni.run(dict(env, CNI_COMMAND=command), text)
+                tried += 1
+                if code != 0:
+                    assert set(out) >= {"cniVersion", "code", "msg"}, (path, value, out)
+                    assert out["code"] < 100, (path, value, out)
+                    answers[out["code"]] = answers.get(out["code"], 0) + 1
+    assert tried > 1000
+    assert sorted(os.listdir(".")) == cwd_before, "a relative logFile was written"
+    assert "Traceback" not in capfd.readouterr().err
+    assert_nothing_enrolled()
+    print(f"{tried} requests; error codes: {sorted(answers.items())}")
 
 
 # --- CHECK, GC, STATUS ------------------------------------------------------------------

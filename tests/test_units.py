@@ -243,3 +243,12 @@ def test_vagrantfile_validates():
                                 "VAGRANT_DOTFILE_PATH": os.path.join(scratch, ".vagrant")})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "validated successfully" in p.stdout
+
+
+@pytest.mark.parametrize("configured,expected", [
+    ("/var/log/x.log", "/var/log/x.log"), ("x", None), ("../x", None), ("", None), ({}, None), (None, None)])
+def test_cni_log_file_is_an_absolute_path_or_the_default(monkeypatch, configured, expected):
+    """A relative logFile would land in whatever directory the runtime runs plugins from."""
+    from interceptor import cni
+    monkeypatch.delenv("INTERCEPTOR_CNI_LOG", raising=False)
+    assert cni.Log({"logFile": configured}).path == (expected or cni.DEFAULT_LOG)
