@@ -23,10 +23,10 @@ LAYOUT = {
     "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),
 }
 PERCPU = {"stats"}
-# Maps whose content userspace reads or writes (sockhashes and sk_storage are the
-# kernel's own; they are only pinned so unload can account for them).
-DATA_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats", "settings",
-             "xdp_pods", "ingress_sources", "ingress_rules")
+SK_STORAGE = ("connect_orig", "proxy_orig")   # per-socket: no keys to list or count
+SINGLE_SLOT = ("settings", "xdp_main")         # one entry by design
+# Maps whose fill level status and metrics report (entries / capacity).
+REPORTED = tuple(name for name in LAYOUT if name not in SK_STORAGE + SINGLE_SLOT)
 
 
 class LayoutError(Exception):

@@ -11,9 +11,8 @@ from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFa
 from . import counters, opstats, state
 from .capabilities import uses_bpf
 from .loader import is_loaded, node_plan
-from .maps import Maps
+from .maps import REPORTED, Maps
 from .opstats import DURATION_BUCKETS
-from .status import REPORTED_MAPS
 
 # Datapath reason label (abi.Reason names in lower case) -> (metric, extra labels);
 # reasons not listed go to the skipped / bypass / other families below.
@@ -67,7 +66,7 @@ class DatapathCollector:
                 by_pod = counters.by_pod(maps, records)
                 enrolled = {k.value for k in maps.pods.keys()} | set(records)
                 sizes = {name: (len(getattr(maps, name).keys()), getattr(maps, name).info().max_entries)
-                         for name in REPORTED_MAPS}
+                         for name in REPORTED}
         else:
             by_pod, enrolled, sizes = counters.by_pod(None, records), set(records), {}
         for cookie, reasons in sorted(by_pod.items()):

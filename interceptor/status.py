@@ -13,13 +13,11 @@ import time
 from . import abi, counters, libbpf, listeners, paths, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
-from .maps import LayoutError, Maps
+from .maps import REPORTED, LayoutError, Maps
 from .programs import CGROUP, PROGRAMS, SOCKHASH, TAIL
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
-REPORTED_MAPS = ("pods", "pod_addrs", "port_rules", "cidr_rules", "redirected", "stats",
-                 "inbound_listeners", "bypass_socks", "xdp_pods", "ingress_sources", "ingress_rules")
 
 
 def _addr(raw):
@@ -200,7 +198,7 @@ def collect(pod_filter=None):
 
 
 def _from_maps(report, maps, records):
-    for name in REPORTED_MAPS:
+    for name in REPORTED:
         m = getattr(maps, name)
         entries, cap = len(m.keys()), m.info().max_entries
         report["maps"][name] = {"entries": entries, "capacity": cap,
