@@ -95,10 +95,10 @@ static __always_inline void on_established(struct bpf_sock_ops *ops, __u64 cooki
 	struct sock_tuple t = {};
 	TUPLE_FROM_CTX(ops, &t);
 	tuple_qualify(&t, cookie);
-	/* a redirected connection (outbound app socket, or the proxy's accepted socket of
-	 * a steered inbound one): mark it live, and have its entry removed on close */
 	if (ops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		hand_over_to_proxy(ops, cookie, cfg, &t);
+	/* a redirected connection (outbound app socket, or the proxy's accepted socket of
+	 * a steered inbound one): mark it live, and have its entry removed on close */
 	struct orig_dst *conn = redirected.lookup(&t);
 	if (conn) {
 		conn->flags |= CONN_F_ESTABLISHED;

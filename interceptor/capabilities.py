@@ -77,5 +77,11 @@ def _ingress(ok, base):
     return "nftables" if ok.get("nftables") else None
 
 
+def has_sockmap(p):
+    """Can the bypass be switched on for this plan? (Plans recorded before this key
+    existed came from loads that loaded the bypass program unconditionally.)"""
+    return p.get("sockmap", True)
+
+
 def uses_bpf(p):
     return EBPF in (p["outbound"], p["inbound"]) or p["bypass"] or p.get("ingress") == XDP

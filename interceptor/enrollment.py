@@ -67,10 +67,11 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
         "settings": settings.to_dict(), "enrolled_at": time.time(),
         "mode": {"outbound": plan["outbound"], "inbound": plan["inbound"]},
     }
-    # opened (and layout-checked) before anything is written: a datapath of another
-    # version is refused with nothing to undo
-    maps = _open_maps() if uses_bpf(plan) else None
-    with state.node_lock(), (maps if maps is not None else contextlib.nullcontext()):
+    with state.node_lock(), \
+            (_open_maps() if uses_bpf(plan) else contextlib.nullcontext()) as maps:
+        # Maps opened (and layout-checked) under the lock, so an unload cannot unpin them
+        # in between, and before anything is written: a datapath of another version is
+        # refused with nothing to undo.
         # Cookies are never reused, so a namespace without a record has nothing of ours
         # in the maps: only a re-enroll (or one that crashed half-way, which recorded
         # itself first) needs the full sweep of old entries.

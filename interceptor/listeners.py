@@ -6,6 +6,7 @@ through sock_diag inside the namespace, the owning process from /proc/*/fd, and 
 duplicate of the descriptor through pidfd_getfd() to hand to the sockhash.
 """
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -27,7 +28,14 @@ def _listener_inodes(port):
     for family in (socket.AF_INET, socket.AF_INET6):
         # inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed sockid
         req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
-        for _, msg in netlink.dump(_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, req):
+        try:
+            messages = list(netlink.dump(_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, req))
+        except OSError as exc:
+            # no sock_diag handler for the family: IPv6 disabled on this node (ipv6.disable=1)
+            if exc.errno == errno.ENOENT and family == socket.AF_INET6:
+                continue
+            raise
+        for _, msg in messages:
             # inet_diag_msg: family, state, timer, retrans, sockid (sport first,
             # big-endian), expires, rqueue, wqueue, uid, inode
             sport = struct.unpack_from("!H", msg, 4)[0]

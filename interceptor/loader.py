@@ -13,7 +13,7 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, state
-from .capabilities import plan as make_plan, probes_for, uses_bpf
+from .capabilities import has_sockmap, plan as make_plan, probes_for, uses_bpf
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
 
@@ -198,7 +198,7 @@ def _apply_bypass(bypass):
     plan = node["plan"]
     if node.get("bypass") == bypass:
         return False
-    if bypass and not (uses_bpf(plan) and plan.get("sockmap", True)):
+    if bypass and not (uses_bpf(plan) and has_sockmap(plan)):
         raise LoadError(f"mode {plan['mode']} has no same-host bypass (it needs eBPF and sockmap)")
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))

@@ -30,7 +30,8 @@ class Program:
         if self.scope == POD_COPY:
             return False
         if self.serves == BYPASS:
-            return plan.get("sockmap", plan["bypass"])
+            from .capabilities import has_sockmap
+            return has_sockmap(plan)
         return self.needed(plan)
 
     def needed(self, plan):

@@ -252,3 +252,24 @@ def test_cni_log_file_is_an_absolute_path_or_the_default(monkeypatch, configured
     from interceptor import cni
     monkeypatch.delenv("INTERCEPTOR_CNI_LOG", raising=False)
     assert cni.Log({"logFile": configured}).path == (expected or cni.DEFAULT_LOG)
+
+
+def test_listener_lookup_skips_ipv6_where_the_node_has_none(monkeypatch):
+    """With ipv6.disable=1 the kernel has no sock_diag handler for AF_INET6 (ENOENT):
+    that family has no listeners, rather than failing every enroll. Other errors stand."""
+    import errno
+    import socket
+    from interceptor import listeners
+
+    def dump(protocol, msg_type, req):
+        if req[0] == socket.AF_INET6:
+            raise OSError(errno.ENOENT, "no handler")
+        return iter(())
+    monkeypatch.setattr(listeners.netlink, "dump", dump)
+    assert listeners._listener_inodes(15006) == {}
+
+    def failing(protocol, msg_type, req):
+        raise OSError(errno.EPERM, "denied")
+    monkeypatch.setattr(listeners.netlink, "dump", failing)
+    with pytest.raises(OSError):
+        listeners._listener_inodes(15006)
