@@ -104,7 +104,7 @@ def enroll(netns_path, pod, **opts):
         rec = do_enroll(netns_path, settings, pod=pod)
     except (EnrollError, OSError) as exc:
         _fail(str(exc))
-    click.echo(f"enrolled netns cookie {rec['cookie']} ({', '.join(rec['addresses']) or 'no addresses'})")
+    click.echo(f"enrolled netns cookie {rec.cookie} ({', '.join(rec.addresses) or 'no addresses'})")
 
 
 def _pod_selector(fn):

@@ -162,8 +162,8 @@ def cmd_add(req, log):
         raise CniError(E_INVALID_CONFIG, str(exc)) from None
     except OSError as exc:
         raise CniError(E_IO, f"enroll failed: {exc}") from None
-    log(f"ADD {req.container_id}: enrolled {decision.pod or req.netns} (cookie {rec['cookie']}, "
-        f"{', '.join(rec['addresses'])})")
+    log(f"ADD {req.container_id}: enrolled {decision.pod or req.netns} (cookie {rec.cookie}, "
+        f"{', '.join(rec.addresses)})")
     return result
 
 

@@ -1,10 +1,10 @@
 """Per-pod counters by reason label, whatever serves the pod: the datapath's per-CPU
-stats map (summed over CPUs) and, for directions on REDIRECT rules, the rules' own
-counters (each rule carries its reason label as comment), and the nftables ingress
-filter's named counters."""
+stats map (summed over CPUs) merged with the counters each of the pod's pieces keeps
+outside it (REDIRECT rules carry their reason label as comment, the nftables ingress
+filter has named counters)."""
 import collections
 
-from . import abi, ingress, rules
+from . import abi
 
 
 def from_maps(maps):
@@ -22,14 +22,11 @@ def from_maps(maps):
 
 def by_pod(maps, records=None):
     """Counters of every pod: the stats map (maps may be None in a rules-only mode)
-    merged with the counters of the rules applied in each recorded pod's netns."""
+    merged with those its pieces keep (records: {cookie: PodRecord})."""
+    from .enrollment import counters as kept_by_pieces
     out = from_maps(maps) if maps is not None else {}
     for cookie, rec in (records or {}).items():
-        applied = rec.get("rules")
-        found = dict(ingress.counters(rec))
-        if applied and not rules.netns_gone(rec.get("netns")):
-            for label, value in rules.backend_named(applied["backend"]).counters(rec["netns"]).items():
-                found[label] = value
+        found = kept_by_pieces(rec)
         if not found:
             continue
         pod = out.setdefault(cookie, {})

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from . import abi, counters, enrollment, lab as labmod, loader, status
+from . import abi, counters, enrollment, lab as labmod, loader, pieces, status
 from .maps import Maps
 from .podspec import PodSettings
 
@@ -37,11 +37,12 @@ def main():
         say("== HAProxy sidecars running as uid 1337 (outbound :15001, inbound :15006)")
         for pod in (client, server):
             rec = enrollment.enroll(pod.netns_path, PodSettings(), pod=f"demo/{pod.name}")
-            ing = rec["ingress"]
-            ingress_filter = " ".join(f"{ing['mechanism']} {a['ifname']}" + (
-                f" {a['mode']}" if a["mode"] != ing["mechanism"] else "") for a in ing["interfaces"])
-            say(f"   enrolled demo/{pod.name} (netns cookie {rec['cookie']}; ingress filter {ingress_filter})")
-        server_cookie, server_filter = rec["cookie"], ingress_filter     # the server went last
+            piece, applied = pieces.filter_of(rec)
+            ingress_filter = " ".join(f"{piece.mechanism} {a['ifname']}" + (
+                f" {a['mode']}" if a["mode"] != piece.mechanism else "")
+                for a in piece.describe(applied)[0]) if piece else "off"
+            say(f"   enrolled demo/{pod.name} (netns cookie {rec.cookie}; ingress filter {ingress_filter})")
+        server_cookie, server_filter = rec.cookie, ingress_filter     # the server went last
 
         say(f"\n== curl http://{server.ipv4}:{SERVICE_PORT}/ from the client app")
         out = client.run("curl", "-sS", "-o", "/dev/null", "-m", "10", "-w",

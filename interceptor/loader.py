@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 
-from . import abi, libbpf, mounts, netns, paths, state
+from . import abi, libbpf, mounts, netns, paths, pieces, podrecord, state
 from .capabilities import has_sockmap, plan as make_plan, probes_for, uses_bpf
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
@@ -72,6 +72,7 @@ def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
         except ValueError as exc:
             raise LoadError(str(exc)) from None
         plan["bypass"] = plan["bypass"] and bypass
+        plan["pieces"] = pieces.for_plan(plan)
         log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
             f"bypass {'on' if plan['bypass'] else 'off'}")
         try:
@@ -204,6 +205,7 @@ def _apply_bypass(bypass):
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
     _attach_sk_msg(bypass)
     node["bypass"] = plan["bypass"] = bypass
+    plan["pieces"] = pieces.for_plan(plan)     # new pods' pods entries serve the bypass
     state.write_json(paths.NODE_STATE, node)
     return True
 
@@ -217,7 +219,7 @@ def unload(log=lambda msg: None):
 def _teardown(log=lambda msg: None):
     from . import enrollment
     node = node_state()
-    cookies = set(state.pod_records()) | paths.pinned_pod_cookies()
+    cookies = set(podrecord.all_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie, unloading=True)
         log(f"unenrolled netns cookie {cookie}")

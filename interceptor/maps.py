@@ -84,6 +84,16 @@ class PinnedMap:
     def keys(self):
         return libbpf.map_keys(self.fd, self.key_type)
 
+    def pod_keys(self, cookie):
+        """Keys of one pod's entries (maps keyed by a struct with netns_cookie)."""
+        return [k for k in self.keys() if k.netns_cookie == cookie]
+
+    def delete_pod_keys(self, cookie, keep=frozenset()):
+        """Delete one pod's entries; keep: keys (as bytes) to leave in place."""
+        for key in self.pod_keys(cookie):
+            if bytes(key) not in keep:
+                self.delete(key)
+
     def items(self):
         for key in self.keys():
             value = self.get(key)
@@ -129,6 +139,15 @@ class Maps:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def forget_pod(maps, cookie):
+    """The entries the datapath itself made for a pod (its counters, its connections'
+    original destinations): removed with the pod, after every piece is gone."""
+    maps.stats.delete_pod_keys(cookie)
+    for key, orig in list(maps.redirected.items()):
+        if orig.netns_cookie == cookie:
+            maps.redirected.delete(key)
 
 
 def addr16(ip):

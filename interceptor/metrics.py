@@ -8,7 +8,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from . import counters, opstats, state
+from . import counters, opstats, pieces, podrecord
 from .capabilities import uses_bpf
 from .loader import is_loaded, node_plan
 from .maps import REPORTED, Maps
@@ -51,7 +51,7 @@ class DatapathCollector:
         yield from self._ops()
         if not loaded:
             return
-        records = state.pod_records()
+        records = podrecord.all_records()
         families = {}
 
         def family(name, labels):
@@ -72,7 +72,7 @@ class DatapathCollector:
         for cookie, reasons in sorted(by_pod.items()):
             if cookie not in enrolled:
                 continue
-            pod = records.get(cookie, {}).get("pod") or f"cookie:{cookie}"
+            pod = records[cookie].name if cookie in records else f"cookie:{cookie}"
             for label, value in reasons.items():
                 if label in _REASON_METRICS:
                     name, extra = _REASON_METRICS[label]
@@ -114,9 +114,9 @@ class DatapathCollector:
                                  "filter; mode: native, generic (XDP) or nftables.",
                                  labels=["pod", "interface", "mode"])
         for cookie, rec in sorted(records.items()):
-            pod = rec.get("pod") or f"cookie:{cookie}"
-            for a in (rec.get("ingress") or {}).get("interfaces", []):
-                info.add_metric([pod, a["ifname"], a["mode"]], 1)
+            piece, applied = pieces.filter_of(rec)
+            for a in piece.describe(applied)[0] if piece else []:
+                info.add_metric([rec.name, a["ifname"], a["mode"]], 1)
         return info
 
     def _ops(self):

@@ -1,10 +1,14 @@
-"""Network namespaces from userspace: entering one, its cookie, its addresses.
+"""Network namespaces from userspace: entering one, its cookie, its addresses, and the
+one look enrollment takes into a pod's namespace (`look`).
 
 Kept to the standard library (no pyroute2 import) because enroll and the CNI plugin run
 this on every pod start. setns() acts on the calling thread only; callers are
 single-threaded, and the original namespace is always restored.
 """
 import contextlib
+import ctypes
+import dataclasses
+import fcntl
 import ipaddress
 import os
 import socket
@@ -99,3 +103,90 @@ def addresses_of(path):
     """The pod's own (global-scope) addresses, IPv4 and IPv6."""
     with entered(path):
         return _dump_addresses()
+
+
+# --- interfaces ------------------------------------------------------------------------
+_ARPHRD_ETHER = 1
+_SIOCGIFHWADDR = 0x8927
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GDRVINFO = 0x3
+
+
+def _ethernet_interfaces(ifname=None):
+    """[(name, ifindex, driver)] of the current namespace's Ethernet interfaces (not lo,
+    not tunnel fallback devices); only ifname when given."""
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for index, name in socket.if_nameindex():
+            if ifname and name != ifname:
+                continue
+            ifr = struct.pack("16s24x", name.encode())
+            try:
+                res = fcntl.ioctl(s.fileno(), _SIOCGIFHWADDR, ifr)
+            except OSError:
+                continue
+            if struct.unpack_from("H", res, 16)[0] == _ARPHRD_ETHER:
+                found.append((name, index, _driver(s, name)))
+    return found
+
+
+def _driver(sock, name):
+    """The interface's driver name (ethtool's GDRVINFO), "" when it will not say."""
+    info = ctypes.create_string_buffer(196)             # struct ethtool_drvinfo
+    struct.pack_into("I", info, 0, _ETHTOOL_GDRVINFO)
+    ifr = struct.pack("16sP16x", name.encode(), ctypes.addressof(info))
+    try:
+        fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifr)
+    except OSError:
+        return ""
+    return info.raw[4:36].split(b"\0")[0].decode(errors="replace")
+
+
+DEFAULT_EPHEMERAL_LOW = 32768
+
+
+def _ephemeral_low():
+    """Start of the namespace's ip_local_port_range (a per-netns sysctl, read through
+    /proc/sys opened from inside the namespace)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return DEFAULT_EPHEMERAL_LOW
+
+
+# --- the one look into a pod's namespace ----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    name: str
+    index: int
+    driver: str             # "" when the driver will not say
+    xdp_prog_id: int        # the XDP program attached now (any mode), 0 if none
+
+
+@dataclasses.dataclass(frozen=True)
+class PodNetns:
+    """What enrollment needs to know of a pod's namespace, read in one visit."""
+    path: str
+    cookie: int
+    addresses: tuple        # global-scope ip_address objects, v4 then v6
+    interfaces: tuple       # Interface: the CNI interface when named, else every Ethernet one
+    ephemeral_low: int      # UDP to ports below it opens a flow; above, a reply
+
+
+def look(path, ifname=None, xdp=False):
+    """One visit to the namespace at path (OSError when it cannot be entered). xdp: also
+    ask which XDP program each interface has (needs libbpf; only the XDP filter asks).
+    The proxy's listeners are not looked at here: they must be looked for after capture
+    is switched on, or a proxy that listens in between would be missed."""
+    with entered(path):
+        cookie = current_cookie()
+        addresses = sorted(_dump_addresses(), key=lambda a: (a.version, a))
+        found = _ethernet_interfaces(ifname)
+        if xdp:
+            from . import libbpf
+            interfaces = tuple(Interface(n, i, d, libbpf.xdp_query_id(i)) for n, i, d in found)
+        else:
+            interfaces = tuple(Interface(n, i, d, 0) for n, i, d in found)
+        low = _ephemeral_low()
+    return PodNetns(str(path), cookie, tuple(addresses), interfaces, low)

@@ -262,8 +262,10 @@ class Iptables(Backend):
         if INBOUND in directions:
             yield "PREROUTING", IPT_IN
 
-    def apply(self, netns_path, settings, directions):
-        before = self._nat_chains(netns_path)
+    def apply(self, netns_path, settings, directions, before=None):
+        """before: nat_chains() as they were before our first apply, when the caller
+        already asked (to journal it)."""
+        before = self.nat_chains(netns_path) if before is None else before
         for version in (4, 6):
             run_in_netns(netns_path, [self._tool(version, "-restore"), "--noflush"],
                  stdin=iptables_restore_input(settings, directions, version))
@@ -272,9 +274,9 @@ class Iptables(Backend):
                     self._jump(netns_path, version, "-A", parent, chain, check=True)
         # iptables-nft creates the nat tables and base chains it needs: remember which
         # were ours, so remove() can take exactly those away again
-        return sorted(map(list, self._nat_chains(netns_path) - before))
+        return sorted(map(list, self.nat_chains(netns_path) - before))
 
-    def _nat_chains(self, netns_path):
+    def nat_chains(self, netns_path):
         """{(family, chain)} of the nft `ip nat` / `ip6 nat` tables, plus (family, "")
         for each table itself (nft backend only)."""
         if self.backend != "nft":

@@ -51,14 +51,3 @@ def node_plan():
     rather than through loader, which the CNI path has no need to import."""
     node = read_json(paths.NODE_STATE) or {}
     return node.get("plan") if node.get("complete") else None
-
-
-def pod_records():
-    """All enrolled pods' records, by cookie."""
-    out = {}
-    for name in paths.listdir(paths.POD_STATE):
-        if name.endswith(".json") and name[:-5].isdigit():
-            rec = read_json(os.path.join(paths.POD_STATE, name))
-            if rec is not None:
-                out[int(name[:-5])] = rec
-    return out

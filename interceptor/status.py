@@ -10,7 +10,7 @@ import platform
 import textwrap
 import time
 
-from . import abi, counters, libbpf, listeners, paths, state
+from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import REPORTED, LayoutError, Maps
@@ -68,9 +68,9 @@ def _live_connections(maps, records, now):
         if not conn.flags & abi.CONN_F_ESTABLISHED:
             continue    # a steered SYN that never completed, or a connect in flight
         outbound = conn.direction == abi.DIR_OUTBOUND
-        rec = records.get(conn.netns_cookie, {})
+        rec = records.get(conn.netns_cookie)
         rows.append({
-            "pod": rec.get("pod") or f"cookie:{conn.netns_cookie}",
+            "pod": rec.name if rec else f"cookie:{conn.netns_cookie}",
             "cookie": conn.netns_cookie,
             "direction": "outbound" if outbound else "inbound",
             # who connected: the app (outbound) or the remote client (inbound)
@@ -87,16 +87,15 @@ def _live_connections(maps, records, now):
 def _proxy_listening(rec, cookie, listener_keys):
     """Is the proxy listening on its ports? Inbound under eBPF: is its listener
     registered for sk_lookup (what steering actually uses); otherwise by sock_diag."""
-    settings = rec.get("settings", {})
     out = {"outbound": None, "inbound": None}
-    if listener_keys is not None and rec.get("mode", {}).get("inbound") == "ebpf":
+    if listener_keys is not None and rec.mode.get("inbound") == "ebpf":
         out["inbound"] = any(k.netns_cookie == cookie for k in listener_keys)
-    netns_path = rec.get("netns")
-    if netns_path and os.path.exists(netns_path):
+    if rec.netns_exists():
         try:
-            for direction, default in (("outbound", abi.OUTBOUND_PORT), ("inbound", abi.INBOUND_PORT)):
+            for direction, port in (("outbound", rec.settings.outbound_port),
+                                    ("inbound", rec.settings.inbound_port)):
                 if out[direction] is None:
-                    out[direction] = listeners.listening(netns_path, settings.get(f"{direction}_port", default))
+                    out[direction] = listeners.listening(rec.netns, port)
         except OSError:
             pass
     return out
@@ -118,22 +117,21 @@ INGRESS_DROP_LABELS = [name.lower() for name, _ in abi.Reason.items()
 
 def _ingress(rec, c):
     """The pod's ingress filter: where it runs, what it dropped and why."""
-    ing = rec.get("ingress") or {}
-    if not ing.get("mechanism"):
+    piece, applied = pieces.filter_of(rec) if rec else (None, None)
+    if piece is None:
         return None
-    settings = rec.get("settings", {})
+    interfaces, skipped = piece.describe(applied)
     dropped = {label[len("ingress_dropped_"):]: c.get(label, {}).get("count", 0)
                for label in INGRESS_DROP_LABELS}
     passed = sum(c.get(label, {}).get("count", 0) for label in
                  ("ingress_passed", "ingress_passed_non_ip", "ingress_passed_fragment"))
     from .ingress import protected_ports
-    from .podspec import PodSettings
     return {
-        "mechanism": ing["mechanism"],
-        "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in ing.get("interfaces", [])],
-        "skipped": [f"{a['ifname']} ({a['reason']})" for a in ing.get("skipped", [])],
-        "protected_ports": protected_ports(PodSettings(**settings)),
-        "rules": len(settings.get("ingress_policy", [])),
+        "mechanism": piece.mechanism,
+        "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in interfaces],
+        "skipped": [f"{a['ifname']} ({a['reason']})" for a in skipped],
+        "protected_ports": protected_ports(rec.settings),
+        "rules": len(rec.settings.ingress_policy),
         "passed": passed,
         "dropped": sum(dropped.values()),
         "dropped_by_reason": dropped,
@@ -151,6 +149,7 @@ def collect(pod_filter=None):
             "loaded": loaded,
             "mode": plan["mode"] if plan else "none",
             "capabilities": _capabilities(plan),
+            "pieces": (plan.get("pieces") or pieces.for_plan(plan)) if plan else [],
             "cgroup": node.get("cgroup"),
             "bypass": node.get("bypass"),
             "headers": _headers(),
@@ -171,7 +170,7 @@ def collect(pod_filter=None):
         else:
             report["warnings"].append("datapath not loaded (run `interceptor load`)")
         return report
-    records = state.pod_records()
+    records = podrecord.all_records()
     if uses_bpf(plan):
         report["node"]["programs"] = _programs(node, plan)
         try:
@@ -212,8 +211,8 @@ def _from_maps(report, maps, records):
 def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
     from .enrollment import verify
     for cookie in sorted(enrolled | set(records)):
-        rec = records.get(cookie, {})
-        name = rec.get("pod") or f"cookie:{cookie}"
+        rec = records.get(cookie)
+        name = rec.name if rec else f"cookie:{cookie}"
         if pod_filter and name != pod_filter:
             continue
         problems = [str(p) for p in verify(rec, None)] if rec else \
@@ -221,9 +220,11 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
         live = [s for s in sockets if s["cookie"] == cookie]
         c = stats.get(cookie, {})
         pod = {
-            "pod": name, "cookie": cookie, "netns": rec.get("netns"),
-            "container_id": rec.get("container_id"), "addresses": rec.get("addresses", []),
-            "mode": rec.get("mode", {"outbound": "ebpf", "inbound": "ebpf"}),
+            "pod": name, "cookie": cookie, "netns": rec.netns if rec else None,
+            "container_id": rec.container_id if rec else None,
+            "addresses": rec.addresses if rec else [],
+            "mode": rec.mode if rec else {"outbound": "unknown", "inbound": "unknown"},
+            "pieces": [e.piece for e in rec.journal] if rec else [],
             "proxy_listening": _proxy_listening(rec, cookie, listener_keys) if rec else {},
             "redirected": {"outbound": c.get("out_redirected", {}).get("count", 0),
                            "inbound": c.get("in_steered", {}).get("count", 0)},
@@ -248,7 +249,7 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
                                       "capture port refused (it had no original destination)")
         listening = pod["proxy_listening"]
         if rec and listening.get("inbound") is False and listening.get("outbound") is False:
-            policy = rec.get("settings", {}).get("no_proxy", "reject")
+            policy = rec.settings.no_proxy
             report["warnings"].append(f"{name}: proxy not listening (connections are {policy}ed)"
                                       if policy == "reject" else
                                       f"{name}: proxy not listening (connections pass through)")
@@ -300,6 +301,7 @@ def render(report, wide=False, color=False):
                                       f"{fullest[1]['entries']}/{fullest[1]['capacity']} "
                                       f"({fullest[1]['percent']:g}%)"))
         if wide:
+            lines.append(_row("Pieces", ", ".join(n["pieces"]) + " (per pod, in apply order)"))
             lines.append("")
             lines.append(f"{'PROGRAM':<16}{'ID':>6}  ATTACHED")
             for p in progs:

@@ -11,11 +11,8 @@ the pins and loads the result: no compiler, and a verifier pass over some 25
 instructions. The attachment is a bpf_link pinned in the pod's pin directory, so unload
 and DEL detach it like the pod's other links.
 """
-import ctypes
 import errno
-import fcntl
 import os
-import socket
 import struct
 
 from . import abi, libbpf, netns, paths, state
@@ -26,10 +23,6 @@ LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-ARPHRD_ETHER = 1
-SIOCGIFHWADDR = 0x8927
-SIOCETHTOOL = 0x8946
-ETHTOOL_GDRVINFO = 0x3
 # Drivers whose "native" XDP works on an skb that already exists (the sender built it):
 # it drops somewhat cheaper (~19% less CPU per packet here), but veth turns off TSO/GSO on
 # its peer while a program is attached (bulk TCP into the pod fell from ~14 to ~4 Gbit/s),
@@ -105,39 +98,7 @@ def load_for_pod(cookie):
             os.close(fd)
 
 
-# --- interfaces (inside the pod's netns) -----------------------------------------------
-def pod_interfaces(netns_path, ifname=None):
-    """[(name, ifindex, driver)] of the Ethernet interfaces to filter: the CNI interface
-    when given (none if it is not there), else every Ethernet interface (not lo, not
-    tunnel fallback devices)."""
-    with netns.entered(netns_path):
-        found = []
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for index, name in socket.if_nameindex():
-                if ifname and name != ifname:
-                    continue
-                ifr = struct.pack("16s24x", name.encode())
-                try:
-                    res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, ifr)
-                except OSError:
-                    continue
-                if struct.unpack_from("H", res, 16)[0] == ARPHRD_ETHER:
-                    found.append((name, index, _driver(s, name)))
-    return found
-
-
-def _driver(sock, name):
-    """The interface's driver name (ethtool's GDRVINFO), "" when it will not say."""
-    info = ctypes.create_string_buffer(196)             # struct ethtool_drvinfo
-    struct.pack_into("I", info, 0, ETHTOOL_GDRVINFO)
-    ifr = struct.pack("16sP16x", name.encode(), ctypes.addressof(info))
-    try:
-        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifr)
-    except OSError:
-        return ""
-    return info.raw[4:36].split(b"\0")[0].decode(errors="replace")
-
-
+# --- attaching (inside the pod's netns) -------------------------------------------------
 def auto_modes(driver):
     """The XDP modes to try, in order, for mode "auto"."""
     if driver in SKB_BACKED_DRIVERS:
@@ -155,12 +116,14 @@ def link_pin(cookie, ifindex):
     return paths.pod_link_pin(cookie, f"{LINK_PREFIX}{ifindex}")
 
 
-def attach(cookie, netns_path, ifname, ifindex, mode="auto", on_conflict="refuse", driver=""):
-    """Attach the pod's program to one interface; returns the mode used ("native" or
-    "generic"), or None when skipped because another program is there. Idempotent:
-    an existing attachment of ours is kept."""
+def attach(cookie, netns_path, iface, mode="auto", on_conflict="refuse"):
+    """Attach the pod's program to one interface (a netns.Interface, with the program
+    id it had when looked at); returns the mode used ("native" or "generic"), or None
+    when skipped because another program is there. Idempotent: an existing attachment
+    of ours is kept."""
+    ifname, ifindex, driver = iface.name, iface.index, iface.driver
     pin = link_pin(cookie, ifindex)
-    current = attached_prog_id(netns_path, ifindex)
+    current = iface.xdp_prog_id
     if os.path.exists(pin):
         info = link_info(pin)
         if info is not None and info.prog_id == current and current:
@@ -236,3 +199,12 @@ def verify(cookie, netns_path, attachments):
             if current != info.prog_id:
                 problems.append(missing(f"ingress filter (XDP) not the program on {a['ifname']}"))
     return problems
+
+
+def detach_all(cookie):
+    """Every XDP link of the pod, found by pin name (so those of a crashed enroll, which
+    recorded no interfaces, go too)."""
+    pin_dir = paths.pod_pin_dir(cookie)
+    for name in paths.listdir(pin_dir):
+        if name.startswith(LINK_PREFIX):
+            libbpf.detach_link_pin(os.path.join(pin_dir, name))

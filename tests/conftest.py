@@ -108,10 +108,10 @@ def sidecar_entries(path, settle=0.3):
 
 def _all_counters(pod):
     """Counters of the pod whatever serves it (stats map, rules), summed over CPUs."""
-    from interceptor import netns, state
+    from interceptor import netns, podrecord
     from interceptor.capabilities import uses_bpf
     cookie = netns.cookie_of(pod.netns_path)
-    records = state.pod_records()
+    records = podrecord.all_records()
     if uses_bpf(loader.node_plan()):
         with Maps() as maps:
             return counters.by_pod(maps, records).get(cookie, {})

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from interceptor import counters, lab as labmod, netns, paths, state
+from interceptor import counters, lab as labmod, netns, paths, podrecord
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -113,9 +113,9 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
     sandbox = info["NetworkSettings"]["SandboxKey"]
     container_id = info["Id"]
     cookie = netns.cookie_of(sandbox)
-    rec = state.read_json(paths.pod_state_file(cookie))
-    assert rec["container_id"] == container_id and rec["netns"] == sandbox
-    pod_ip = rec["addresses"][0]
+    rec = podrecord.read(cookie)
+    assert rec.container_id == container_id and rec.netns == sandbox
+    pod_ip = rec.addresses[0]
     assert pod_ip.startswith(SUBNET + ".")
 
     # the sidecar: HAProxy in the container's network namespace, as uid 1337
@@ -144,7 +144,7 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
         assert f"dst={SUBNET}.1:18080" in log_text, log_text
         # the ingress filter on the container's eth0: its proxy's capture port is not
         # reachable from outside, and the drop is counted
-        assert [a["ifname"] for a in rec["ingress"]["interfaces"]] == ["eth0"]
+        assert [a["ifname"] for a in rec.entry("filter-xdp").state["interfaces"]] == ["eth0"]
         probe = subprocess.run(["curl", "-s", "-m", "2", f"http://{pod_ip}:15001/"])
         assert probe.returncode != 0
         with Maps() as maps:
@@ -160,7 +160,7 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
     cni_log = podman["log"].read_text()
     assert f"ADD {container_id}: enrolled" in cni_log
     assert f"DEL {container_id}: removed 1" in cni_log
-    assert state.pod_records() == {}
+    assert podrecord.all_records() == {}
     assert not os.path.exists(paths.pod_pin_dir(cookie))
     with Maps() as maps:
         assert maps.pods.keys() == []

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from interceptor import abi, cni_install, ingress_policy, libbpf, loader, netns, paths, rules, state, xdp
+from interceptor import (abi, cni_install, ingress_policy, libbpf, loader, netns, paths, pieces,
+                         podrecord, rules, state, xdp)
 from interceptor.maps import Maps, addr16
 from pyroute2 import netns as pyr_netns
 
@@ -87,7 +88,7 @@ def enrolled_cookies():
 
 def assert_nothing_enrolled():
     assert enrolled_cookies() == set()
-    assert state.pod_records() == {}
+    assert podrecord.all_records() == {}
     assert paths.listdir(paths.PIN_PODS) == []
 
 
@@ -175,10 +176,11 @@ def test_add_returns_prev_result_and_enrolls_then_del_removes(plugin, log, datap
     assert doc == prev_result(version)
     cookie = netns.cookie_of(ns)
     assert enrolled_cookies() == {cookie}
-    rec = state.read_json(paths.pod_state_file(cookie))
-    assert (rec["container_id"], rec["ifname"], rec["netns"], rec["pod"]) == (
+    rec = podrecord.read(cookie)
+    assert (rec.container_id, rec.ifname, rec.netns, rec.pod) == (
         env["CNI_CONTAINERID"], "eth0", ns, "default/web")
-    assert rec["addresses"] == ["10.66.0.5"]
+    assert rec.addresses == ["10.66.0.5"]
+    assert [e.piece for e in rec.journal] == pieces.for_plan(loader.node_plan()) and rec.complete
     assert os.path.exists(paths.pod_link_pin(cookie, "sk_lookup"))
     with Maps() as maps:
         owner = maps.pod_addrs.get(abi.PodAddrKey(addr=addr16(ipaddress.ip_address("10.66.0.5"))))
@@ -240,7 +242,7 @@ def test_add_when_datapath_not_loaded_asks_to_try_again(plugin, log, datapath, n
     try:
         rc, doc = run(plugin, log, "ADD", config(), **container_env(namespaces()))
         assert doc["code"] == 11 and "not loaded" in doc["msg"]
-        assert state.pod_records() == {}
+        assert podrecord.all_records() == {}
     finally:
         loader.load(bypass=True)
 
@@ -285,11 +287,11 @@ def test_config_keys_and_annotations_set_the_pod(plugin, log, datapath, namespac
     }})
     assert run(plugin, log, "ADD", cfg, **env)[0] == 0
     cookie = netns.cookie_of(ns)
-    s = state.read_json(paths.pod_state_file(cookie))["settings"]
-    assert s["exclude_outbound_ports"] == [5432, 6379]        # annotation overrides config
-    assert s["exclude_outbound_cidrs"] == ["192.0.2.0/24"]
-    assert 15999 in s["exclude_inbound_ports"]
-    assert s["no_proxy"] == "passthrough" and s["bypass"] is False
+    s = podrecord.read(cookie).settings
+    assert s.exclude_outbound_ports == [5432, 6379]        # annotation overrides config
+    assert [str(n) for n in s.exclude_outbound_cidrs] == ["192.0.2.0/24"]
+    assert 15999 in s.exclude_inbound_ports
+    assert s.no_proxy == "passthrough" and s.bypass is False
     with Maps() as maps:
         ports = {(k.kind, k.port) for k in maps.port_rules.keys() if k.netns_cookie == cookie}
         cfg_entry = maps.pods.get(ctypes.c_uint64(cookie))
@@ -427,14 +429,15 @@ def test_ingress_filter_from_config_and_annotation_and_its_check(plugin, log, da
         ANN: {"interceptor.io/ingress-policy": "allow tcp port 8080; deny udp port 53"}})
     assert run(plugin, log, "ADD", cfg, **env)[0] == 0
     cookie = netns.cookie_of(ns)
-    rec = state.read_json(paths.pod_state_file(cookie))
-    assert [ingress_policy.rule_text(r) for r in rec["settings"]["ingress_policy"]] == \
+    rec = podrecord.read(cookie)
+    assert [ingress_policy.rule_text(r) for r in rec.settings.ingress_policy] == \
         ["allow tcp port 8080", "deny udp port 53"]             # annotation overrides config
-    assert rec["settings"]["protected_ports"] == [9901]
-    assert rec["ingress"]["mechanism"] == "xdp" and rec["ingress"]["interfaces"][0]["ifname"] == "eth0"
+    assert rec.settings.protected_ports == [9901]
+    interfaces = rec.entry("filter-xdp").state["interfaces"]
+    assert [a["ifname"] for a in interfaces] == ["eth0"]
     assert run(plugin, log, "CHECK", cfg, **env) == (0, None)
     # take the XDP program off behind the plugin's back
-    libbpf.detach_link_pin(xdp.link_pin(cookie, rec["ingress"]["interfaces"][0]["ifindex"]))
+    libbpf.detach_link_pin(xdp.link_pin(cookie, interfaces[0]["ifindex"]))
     rc, doc = run(plugin, log, "CHECK", cfg, **env)
     assert doc["code"] == 105 and "ingress filter" in doc["msg"]
     assert run(plugin, log, "DEL", cfg, **env)[0] == 0
@@ -448,8 +451,8 @@ def test_gc_removes_attachments_not_listed(plugin, log, datapath, namespaces, ke
         assert run(plugin, log, "ADD", config(ip=f"10.66.1.{i + 2}"), **env)[0] == 0
     keep = [{"containerID": envs[0]["CNI_CONTAINERID"], "ifname": "eth0"}]
     assert run(plugin, log, "GC", {"cniVersion": "1.1.0", "name": "test", key: keep}) == (0, None)
-    records = state.pod_records().values()
-    assert [r["container_id"] for r in records] == [envs[0]["CNI_CONTAINERID"]]
+    records = podrecord.all_records().values()
+    assert [r.container_id for r in records] == [envs[0]["CNI_CONTAINERID"]]
     assert len(enrolled_cookies()) == 1
     run(plugin, log, "DEL", config(), **envs[0])
     assert_nothing_enrolled()
@@ -493,18 +496,19 @@ def test_add_check_del_on_rules(plugin, log, namespaces, mode):
         env = container_env(ns)
         rc, doc = run(plugin, log, "ADD", config(), **env)
         assert rc == 0 and doc == prev_result("1.0.0")
-        rec = state.read_json(paths.pod_state_file(netns.cookie_of(ns)))
-        assert rec["mode"] == {"outbound": "rules", "inbound": "rules"}
-        backend = rules.backend_named(rec["rules"]["backend"])
+        rec = podrecord.read(netns.cookie_of(ns))
+        assert rec.mode == {"outbound": "rules", "inbound": "rules"}
+        applied = rec.entry("capture-rules").state
+        backend = rules.backend_named(applied["backend"])
         assert backend.present(ns)
         assert run(plugin, log, "CHECK", config(), **env) == (0, None)
-        backend.remove(ns, rec["rules"].get("created"))          # behind the plugin's back
+        backend.remove(ns, applied.get("created"))          # behind the plugin's back
         rc, doc = run(plugin, log, "CHECK", config(), **env)
         assert doc["code"] == 104 and "rules missing" in doc["msg"]
         rc, doc = run(plugin, log, "ADD", config(noProxy="passthrough"), **env)
         assert doc["code"] == 7 and "passthrough" in doc["msg"]
         assert run(plugin, log, "DEL", config(), **env) == (0, None)
-        assert state.pod_records() == {}
+        assert podrecord.all_records() == {}
         assert not backend.present(ns)
     finally:
         loader.unload()

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
                       sidecar_entries, start_server, start_sidecar)
-from interceptor import abi, enrollment, loader, netns, paths, rules, state
+from interceptor import abi, enrollment, loader, netns, paths, podrecord, rules
 from interceptor.capabilities import uses_bpf
 from interceptor.lab import wait_listening
 from interceptor.maps import Maps, cidr_key
@@ -478,8 +478,7 @@ def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
             c.close()
             assert host_cookie not in {k.netns_cookie for k in maps.stats.keys()}
         finally:
-            maps.pods.delete(ctypes.c_uint64(host_cookie))
-            enrollment._remove_entries(maps, host_cookie)
+            enrollment.remove_pod(host_cookie)
     for conn in accepted:
         conn.close()
     srv.close()
@@ -496,7 +495,8 @@ def test_unenroll_removes_everything_of_the_pod(pods, datapath):
     before = netfilter_state(a)
     enroll(a, exclude_outbound_ports=[1, 2, 3], exclude_outbound_cidrs=["192.0.2.0/24"])
     cookie = netns.cookie_of(a.netns_path)
-    applied = state.read_json(paths.pod_state_file(cookie)).get("rules")
+    rules_entry = podrecord.read(cookie).entry("capture-rules")
+    applied = rules_entry.state if rules_entry else None
     client(a, b.ipv4)
     assert len(sidecar_entries(log)) == 1
     enrollment.unenroll(netns_path=a.netns_path)

@@ -24,7 +24,8 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from conftest import enroll, load_without, pod_counters
-from interceptor import abi, enrollment, ingress_policy, lab as labmod, loader, netns, paths, state
+from interceptor import (abi, enrollment, ingress_policy, lab as labmod, loader, netns, paths, pieces,
+                         podrecord)
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -70,12 +71,20 @@ def flab(mechanism):
 
 def enroll_filtered(pod, mechanism, **settings):
     rec = enroll(pod, ingress_filter=MECHANISMS[mechanism][1], **settings)
-    ing = rec["ingress"]
+    piece, applied = pieces.filter_of(rec)
     if mechanism == "nftables":
-        assert ing["mechanism"] == "nftables"
+        assert piece.mechanism == "nftables"
     else:
-        assert ing["mechanism"] == "xdp" and ing["interfaces"][0]["mode"] == mechanism, ing
+        assert piece.mechanism == "xdp" and applied["interfaces"][0]["mode"] == mechanism, applied
     return rec
+
+
+def filter_interfaces(rec):
+    return pieces.filter_of(rec)[1]["interfaces"]
+
+
+def record_of(name):
+    return next(r for r in podrecord.all_records().values() if r.pod == name)
 
 
 def xdp_attached(pod):
@@ -352,7 +361,6 @@ def test_the_filter_is_in_place_before_capture_is_switched_on(flab, mechanism, m
     """Once the pods entry exists the pod's traffic goes through its proxy, whose
     internal ports must then already be shielded: enroll applies the filter first, and a
     re-enroll never takes the protected ports away while the pod stays captured."""
-    from interceptor import ingress
     pod = flab.add_pod("target")
     cookie = netns.cookie_of(pod.netns_path)
 
@@ -366,18 +374,19 @@ def test_the_filter_is_in_place_before_capture_is_switched_on(flab, mechanism, m
                           if k.netns_cookie == cookie and k.kind == abi.PortKind.PROTECTED)
 
     seen = []
-    real_apply, real_write = ingress.apply, enrollment._write_map_rules
+    the_filter = pieces.FilterNftables if mechanism == "nftables" else pieces.FilterXdp
+    real_filter, real_capture = the_filter.apply, pieces.CaptureBpf.apply
 
-    def apply(*args, **kwargs):
+    def apply_filter(*args, **kwargs):
         seen.append(("filter applied, captured", captured()))
-        return real_apply(*args, **kwargs)
+        return real_filter(*args, **kwargs)
 
-    def write_map_rules(*args, **kwargs):
+    def apply_capture(*args, **kwargs):
         seen.append(("capture rules written, protected", protected()))
-        return real_write(*args, **kwargs)
+        return real_capture(*args, **kwargs)
 
-    monkeypatch.setattr(ingress, "apply", apply)
-    monkeypatch.setattr(enrollment, "_write_map_rules", write_map_rules)
+    monkeypatch.setattr(the_filter, "apply", apply_filter)
+    monkeypatch.setattr(pieces.CaptureBpf, "apply", apply_capture)
     enroll_filtered(pod, mechanism)
     shielded = [] if mechanism == "nftables" else [abi.ADMIN_PORT, abi.OUTBOUND_PORT]
     assert seen == [("filter applied, captured", False),
@@ -430,18 +439,17 @@ def test_live_policy_change_keeps_allowed_flows(flab, mechanism):
 
     listed = policy_cli("list", "--pod", "test/target")
     assert "allow tcp port 8080" in listed.stdout and f"deny from 10.{NET}.0.200/32" in listed.stdout
-    rec = next(r for r in state.pod_records().values() if r.get("pod") == "test/target")
-    assert ingress_policy.rule_text(rec["settings"]["ingress_policy"][0]) == "allow tcp port 8080"
+    rec = record_of("test/target")
+    assert ingress_policy.rule_text(rec.settings.ingress_policy[0]) == "allow tcp port 8080"
     conn.close()
 
 
 def _xdp_link_ids(pod):
-    rec = next(r for r in state.pod_records().values() if r.get("pod") == f"test/{pod.name}")
-    if rec["ingress"]["mechanism"] != "xdp":
+    rec = record_of(f"test/{pod.name}")
+    if pieces.filter_of(rec)[0].mechanism != "xdp":
         return None
     from interceptor import xdp
-    return [xdp.link_info(xdp.link_pin(rec["cookie"], a["ifindex"])).id
-            for a in rec["ingress"]["interfaces"]]
+    return [xdp.link_info(xdp.link_pin(rec.cookie, a["ifindex"])).id for a in filter_interfaces(rec)]
 
 
 def test_auto_mode_picks_generic_on_veth(flab, mechanism):
@@ -450,8 +458,8 @@ def test_auto_mode_picks_generic_on_veth(flab, mechanism):
         pytest.skip("one XDP run is enough")
     pod = flab.add_pod("target")
     rec = enroll(pod)
-    assert rec["ingress"]["interfaces"] == [
-        {"ifname": "eth0", "ifindex": rec["ingress"]["interfaces"][0]["ifindex"], "driver": "veth",
+    assert filter_interfaces(rec) == [
+        {"ifname": "eth0", "ifindex": filter_interfaces(rec)[0]["ifindex"], "driver": "veth",
          "mode": "generic"}]
     assert xdp_attached(pod) == "xdpgeneric"
 
@@ -464,12 +472,12 @@ def test_bad_policy_changes_nothing(flab, mechanism):
     assert p.returncode == 2 and "not a CIDR" in p.stderr
     p = policy_cli("remove", "--pod", "test/target", "deny tcp port 1")
     assert p.returncode == 1 and "no rule" in p.stderr
-    rec = next(r for r in state.pod_records().values() if r.get("pod") == "test/target")
-    assert [ingress_policy.rule_text(r) for r in rec["settings"]["ingress_policy"]] == ["deny udp port 53"]
+    rec = record_of("test/target")
+    assert [ingress_policy.rule_text(r) for r in rec.settings.ingress_policy] == ["deny udp port 53"]
     with pytest.raises(ValueError, match="ingress_policy"):
         enroll(pod, ingress_filter=MECHANISMS[mechanism][1], ingress_policy=["deny tcp port 0"])
-    rec = next(r for r in state.pod_records().values() if r.get("pod") == "test/target")
-    assert [ingress_policy.rule_text(r) for r in rec["settings"]["ingress_policy"]] == ["deny udp port 53"]
+    rec = record_of("test/target")
+    assert [ingress_policy.rule_text(r) for r in rec.settings.ingress_policy] == ["deny udp port 53"]
     assert not enrollment.verify(rec, pod.netns_path)
 
 
@@ -492,7 +500,7 @@ def nft_table_present(pod):
 def test_unenroll_and_unload_detach_everything(flab, mechanism):
     pod = flab.add_pod("target")
     rec = enroll_filtered(pod, mechanism, ingress_policy=POLICY, protected_ports="9999")
-    cookie = rec["cookie"]
+    cookie = rec.cookie
     assert not enrollment.verify(rec, pod.netns_path)
     if mechanism == "nftables":
         assert nft_table_present(pod)
@@ -507,7 +515,7 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
         assert ingress_entries(cookie)[:4] == (True, 3, 4, 3)
         other = "generic" if mechanism == "native" else "native"
         rec = enroll(pod, ingress_filter=other)
-        assert rec["ingress"]["interfaces"][0]["mode"] == other and not enrollment.verify(rec, pod.netns_path)
+        assert filter_interfaces(rec)[0]["mode"] == other and not enrollment.verify(rec, pod.netns_path)
         assert xdp_attached(pod) == ("xdp" if other == "native" else "xdpgeneric")
         assert len(paths.listdir(paths.pod_pin_dir(cookie))) == 2      # sk_lookup + one XDP link
     enrollment.unenroll(netns_path=pod.netns_path)
@@ -544,13 +552,13 @@ def test_foreign_xdp_program_is_refused_not_replaced(flab, mechanism):
     _attach_foreign_xdp(pod)
     with pytest.raises(enrollment.EnrollError, match="already has XDP program .*refusing"):
         enroll(pod, ingress_filter=mechanism)
-    assert state.pod_records() == {} and paths.listdir(paths.PIN_PODS) == []
+    assert podrecord.all_records() == {} and paths.listdir(paths.PIN_PODS) == []
     with Maps() as maps:
         assert maps.pods.keys() == [] and maps.xdp_pods.keys() == []
     assert xdp_attached(pod) == "xdpgeneric"          # the operator's program is still there
 
     rec = enroll(pod, ingress_filter=mechanism, ingress_conflict="skip")
-    assert rec["ingress"]["interfaces"] == [] and rec["ingress"]["skipped"][0]["ifname"] == "eth0"
+    assert filter_interfaces(rec) == [] and pieces.filter_of(rec)[1]["skipped"][0]["ifname"] == "eth0"
     from interceptor import status
     report = status.collect(pod_filter="test/target")
     assert any("no ingress filter on eth0" in w for w in report["warnings"])

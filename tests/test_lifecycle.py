@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import client, enroll, load_without, sidecar_entries, start_server, start_sidecar
-from interceptor import enrollment, libbpf, loader, paths
+from interceptor import enrollment, libbpf, loader, paths, podrecord
 from interceptor.programs import BYPASS_MAP, POD_COPY, PROGRAMS
 
 pytestmark = pytest.mark.kernel
@@ -181,7 +181,7 @@ def test_without_bcc_everything_runs_on_rules(clean, lab, monkeypatch):
 def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     """A plugin or CLI of one version meeting a datapath of another (an upgrade half
     done): a map whose key or value size differs is reported, and nothing is written."""
-    from interceptor import cni, state, status
+    from interceptor import cni, status
     from interceptor.maps import Maps
     from interceptor.podspec import PodSettings
     loader.load()
@@ -194,7 +194,7 @@ def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     with pytest.raises(enrollment.NotLoadedError, match="map pods: value is 20 bytes in the loaded "
                        "datapath, 16 in this interceptor"):
         enrollment.enroll(pod.netns_path, PodSettings(), pod="test/a")
-    assert state.pod_records() == {}
+    assert podrecord.all_records() == {}
     with Maps() as maps:
         assert maps.pod_addrs.keys() == [] and maps.port_rules.keys() == []
     assert any("different versions" in e for e in status.collect()["errors"])

@@ -78,7 +78,7 @@ def _setup(mode, pod):
         # iperf3's port is not steered: there is no sidecar, only the filter is measured
         rec = enrollment.enroll(pod.netns_path, PodSettings(
             ingress_filter=mode[len("xdp-"):], exclude_inbound_ports=[5201]), pod="bench/sink")
-        cookie = rec["cookie"]
+        cookie = rec.cookie
 
         def xdp_dropped():
             with Maps() as maps:

@@ -1,0 +1,129 @@
+"""One enrolled pod's record, typed: what was asked (settings), where (netns, cookie),
+and the journal of datapath pieces applied for it (interceptor/pieces.py).
+
+The record is written before the first piece is applied and after each one, so a run
+killed at any point leaves a record that says what may be in place: removal undoes the
+journal in reverse, and a piece recorded without its state is removed by sweeping what
+it could have made. Stored as JSON in /run/interceptor/pods/<cookie>.json.
+"""
+import dataclasses
+import os
+import time
+
+from . import paths, state
+from .podspec import PodSettings, SettingError
+
+
+@dataclasses.dataclass
+class JournalEntry:
+    piece: str                    # a pieces.BY_NAME key
+    state: dict | None = None     # what the piece recorded; None: begun, not finished
+
+
+@dataclasses.dataclass
+class PodRecord:
+    cookie: int
+    netns: str
+    settings: PodSettings
+    mode: dict                    # {"outbound": "ebpf"|"rules", "inbound": ...} at enroll
+    pod: str | None = None        # namespace/name, when a runtime or the CLI named it
+    container_id: str | None = None
+    ifname: str | None = None
+    addresses: list = dataclasses.field(default_factory=list)     # strings
+    enrolled_at: float = dataclasses.field(default_factory=time.time)
+    journal: list = dataclasses.field(default_factory=list)       # JournalEntry, in order
+    complete: bool = False
+    damaged: str | None = None    # why the stored file could not be read as a record
+
+    @property
+    def name(self):
+        return self.pod or f"cookie:{self.cookie}"
+
+    def entry(self, piece):
+        return next((e for e in self.journal if e.piece == piece), None)
+
+    def netns_exists(self):
+        return bool(self.netns) and os.path.exists(self.netns)
+
+    def to_json(self):
+        return {
+            "cookie": self.cookie, "netns": self.netns, "settings": self.settings.to_dict(),
+            "mode": self.mode, "pod": self.pod, "container_id": self.container_id,
+            "ifname": self.ifname, "addresses": self.addresses, "enrolled_at": self.enrolled_at,
+            "journal": [{"piece": e.piece, "state": e.state} for e in self.journal],
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_json(cls, d):
+        settings = PodSettings(**d["settings"])
+        return cls(
+            cookie=int(d["cookie"]), netns=d["netns"], settings=settings,
+            mode=d.get("mode") or {"outbound": "ebpf", "inbound": "ebpf"},
+            pod=d.get("pod"), container_id=d.get("container_id"), ifname=d.get("ifname"),
+            addresses=list(d.get("addresses", [])), enrolled_at=d.get("enrolled_at", 0.0),
+            journal=[JournalEntry(e["piece"], e.get("state")) for e in d["journal"]]
+            if "journal" in d else _journal_of_0_1(d),
+            complete=d.get("complete") is True)
+
+
+def _journal_of_0_1(d):
+    """Records written before the journal (interceptor 0.1) kept each mechanism under
+    its own key; read so that an upgraded node can still verify and remove its pods."""
+    journal = []
+    ing = dict(d.get("ingress") or {})
+    mechanism = ing.pop("mechanism", None)
+    if mechanism:
+        journal.append(JournalEntry(f"filter-{mechanism}", ing))
+    if d.get("rules"):
+        journal.append(JournalEntry("capture-rules", d["rules"]))
+    if "ebpf" in (d.get("mode") or {"outbound": "ebpf"}).values():
+        journal.append(JournalEntry("capture-bpf", {}))
+    return journal
+
+
+def write(record):
+    state.write_json(paths.pod_state_file(record.cookie), record.to_json())
+
+
+def read(cookie):
+    """The record of this cookie, None if there is none. A file that is not a valid
+    record still yields one (damaged, incomplete, settings at their defaults), so the
+    pod is reported and can be removed rather than silently forgotten."""
+    path = paths.pod_state_file(cookie)
+    try:
+        raw = state.read_json(path)
+    except (OSError, ValueError) as exc:
+        return _damaged(cookie, f"unreadable: {exc}")
+    if raw is None:
+        return None
+    try:
+        rec = PodRecord.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError, SettingError) as exc:
+        return _damaged(cookie, f"not a pod record: {exc}", raw if isinstance(raw, dict) else {})
+    if rec.cookie != cookie:
+        return _damaged(cookie, f"records cookie {rec.cookie}", raw)
+    return rec
+
+
+def _damaged(cookie, why, raw=None):
+    raw = raw or {}
+    netns = raw.get("netns")
+    return PodRecord(cookie=cookie, netns=netns if isinstance(netns, str) else "",
+                     settings=PodSettings(), mode={"outbound": "unknown", "inbound": "unknown"},
+                     damaged=why, complete=False)
+
+
+def remove(cookie):
+    state.remove(paths.pod_state_file(cookie))
+
+
+def all_records():
+    """{cookie: PodRecord} of every enrolled pod."""
+    out = {}
+    for name in paths.listdir(paths.POD_STATE):
+        if name.endswith(".json") and name[:-5].isdigit():
+            rec = read(int(name[:-5]))
+            if rec is not None:
+                out[rec.cookie] = rec
+    return out
