@@ -85,18 +85,25 @@ def connect(host, port, nbytes=None, uid=None, gid=None):
         return {"error": errno.errorcode.get(exc.errno, str(exc))}
     out = {"peername": _addr(s.getpeername()), "sockname": _addr(s.getsockname())}
     h = hashlib.sha256()
-    if nbytes is None:
-        payload = b"hello"
-        h.update(payload)
-        s.sendall(payload)
-    else:
-        left = nbytes
-        while left:
-            chunk = os.urandom(min(CHUNK * 4, left))
-            h.update(chunk)
-            s.sendall(chunk)
-            left -= len(chunk)
-    s.shutdown(socket.SHUT_WR)     # half-close: the server answers after EOF
+    try:
+        if nbytes is None:
+            payload = b"hello"
+            h.update(payload)
+            s.sendall(payload)
+        else:
+            left = nbytes
+            while left:
+                chunk = os.urandom(min(CHUNK * 4, left))
+                h.update(chunk)
+                s.sendall(chunk)
+                left -= len(chunk)
+        s.shutdown(socket.SHUT_WR)     # half-close: the server answers after EOF
+    except OSError as exc:
+        # the peer closed first (a proxy that had nowhere to send the connection)
+        out["error"] = errno.errorcode.get(exc.errno, str(exc))
+        out["reply"] = None
+        s.close()
+        return out
     reply = b""
     try:
         while True:
