@@ -4,6 +4,7 @@ namespaces, the test apps and sidecars.
 Tests use their own pin root and state dir, so a datapath loaded on the machine for real
 is neither used nor disturbed by a test run.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -47,22 +48,37 @@ def load_without(disabled="", **load_args):
             os.environ[doctor.DISABLE_ENV] = old
 
 
-@pytest.fixture(scope="module")
-def datapath():
-    """The datapath loaded for one test module, unloaded after it (and checked gone)."""
+@contextlib.contextmanager
+def loaded(disabled="", **load_args):
+    """The datapath loaded afresh (features in disabled reported absent), unloaded after,
+    and checked gone."""
     loader.unload()
-    loader.load(bypass=True)     # the suite exercises the bypass too
-    yield
+    load_without(disabled, **load_args)
+    yield loader.node_plan()
     loader.unload()
     assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
 
 
-@pytest.fixture
-def lab():
-    with labmod.Lab(prefix=f"ict{uuid.uuid4().hex[:5]}", net=77) as the_lab:
+@contextlib.contextmanager
+def pods_lab(prefix, net):
+    """A lab of pods whose enrollments are removed with it."""
+    with labmod.Lab(prefix=f"{prefix}{uuid.uuid4().hex[:5]}", net=net) as the_lab:
         yield the_lab
         for pod in the_lab.pods.values():
             enrollment.unenroll(netns_path=pod.netns_path)
+
+
+@pytest.fixture(scope="module")
+def datapath():
+    """The datapath loaded for one test module, unloaded after it (and checked gone)."""
+    with loaded(bypass=True):     # the suite exercises the bypass too
+        yield
+
+
+@pytest.fixture
+def lab():
+    with pods_lab("ict", 77) as the_lab:
+        yield the_lab
 
 
 def start_server(pod, port=SERVER_PORT):

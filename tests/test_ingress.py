@@ -23,8 +23,8 @@ from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from conftest import enroll, load_without, pod_counters
-from interceptor import (abi, enrollment, ingress_policy, lab as labmod, loader, netns, paths, pieces,
+from conftest import enroll, load_without, loaded, pod_counters, pods_lab
+from interceptor import (abi, enrollment, ingress_policy, loader, netns, paths, pieces,
                          podrecord)
 from interceptor.maps import Maps
 
@@ -53,20 +53,15 @@ MECHANISMS = {
 @pytest.fixture(scope="module", params=list(MECHANISMS))
 def mechanism(request):
     disabled, _ = MECHANISMS[request.param]
-    loader.unload()
-    load_without(disabled)
-    assert loader.node_plan()["ingress"] == ("nftables" if request.param == "nftables" else "xdp")
-    yield request.param
-    loader.unload()
-    assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
+    with loaded(disabled) as plan:
+        assert plan["ingress"] == ("nftables" if request.param == "nftables" else "xdp")
+        yield request.param
 
 
 @pytest.fixture
 def flab(mechanism):
-    with labmod.Lab(prefix=f"icx{uuid.uuid4().hex[:5]}", net=NET) as lab:
+    with pods_lab("icx", NET) as lab:
         yield lab
-        for pod in lab.pods.values():
-            enrollment.unenroll(netns_path=pod.netns_path)
 
 
 def enroll_filtered(pod, mechanism, **settings):

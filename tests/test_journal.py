@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from conftest import load_without
-from interceptor import abi, enrollment, lab as labmod, loader, netns, paths, pieces, podrecord, status
+from conftest import loaded, pods_lab
+from interceptor import abi, enrollment, loader, netns, paths, pieces, podrecord, status
 from interceptor.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
 from interceptor.podspec import PodSettings
 from interceptor.problems import Kind
@@ -51,19 +50,14 @@ enrollment.enroll(netns_path, PodSettings(**settings), pod="test/victim")
 
 @pytest.fixture(scope="module", params=list(MODES))
 def mode(request):
-    loader.unload()
-    load_without("", **MODES[request.param])
-    yield request.param
-    loader.unload()
-    assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
+    with loaded(**MODES[request.param]):
+        yield request.param
 
 
 @pytest.fixture
 def pod(mode):
-    with labmod.Lab(prefix=f"icj{uuid.uuid4().hex[:5]}", net=NET) as lab:
+    with pods_lab("icj", NET) as lab:
         yield lab.add_pod("victim")
-        for p in lab.pods.values():
-            enrollment.unenroll(netns_path=p.netns_path)
 
 
 def netfilter(pod):

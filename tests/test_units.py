@@ -273,3 +273,18 @@ def test_listener_lookup_skips_ipv6_where_the_node_has_none(monkeypatch):
     monkeypatch.setattr(listeners.netlink, "dump", failing)
     with pytest.raises(OSError):
         listeners._listener_inodes(15006)
+
+
+def test_the_cni_add_path_needs_only_the_standard_library():
+    """The plugin runs as `python3 -S` (no site packages): everything an ADD, DEL or
+    CHECK imports, down to each datapath piece, must come without BCC, scapy, pyroute2,
+    click or prometheus_client."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import interceptor.cni, interceptor.cni_config, interceptor.enrollment\n"
+            "import interceptor.pieces, interceptor.rules, interceptor.ingress_nft\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'bcc', 'scapy', 'pyroute2', 'click', 'prometheus_client'}))" % root)
+    out = subprocess.run(["/usr/bin/python3", "-S", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
