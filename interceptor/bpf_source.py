@@ -8,7 +8,11 @@ errors still name the right file); system includes stay as they are.
 import pathlib
 import re
 
-BPF_DIR = pathlib.Path(__file__).resolve().parent.parent / "bpf"
+_HERE = pathlib.Path(__file__).resolve().parent
+# Installed (wheel, container image): the sources ship inside the package as
+# interceptor/bpf (pyproject maps the repo's bpf/ there); in a checkout they sit beside it.
+BPF_DIR = next((d for d in (_HERE / "bpf", _HERE.parent / "bpf") if (d / "lib" / "maps.h").exists()),
+               _HERE / "bpf")
 
 # One file per hook family; all share lib/maps.h, so they are compiled together.
 HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c",

@@ -34,9 +34,18 @@ def plan(mode, report):
     inbound_ebpf = base and ok.get("sk_lookup", False)
     rules_backend = "nftables" if ok.get("nftables") else ("iptables" if ok.get("iptables") else None)
 
+    details = {c.name: c.detail for c in report.checks}
+    if mode in ("auto", "ebpf") and not ok.get("bcc_compile") and \
+            all(ok.get(n) for n in REQUIRED_FOR_EBPF if n != "bcc_compile"):
+        # never settle quietly for REDIRECT rules on a kernel that has it all: a node
+        # missing python3-bpfcc or headers is a broken install, not an old kernel
+        raise ValueError(f"this kernel has every feature of the eBPF datapath, but BCC cannot "
+                         f"compile here ({details.get('bcc_compile', 'not probed')}): install "
+                         "python3-bpfcc and the kernel headers (see `interceptor doctor`), or "
+                         "ask for REDIRECT rules with --mode nftables or --mode iptables")
     if mode == "ebpf":
         if not ebpf_usable(ok):
-            missing = [n for n in REQUIRED_FOR_EBPF if not ok.get(n)]
+            missing = [f"{n} ({details.get(n, 'not probed')})" for n in REQUIRED_FOR_EBPF if not ok.get(n)]
             raise ValueError("eBPF mode needs " + ", ".join(missing))
         directions = (EBPF, EBPF)
     elif mode in ("nftables", "iptables"):

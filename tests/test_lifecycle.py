@@ -150,15 +150,21 @@ def test_load_at_a_given_cgroup(clean):
         os.rmdir(child)
 
 
-def test_without_bcc_everything_runs_on_rules(clean, lab, monkeypatch):
-    """A node where BCC cannot compile (no headers, no clang): doctor says so, load
-    picks nftables for both directions without pinning anything, and interception works."""
+def test_without_bcc_load_says_so_and_rules_run_only_when_asked(clean, lab, monkeypatch):
+    """A node whose kernel has every feature but where BCC cannot compile (no headers,
+    no python3-bpfcc) is a broken install: doctor and load say so, neither auto nor ebpf
+    settles quietly for REDIRECT rules; asked for nftables, interception works."""
     monkeypatch.setenv("INTERCEPTOR_DISABLE_FEATURES", "bcc_compile")
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "doctor"], capture_output=True, text=True)
     assert r.returncode == 1
     assert re.search(r"bcc_compile\s+missing\s+disabled by INTERCEPTOR_DISABLE_FEATURES", r.stdout)
-    assert re.search(r"Mode:\s+nftables", r.stdout)
-    assert loader.load() == "loaded"
+    assert re.search(r"Mode:\s+unavailable \(this kernel has every feature", r.stdout)
+    for mode in ("auto", "ebpf"):
+        r = subprocess.run([sys.executable, "-m", "interceptor.cli", "load", "--mode", mode],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "BCC" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not loader.is_loaded() and not os.path.exists(paths.PIN_ROOT)
+    assert loader.load(mode="nftables") == "loaded"
     assert loader.node_plan()["mode"] == "nftables"
     assert not os.path.exists(paths.PIN_ROOT)
     a = lab.add_pod("a")
