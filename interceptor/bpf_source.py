@@ -43,3 +43,11 @@ def assemble(files=HOOK_FILES, bpf_dir=BPF_DIR):
     for name in files:
         inline(bpf_dir / name)
     return "\n".join(out) + "\n"
+
+
+def datapath_version(files=HOOK_FILES, bpf_dir=BPF_DIR):
+    """Which datapath this is: a digest of the one translation unit BCC compiles (map
+    layouts included, through abi.h and maps.h). Two builds with equal versions load
+    the same programs and maps, so an agent of either adopts the other's."""
+    import hashlib
+    return hashlib.sha256(assemble(files, bpf_dir).encode()).hexdigest()[:12]

@@ -4,6 +4,9 @@ import sys
 
 import click
 
+from .cni_chain import OWNED_NAME as CHAIN_NAME
+from .cni_install import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR
+
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
@@ -266,10 +269,82 @@ def status_sockets(output, pod, watch):
 def metrics(listen):
     """Serve Prometheus metrics (read from the maps at every scrape)."""
     from . import metrics as m
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    m.serve(*_listen(listen))
+
+
+def _listen(value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise click.BadParameter("expected ADDRESS:PORT", param_hint="--listen")
-    m.serve(host.strip("[]"), int(port))
+    return host.strip("[]"), int(port)
+
+
+_agent_bin_dir = click.option("--cni-bin-dir", default=DEFAULT_BIN_DIR, show_default=True,
+                              type=click.Path(file_okay=False), help="CNI plugin directory (host path as mounted).")
+_agent_conf_dir = click.option("--cni-conf-dir", default=DEFAULT_CONF_DIR, show_default=True,
+                               type=click.Path(file_okay=False), help="CNI configuration directory.")
+_agent_conf_name = click.option("--cni-conf-name", default=CHAIN_NAME, show_default=True,
+                                help="The agent's chained configuration; must sort before the primary's.")
+
+
+@main.command()
+@_agent_bin_dir
+@_agent_conf_dir
+@_agent_conf_name
+@click.option("--listen", default="0.0.0.0:9464", show_default=True,
+              help="ADDRESS:PORT serving /healthz, /readyz and /metrics.")
+@click.option("--plugin-config", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file with the plugin's entry in the chain (a ConfigMap); default: "
+                   "Istio-compatible settings, kube-system excluded.")
+@click.option("--cri-socket", type=click.Path(dir_okay=False),
+              help="The runtime's CRI socket, to enroll pods that started before the chain.")
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+              show_default=True)
+@click.option("--bypass/--no-bypass", default=False, show_default=True)
+@click.option("--reconcile-every", type=click.FloatRange(0.5, 3600), default=30.0, show_default=True,
+              help="Seconds between reconcile passes (conf dir changes are handled at once).")
+def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_socket, mode,
+          bypass, reconcile_every):
+    """The node agent of a DaemonSet: load or adopt the datapath, keep the CNI chain,
+    reconcile pods. SIGTERM leaves everything in place (see `uninstall`)."""
+    import signal
+    import threading
+    from . import agent as ag
+    host, port = _listen(listen)
+    if not cni_conf_name.endswith(".conflist") or "/" in cni_conf_name:
+        raise click.BadParameter("expected a file name ending in .conflist", param_hint="--cni-conf-name")
+    try:
+        entry = ag.load_plugin_entry(plugin_config) if plugin_config else None
+    except (OSError, ValueError) as exc:
+        _fail(f"--plugin-config: {exc}", 2)
+    config = ag.AgentConfig(cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir, cni_conf_name=cni_conf_name,
+                            mode=mode, bypass=bypass, cri_socket=cri_socket, reconcile_every=reconcile_every)
+    if entry is not None:
+        config.plugin_entry = entry
+    the_agent = ag.Agent(config, log=lambda msg: click.echo(msg))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        server = ag.serve_http(the_agent, host, port)
+    except OSError as exc:
+        _fail(f"--listen {listen}: {exc.strerror}")
+    the_agent.start()
+    click.echo(f"agent running; /healthz /readyz /metrics on http://{listen}")
+    the_agent.run(stop)
+    server.shutdown()
+    click.echo("agent stopped; datapath, pods and CNI chain left in place")
+
+
+@main.command()
+@_agent_bin_dir
+@_agent_conf_dir
+@_agent_conf_name
+def uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name):
+    """Take interceptor off the node: CNI chain, plugin, every pod, the datapath."""
+    from . import agent as ag
+    ag.uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name, log=lambda msg: click.echo(msg))
+    click.echo("uninstalled")
 
 
 def _address(value, param, default_host):
@@ -339,9 +414,9 @@ def cni():
     """Install the CNI chained plugin on this node, or remove it."""
 
 
-_bin_dir = click.option("--bin-dir", default="/opt/cni/bin", show_default=True,
+_bin_dir = click.option("--bin-dir", default=DEFAULT_BIN_DIR, show_default=True,
                         type=click.Path(file_okay=False), help="CNI plugin directory.")
-_conf_dir = click.option("--conf-dir", default="/etc/cni/net.d", show_default=True,
+_conf_dir = click.option("--conf-dir", default=DEFAULT_CONF_DIR, show_default=True,
                          type=click.Path(file_okay=False), help="CNI network configuration directory.")
 
 

@@ -6,24 +6,29 @@ loads (.conf, .conflist, .json), as libcni picks it. A single-plugin .conf is co
 into a .conflist. Install keeps a backup of the file it changed, under a name runtimes do
 not load, and records in its own plugin entry what uninstall must undo.
 """
+import hashlib
+import importlib.util
+import io
 import json
+import marshal
 import os
+import struct
+import zipfile
 
 PLUGIN_TYPE = "interceptor-cni"
+DEFAULT_BIN_DIR = "/opt/cni/bin"
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
 CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 BACKUP_SUFFIX = ".interceptor-backup"
 INSTALL_KEY = "interceptorInstall"    # in our entry: what uninstall must undo
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# The plugin runs with Debian's python3 and no site packages (-S): its path imports only
-# the standard library, and that saves about 5 ms on every VERSION/ADD/DEL.
-WRAPPER = """#!/usr/bin/python3 -S
-# interceptor-cni, installed by `interceptor cni install` from {root}
-import sys
-sys.path.insert(0, {root!r})
-from interceptor.cni import main
-sys.exit(main())
-"""
+# The plugin is one self-contained file: a zip of the package's modules run by the
+# node's own python3 with no site packages (-S), so it needs nothing the agent's
+# container or a virtualenv has (the runtime runs it on the host), and its path imports
+# only the standard library (that saves about 5 ms on every VERSION/ADD/DEL).
+INTERPRETER = "/usr/bin/python3 -S"
+ZIP_MAIN = "import sys\nfrom interceptor.cni import main\nsys.exit(main())\n"
 
 
 class InstallError(Exception):
@@ -53,6 +58,81 @@ def _our_entry(plugins):
     return next((p for p in plugins if p.get("type") == PLUGIN_TYPE), None)
 
 
+def _sources():
+    """{zip name: source bytes} of the plugin."""
+    out = {"__main__.py": ZIP_MAIN.encode(),
+           "interceptor/__init__.py": b""}      # zipimport has no namespace packages
+    for name in sorted(os.listdir(PACKAGE_DIR)):    # the top level: bench/ and bpf/ stay out
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(PACKAGE_DIR, name), "rb") as f:
+                out[f"interceptor/{name}"] = f.read()
+    return out
+
+
+def _fingerprint(sources):
+    h = hashlib.sha256(INTERPRETER.encode())
+    for name, data in sorted(sources.items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest().encode()
+
+
+def plugin_binary():
+    """The plugin executable's bytes: shebang, then a zip of the package's modules, each
+    with its bytecode (unchecked-hash .pyc: compiling on every call would cost ~10 ms;
+    a node python of another version ignores them and compiles). The zip's comment is a
+    fingerprint of the sources, which says whether an installed plugin is this one."""
+    sources = _sources()
+    buf = io.BytesIO()
+    buf.write(f"#!{INTERPRETER}\n".encode())
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        def add(name, data):
+            info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+        for name, data in sources.items():
+            add(name, data)
+            if name.startswith("interceptor/"):
+                add(name + "c", _bytecode(name, data))
+        z.comment = _fingerprint(sources)
+    return buf.getvalue()
+
+
+def _bytecode(name, source):
+    code = compile(source, name, "exec", dont_inherit=True)
+    return importlib.util.MAGIC_NUMBER + struct.pack("<I", 0b01) + \
+        importlib.util.source_hash(source) + marshal.dumps(code)     # PEP 552, unchecked
+
+
+def installed_fingerprint(binary):
+    try:
+        with zipfile.ZipFile(binary) as z:
+            return z.comment
+    except (OSError, zipfile.BadZipFile):
+        return None
+
+
+def install_binary(bin_dir):
+    """Put the plugin in bin_dir (atomically); [] when this one is there already."""
+    os.makedirs(bin_dir, exist_ok=True)
+    binary = os.path.join(bin_dir, PLUGIN_TYPE)
+    if installed_fingerprint(binary) == _fingerprint(_sources()):
+        return []
+    tmp = f"{binary}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(plugin_binary())
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, binary)
+    return [f"installed {binary}"]
+
+
+def remove_binary(bin_dir):
+    binary = os.path.join(bin_dir, PLUGIN_TYPE)
+    if os.path.exists(binary):
+        os.unlink(binary)
+        return [f"removed {binary}"]
+    return []
+
+
 def plugin_entry():
     """The chained entry install appends: Istio-compatible defaults, and the annotations
     capability so containerd passes pod annotations."""
@@ -60,20 +140,11 @@ def plugin_entry():
             "excludeNamespaces": ["kube-system"], "logFile": "/var/log/interceptor-cni.log"}
 
 
-def install(bin_dir="/opt/cni/bin", conf_dir="/etc/cni/net.d"):
+def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
     """Returns a list of what was done (empty when everything was already in place)."""
     done = []
     path = active_config(conf_dir)
-    os.makedirs(bin_dir, exist_ok=True)
-    binary = os.path.join(bin_dir, PLUGIN_TYPE)
-    wrapper = WRAPPER.format(root=PACKAGE_ROOT)
-    if not os.path.exists(binary) or open(binary).read() != wrapper:
-        tmp = f"{binary}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(wrapper)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, binary)
-        done.append(f"installed {binary}")
+    done += install_binary(bin_dir)
 
     with open(path) as f:
         doc = json.load(f)
@@ -109,7 +180,7 @@ def _backup(path):
         dst.write(src.read())
 
 
-def uninstall(bin_dir="/opt/cni/bin", conf_dir="/etc/cni/net.d"):
+def uninstall(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
     done = []
     for name in sorted(os.listdir(conf_dir)) if os.path.isdir(conf_dir) else []:
         if not name.endswith(CONF_EXTENSIONS):
@@ -141,10 +212,7 @@ def uninstall(bin_dir="/opt/cni/bin", conf_dir="/etc/cni/net.d"):
             done.append(f"removed {PLUGIN_TYPE} from {path}")
         if os.path.exists(backup):
             os.unlink(backup)
-    binary = os.path.join(bin_dir, PLUGIN_TYPE)
-    if os.path.exists(binary):
-        os.unlink(binary)
-        done.append(f"removed {binary}")
+    done += remove_binary(bin_dir)
     if not done and not any(n.endswith(CONF_EXTENSIONS) for n in
                             (os.listdir(conf_dir) if os.path.isdir(conf_dir) else [])):
         raise InstallError(f"{conf_dir} holds no network configuration")

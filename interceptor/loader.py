@@ -84,8 +84,9 @@ def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
 
 
 def _load(plan, mode, cgroup, log):
+    from .bpf_source import datapath_version
     node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
-            "cgroup": None, "cgroup_mounted_by_us": False}
+            "cgroup": None, "cgroup_mounted_by_us": False, "datapath_version": datapath_version()}
     state.write_json(paths.NODE_STATE, node)     # first, so a failure can be undone
     if uses_bpf(plan):
         mounts.ensure_bpffs()

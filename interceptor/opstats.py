@@ -13,7 +13,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def _path():
-    return os.path.join(paths.RUN_DIR, "opstats.json")
+    return paths.OPSTATS
 
 
 def record(operation, ok, seconds=None):

@@ -18,6 +18,7 @@ OWN_CGROUP2 = os.path.join(RUN_DIR, "cgroup2")  # mounted only when no cgroup2 m
 NODE_STATE = os.path.join(RUN_DIR, "node.json")
 POD_STATE = os.path.join(RUN_DIR, "pods")       # POD_STATE/<netns cookie>.json
 LOCK = os.path.join(RUN_DIR, "lock")
+OPSTATS = os.path.join(RUN_DIR, "opstats.json")   # counts of userspace operations
 XDP_TEMPLATE = os.path.join(RUN_DIR, "xdp_template.json")   # written by load, used by enroll
 
 

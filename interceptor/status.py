@@ -151,6 +151,7 @@ def collect(pod_filter=None):
             "capabilities": _capabilities(plan),
             "pieces": (plan.get("pieces") or pieces.for_plan(plan)) if plan else [],
             "cgroup": node.get("cgroup"),
+            "datapath_version": node.get("datapath_version"),
             "bypass": node.get("bypass"),
             "headers": _headers(),
             "programs": [],
@@ -284,7 +285,7 @@ def render(report, wide=False, color=False):
         if progs:
             lines.append(_row("Loader", _style("OK" if ok else "incomplete", ok, color) +
                               f", {sum(p['pinned'] for p in progs)}/{len(progs)} programs pinned, "
-                              f"{attached} attached"))
+                              f"{attached} attached, datapath {n['datapath_version'] or '-'}"))
             lines.append(_row("Cgroup", n["cgroup"]))
         else:
             lines.append(_row("Loader", _style("OK", True, color) + ", rules only (no BPF programs)"))

@@ -11,6 +11,11 @@
                                   (fin: close(); rst: SO_LINGER 0), as wrk's start-up
                                   probe, health checkers and port scanners do; prints
                                   {connected, failed}
+    apps.py load HOST PORT --until FILE
+                                  request after request (connect, send, half-close,
+                                  read the reply) until FILE exists; prints {ok, failed,
+                                  errors, peers}: a load generator that counts every
+                                  failure (peers: the server's view of each sockname)
 
 Run inside pod namespaces by the tests (ip netns exec). Standard library only.
 """
@@ -213,6 +218,24 @@ def stream_checks(port):
     return result
 
 
+def load(host, port, until):
+    import time
+    out = {"ok": 0, "failed": 0, "errors": {}, "sent_to": set()}
+    while not os.path.exists(until):
+        r = connect(host, port)
+        reply = r.get("reply")
+        if "error" in r or not reply or reply.get("bytes") != 5:
+            out["failed"] += 1
+            key = r.get("error", "bad reply")
+            out["errors"][key] = out["errors"].get(key, 0) + 1
+            time.sleep(0.01)
+        else:
+            out["ok"] += 1
+            out["sent_to"].add(reply["sockname"])
+    out["sent_to"] = sorted(out["sent_to"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -231,11 +254,17 @@ def main():
     p.add_argument("port", type=int)
     p.add_argument("n", type=int)
     p.add_argument("--close", choices=("fin", "rst"), default="fin")
+    p = sub.add_parser("load")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("--until", required=True)
     args = ap.parse_args()
     if args.cmd == "serve":
         serve(args.port)
     elif args.cmd == "connect":
         print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid)))
+    elif args.cmd == "load":
+        print(json.dumps(load(args.host, args.port, args.until)))
     elif args.cmd == "storm":
         print(json.dumps(storm(args.host, args.port, args.n, args.close)))
     else:

@@ -104,6 +104,7 @@ def mask(text):
     text = re.sub(r"(Kernel:\s+)\S+", r"\1<kernel>", text)
     text = re.sub(r"(Cgroup:\s+)\S+", r"\1<cgroup>", text)
     text = re.sub(r"(Maps:\s+).*", r"\1<maps>", text)
+    text = re.sub(r"datapath [0-9a-f]{12}", "datapath <version>", text)
     text = re.sub(r"(127\.0\.0\.1|10\.77\.0\.\d+):\d{5}(?=\s)", r"\1:<port>", text)
     # the borrowed-headers warning depends on the machine, not on interceptor
     text = re.sub(r"  - headers belong to another kernel.*?datapath\n", "", text, flags=re.S)
