@@ -39,7 +39,8 @@ class AgentCounters:
     """The agent's own metrics (besides the datapath's)."""
     chain_repairs: int = 0            # re-chained after a change to the conf dir
     reconciled: dict = dataclasses.field(default_factory=lambda: {"enrolled": 0, "removed": 0, "failed": 0})
-    datapath: dict = dataclasses.field(default_factory=lambda: {"loaded": 0, "adopted": 0, "refused": 0})
+    datapath: dict = dataclasses.field(
+        default_factory=lambda: {"loaded": 0, "adopted": 0, "upgraded": 0, "refused": 0})
 
 
 class Agent:
@@ -55,9 +56,9 @@ class Agent:
 
     # --- the datapath ------------------------------------------------------------------
     def ensure_datapath(self):
-        """Load, or adopt what is loaded. A datapath of another version stays as it is
-        (its pods stay captured) and the agent is not ready: replacing the programs in
-        place is not done by this version."""
+        """Load, adopt what is loaded, or upgrade it in place (upgrade.py). A datapath
+        that cannot be upgraded in place (a map's layout changed) stays as it is, its
+        pods captured, and the agent is not ready."""
         ours = datapath_version()
         if loader.is_loaded():
             theirs = (loader.node_state() or {}).get("datapath_version")
@@ -67,11 +68,17 @@ class Agent:
                     self.log(f"adopted the loaded datapath {ours}")
                 self.datapath_problem = None
                 return
-            if self.datapath_problem is None or not self.datapath_problem.startswith("datapath"):
-                self.counters.datapath["refused"] += 1
-            self.datapath_problem = (f"datapath {theirs} is loaded, this agent is {ours}: left as it is "
-                                     "(in-place upgrade of the programs is not implemented yet)")
-            self.log(self.datapath_problem)
+            from .upgrade import UpgradeError, upgrade
+            try:
+                self.log(upgrade(log=self.log))
+            except UpgradeError as exc:
+                if self.datapath_problem is None or not self.datapath_problem.startswith("datapath"):
+                    self.counters.datapath["refused"] += 1
+                    self.log(f"upgrade refused: {exc}")
+                self.datapath_problem = f"datapath {theirs} is loaded, this agent is {ours}: {exc}"
+                return
+            self.counters.datapath["upgraded"] += 1
+            self.datapath_problem = None
             return
         try:
             result = loader.load(bypass=self.config.bypass, mode=self.config.mode, log=self.log)
@@ -225,7 +232,8 @@ def _registry(agent):
                 pods.add_metric([action], n)
             yield pods
             events = CounterMetricFamily("interceptor_agent_datapath_events",
-                                         "Datapath loaded, adopted, or refused (another version).",
+                                         "Datapath loaded, adopted, upgraded in place, or refused "
+                                         "(another version that cannot be upgraded in place).",
                                          labels=["event"])
             for event, n in sorted(c.datapath.items()):
                 events.add_metric([event], n)

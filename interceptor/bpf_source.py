@@ -5,14 +5,17 @@ files reached through #include, and turns only functions of that text into progr
 So our own quoted includes are inlined here (each once, with #line markers so compiler
 errors still name the right file); system includes stay as they are.
 """
+import os
 import pathlib
 import re
 
 _HERE = pathlib.Path(__file__).resolve().parent
 # Installed (wheel, container image): the sources ship inside the package as
 # interceptor/bpf (pyproject maps the repo's bpf/ there); in a checkout they sit beside it.
-BPF_DIR = next((d for d in (_HERE / "bpf", _HERE.parent / "bpf") if (d / "lib" / "maps.h").exists()),
-               _HERE / "bpf")
+# INTERCEPTOR_BPF_DIR: another tree of sources (development; the upgrade tests build a
+# changed datapath this way).
+BPF_DIR = pathlib.Path(os.environ["INTERCEPTOR_BPF_DIR"]) if os.environ.get("INTERCEPTOR_BPF_DIR") else \
+    next((d for d in (_HERE / "bpf", _HERE.parent / "bpf") if (d / "lib" / "maps.h").exists()), _HERE / "bpf")
 
 # One file per hook family; all share lib/maps.h, so they are compiled together.
 HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c",

@@ -56,6 +56,17 @@ def load(cgroup, bypass, mode):
 
 
 @main.command()
+def upgrade():
+    """Replace the loaded datapath's programs with this version's, in place: links,
+    maps and enrolled pods are kept (refused if a map's layout changed)."""
+    from .upgrade import UpgradeError, upgrade as do_upgrade
+    try:
+        click.echo(do_upgrade(log=click.echo))
+    except UpgradeError as exc:
+        _fail(str(exc))
+
+
+@main.command()
 def unload():
     """Unenroll every pod, detach and unpin everything (idempotent)."""
     from . import loader
@@ -311,6 +322,7 @@ def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_s
     import threading
     from . import agent as ag
     host, port = _listen(listen)
+    sys.stdout.reconfigure(line_buffering=True)     # a log line per event, at once, into a pipe
     if not cni_conf_name.endswith(".conflist") or "/" in cni_conf_name:
         raise click.BadParameter("expected a file name ending in .conflist", param_hint="--cni-conf-name")
     try:

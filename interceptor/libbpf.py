@@ -68,6 +68,7 @@ def _declare(l):
         "bpf_map_get_next_key": ([c_int, c_void_p, c_void_p], c_int),
         "bpf_link_create": ([c_int, c_int, c_uint, c_void_p], c_int),
         "bpf_link_detach": ([c_int], c_int),
+        "bpf_link_update": ([c_int, c_int, c_void_p], c_int),
         "bpf_prog_attach": ([c_int, c_int, c_uint, c_uint], c_int),
         "bpf_prog_detach2": ([c_int, c_int, c_uint], c_int),
         "bpf_obj_get_info_by_fd": ([c_int, c_void_p, ctypes.POINTER(ctypes.c_uint32)], c_int),
@@ -155,6 +156,11 @@ def link_create(prog_fd, target_fd, attach_type, flags=0):
     opts = LinkCreateOpts(sz=ctypes.sizeof(LinkCreateOpts), flags=flags)
     return _check(lib().bpf_link_create(prog_fd, target_fd, attach_type, ctypes.byref(opts)),
                   "create link")
+
+
+def link_update(link_fd, new_prog_fd):
+    """Replace the program inside a link, atomically: the hook never runs without one."""
+    _check(lib().bpf_link_update(link_fd, new_prog_fd, None), "update link")
 
 
 def link_detach(link_fd):
@@ -286,17 +292,17 @@ def prog_name_by_id(prog_id):
         os.close(fd)
 
 
-def prog_load(prog_type, name, insns):
+def prog_load(prog_type, name, insns, expected_attach_type=0):
     """Load raw instructions; on a verifier rejection the error carries its log tail."""
     buf = (ctypes.c_uint64 * (len(insns) // 8)).from_buffer_copy(insns)
-    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts))
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type)
     ret = lib().bpf_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8,
                               ctypes.byref(opts))
     if ret >= 0:
         return ret
     log = ctypes.create_string_buffer(1 << 20)
-    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), log_level=1, log_size=len(log),
-                        log_buf=ctypes.cast(log, ctypes.c_char_p))
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type,
+                        log_level=1, log_size=len(log), log_buf=ctypes.cast(log, ctypes.c_char_p))
     ret = lib().bpf_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8,
                               ctypes.byref(opts))
     if ret >= 0:

@@ -13,9 +13,9 @@ and DEL detach it like the pod's other links.
 """
 import errno
 import os
-import struct
 
 from . import abi, libbpf, netns, paths, state
+from .insns import PSEUDO_MAP_FD, imm64s, set_imm64
 from .problems import Kind, Problem
 
 PROG_NAME = "xdp_pod"
@@ -29,8 +29,6 @@ MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # so auto picks generic there (BENCHMARKS.md, "Ingress filter").
 SKB_BACKED_DRIVERS = ("veth",)
 
-_LD_IMM64 = 0x18
-_PSEUDO_MAP_FD = 1
 
 
 class XdpError(Exception):
@@ -45,24 +43,14 @@ class ForeignProgramError(XdpError):
 def save_template(insns, map_names_by_fd):
     """insns: the compiled program (BCC's dump_func, map references as the loader's fds).
     Records each map reference by name and where the cookie placeholder sits."""
-    count = len(insns) // 8
     relocs, cookie_at = [], []
-    i = 0
-    while i < count:
-        code, regs, _off, imm = struct.unpack_from("<BBhi", insns, i * 8)
-        if code == _LD_IMM64:
-            hi = struct.unpack_from("<BBhi", insns, (i + 1) * 8)[3]
-            src = regs >> 4
-            value = (imm & 0xFFFFFFFF) | ((hi & 0xFFFFFFFF) << 32)
-            if src == _PSEUDO_MAP_FD:
-                if imm not in map_names_by_fd:
-                    raise XdpError(f"instruction {i} refers to an unknown map fd {imm}")
-                relocs.append([i, map_names_by_fd[imm]])
-            elif src == 0 and value == abi.XDP_COOKIE_PLACEHOLDER:
-                cookie_at.append(i)
-            i += 2
-            continue
-        i += 1
+    for i, src, value in imm64s(insns):
+        if src == PSEUDO_MAP_FD:
+            if value not in map_names_by_fd:
+                raise XdpError(f"instruction {i} refers to an unknown map fd {value}")
+            relocs.append([i, map_names_by_fd[value]])
+        elif src == 0 and value == abi.XDP_COOKIE_PLACEHOLDER:
+            cookie_at.append(i)
     if not cookie_at:
         raise XdpError("the compiled XDP program does not contain the cookie placeholder")
     state.write_json(paths.XDP_TEMPLATE, {
@@ -72,12 +60,9 @@ def save_template(insns, map_names_by_fd):
 def _instance(template, cookie, map_fds):
     insns = bytearray(bytes.fromhex(template["insns"]))
     for i, name in template["maps"]:
-        struct.pack_into("<i", insns, i * 8 + 4, map_fds[name])
-        struct.pack_into("<i", insns, (i + 1) * 8 + 4, 0)
-    lo, hi = cookie & 0xFFFFFFFF, cookie >> 32
+        set_imm64(insns, i, map_fds[name])
     for i in template["cookie_at"]:
-        struct.pack_into("<I", insns, i * 8 + 4, lo)
-        struct.pack_into("<I", insns, (i + 1) * 8 + 4, hi)
+        set_imm64(insns, i, cookie)
     return bytes(insns)
 
 

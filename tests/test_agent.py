@@ -4,6 +4,7 @@ primary CNI and interceptor-cni chained by the agent. The agent runs as its own 
 and is stopped by SIGTERM, as a DaemonSet's pod would be."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import uuid
 import pytest
 
 from crihelper import Containerd
-from interceptor import cni_chain, enrollment, ingress_policy, lab as labmod, loader, paths, podrecord
+from interceptor import cni_chain, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -38,13 +39,13 @@ class AgentProcess:
         self.proc = None
         self.log_path = os.path.join(workdir, "agent.log")
 
-    def start(self):
+    def start(self, env=None):
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "interceptor.cli", "agent", "--cni-bin-dir", self.runtime.cni_bin,
              "--cni-conf-dir", self.runtime.cni_conf, "--listen", f"127.0.0.1:{self.port}",
              "--cri-socket", self.runtime.socket, "--reconcile-every", "1"],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         log.close()
         return self
 
@@ -57,11 +58,12 @@ class AgentProcess:
         except OSError:
             return None, ""
 
-    def wait_ready(self, ready=True, timeout=30):
+    def wait_ready(self, ready=True, timeout=30, saying=""):
+        """/readyz's body once it is 200 (ready) or 503 saying so."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code, body = self.get("/readyz")
-            if (code == 200) == ready and code is not None:
+            if (code == 200) == ready and code is not None and saying in body:
                 return body
             assert self.proc.poll() is None, self.log()
             time.sleep(0.1)
@@ -122,9 +124,7 @@ def test_the_agent_loads_chains_and_enrolls_the_pod_that_started_before_it(node)
     assert [p["type"] for p in owned["plugins"]] == ["bridge", "interceptor-cni"]
     assert owned["name"] == "k8s-pod-network"       # the primary's network, so DEL matches
     assert os.access(os.path.join(runtime.cni_bin, "interceptor-cni"), os.X_OK)
-    deadline = time.monotonic() + 10
-    while record_of(ids["early"]) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert _wait_for(lambda: record_of(ids["early"]) is not None and record_of(ids["early"]).complete, 10)
     rec = record_of(ids["early"])
     assert rec is not None and rec.pod == "default/early" and rec.complete, agent.log()
     assert rec.netns == rt.sandbox(ids["early"]).netns and not enrollment.verify(rec, rec.netns)
@@ -188,7 +188,7 @@ def test_a_rewritten_or_replaced_primary_config_is_rechained_once(node):
     # the primary gone: our copy goes too, and the agent is not ready until it is back
     primary = open(runtime.primary_path()).read()
     os.unlink(runtime.primary_path())
-    assert "no primary CNI configuration" in agent.wait_ready(False)
+    agent.wait_ready(False, saying="no primary CNI configuration")
     assert not os.path.exists(owned)
     with open(runtime.primary_path(), "w") as f:
         f.write(primary)
@@ -196,27 +196,68 @@ def test_a_rewritten_or_replaced_primary_config_is_rechained_once(node):
     assert owned_has("disableGC")
 
 
+class SidecarTraffic:
+    """A sandbox with HAProxy as its sidecar (uid 1337) and a load generator in it,
+    requesting from a server outside every pod until stopped."""
+
+    def __init__(self, rt, workdir, name):
+        self.rt, self.workdir = rt, workdir
+        self.sid = rt.run_sandbox("shop", name, f"uid-{name}")
+        self.netns = rt.sandbox(self.sid).netns
+        self.until = os.path.join(workdir, f"stop-{uuid.uuid4().hex[:6]}")
+        self.haproxy_log = os.path.join(workdir, f"haproxy-{name}.log")
+        self.procs = []
+        self.load = None
+
+    def __enter__(self):
+        cfg = os.path.join(self.workdir, "haproxy.cfg")
+        with open(cfg, "w") as f:
+            f.write(labmod.HAPROXY_CONFIG.format(uid=1337, gid=1337, outbound_port=15001, inbound_port=15006))
+        with open(self.haproxy_log, "w") as log:
+            self.procs.append(subprocess.Popen(["nsenter", f"--net={self.netns}", "haproxy", "-db", "-f", cfg],
+                                               stdout=log, stderr=subprocess.STDOUT))
+        server = subprocess.Popen([sys.executable, os.path.join(TESTS, "apps.py"), "serve", str(SERVER_PORT)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(server)
+        assert server.stdout.readline().strip() == "listening"
+        labmod.wait_listening(self.netns, 15001)
+        self.load = subprocess.Popen(["nsenter", f"--net={self.netns}", sys.executable,
+                                      os.path.join(TESTS, "apps.py"), "load", GATEWAY, str(SERVER_PORT),
+                                      "--until", self.until], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        return self
+
+    def result(self):
+        """Stop the load; (its counts, the sidecar's outbound sessions)."""
+        open(self.until, "w").close()
+        counts = json.loads(self.load.communicate(timeout=60)[0])
+        time.sleep(0.3)
+        sessions = [line for line in open(self.haproxy_log) if "frontend=outbound" in line]
+        return counts, sessions
+
+    def __exit__(self, *exc):
+        open(self.until, "w").close()
+        if self.load and self.load.poll() is None:
+            self.load.kill()
+            self.load.wait()
+        for p in self.procs:
+            p.terminate()
+            p.wait()
+        self.rt.stop_sandbox(self.sid)
+        self.rt.remove_sandbox(self.sid)
+
+
+def assert_nothing_dropped(counts, sessions, what):
+    print(f"requests through {what}: {counts['ok']} ok, {counts['failed']} failed")
+    assert counts["failed"] == 0 and counts["ok"] > 50, counts
+    # every request went through the sidecar, which saw the original destination
+    assert len(sessions) >= counts["ok"] and all(f"dst={GATEWAY}:{SERVER_PORT}" in s for s in sessions)
+
+
 def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(node, tmp_path):
     runtime, rt, agent, _ = node
     agent.wait_ready()
-    sid = rt.run_sandbox("shop", "client", "uid-client")
-    netns_path = rt.sandbox(sid).netns
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(labmod.HAPROXY_CONFIG.format(uid=1337, gid=1337, outbound_port=15001, inbound_port=15006))
-    hlog = open(tmp_path / "haproxy.log", "w")
-    haproxy = subprocess.Popen(["nsenter", f"--net={netns_path}", "haproxy", "-db", "-f", str(cfg)],
-                               stdout=hlog, stderr=subprocess.STDOUT)
-    server = subprocess.Popen([sys.executable, os.path.join(TESTS, "apps.py"), "serve", str(SERVER_PORT)],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    until = tmp_path / f"stop-{uuid.uuid4().hex[:6]}"
-    load = None
-    try:
-        assert server.stdout.readline().strip() == "listening"
-        labmod.wait_listening(netns_path, 15001)
-        load = subprocess.Popen(["nsenter", f"--net={netns_path}", sys.executable,
-                                 os.path.join(TESTS, "apps.py"), "load", GATEWAY, str(SERVER_PORT),
-                                 "--until", str(until)], stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
+    with SidecarTraffic(rt, str(tmp_path), "client") as traffic:
         assert agent.stop() == 0                    # SIGTERM: everything stays
         assert loader.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
         time.sleep(1)
@@ -225,40 +266,97 @@ def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(
         agent.start()
         agent.wait_ready()
         time.sleep(1)
-        until.touch()
-        result = json.loads(load.communicate(timeout=60)[0])
-    finally:
-        until.touch()
-        if load and load.poll() is None:
-            load.kill()
-        for p in (haproxy, server):
-            p.terminate()
-            p.wait()
-        hlog.close()
-    print(f"requests through an agent restart: {result['ok']} ok, {result['failed']} failed")
-    assert result["failed"] == 0 and result["ok"] > 50, result
-    sessions = [line for line in open(tmp_path / "haproxy.log") if "frontend=outbound" in line]
-    # every request went through the sidecar, which saw the original destination
-    assert len(sessions) >= result["ok"] and all(f"dst={GATEWAY}:{SERVER_PORT}" in s for s in sessions)
+        assert_nothing_dropped(*traffic.result(), "an agent restart")
     assert agent.metric("interceptor_agent_datapath_events_total", event="adopted") == 1
 
 
-def test_a_datapath_of_another_version_is_left_in_place_and_not_ready(node):
+def changed_datapath(workdir, change):
+    """A copy of the C sources with one change: "code" (a new build of the same
+    layout) or "layout" (the pods map one entry larger)."""
+    from interceptor.bpf_source import BPF_DIR
+    copy = os.path.join(workdir, f"bpf-{change}")
+    shutil.copytree(BPF_DIR, copy)
+    path = os.path.join(copy, "sock_connect.c" if change == "code" else "lib/maps.h")
+    with open(path) as f:
+        text = f.read()
+    if change == "code":
+        text += "\n#define INTERCEPTOR_TEST_BUILD 2      /* a changed build */\n"
+    else:
+        assert "MAX_PODS);" in text
+        text = text.replace("MAX_PODS);", "MAX_PODS + 1);", 1)
+    with open(path, "w") as f:
+        f.write(text)
+    return copy
+
+
+def link_prog_ids(cookie):
+    pins = [paths.link_pin("connect4"), paths.link_pin("getsockopt"), paths.pod_link_pin(cookie, "sk_lookup")]
+    return [libbpf.pinned_info(p, libbpf.LinkInfo).prog_id for p in pins]
+
+
+def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tmp_path):
+    runtime, rt, agent, ids = node
+    agent.wait_ready()
+    from interceptor import status
+    before = status.collect()["node"]["datapath_version"]
+    early = record_of(ids["early"])
+    old_ids = link_prog_ids(early.cookie)
+    with SidecarTraffic(rt, str(tmp_path), "upgraded") as traffic:
+        assert agent.stop() == 0
+        agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "code")})
+        agent.wait_ready(timeout=60)
+        time.sleep(1)
+        # a pod enrolled after the upgrade gets the new datapath's XDP stub and works
+        after = rt.run_sandbox("shop", "after", "uid-after")
+        assert record_of(after).complete and not enrollment.verify(record_of(after), record_of(after).netns)
+        assert_nothing_dropped(*traffic.result(), "an in-place upgrade")
+    new_ids = link_prog_ids(early.cookie)
+    assert all(a != b for a, b in zip(old_ids, new_ids)), (old_ids, new_ids)   # the same links, new programs
+    assert status.collect()["node"]["datapath_version"] != before
+    assert not enrollment.verify(record_of(ids["early"]), early.netns)
+    assert agent.metric("interceptor_agent_datapath_events_total", event="upgraded") == 1
+    # and back: the original agent upgrades to its own build again
+    agent.stop()
+    agent.start()
+    agent.wait_ready(timeout=60)
+    assert status.collect()["node"]["datapath_version"] == before
+
+
+def test_a_datapath_whose_maps_changed_is_left_in_place_and_not_ready(node, tmp_path):
     runtime, _, agent, ids = node
     agent.wait_ready()
-    from interceptor import state
-    node_state = state.read_json(paths.NODE_STATE)
-    ours = node_state["datapath_version"]
-    state.write_json(paths.NODE_STATE, dict(node_state, datapath_version="0123456789ab"))
+    from interceptor import status
+    version = status.collect()["node"]["datapath_version"]
+    agent.stop()
+    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "layout")})
     try:
-        assert "datapath 0123456789ab is loaded" in agent.wait_ready(False)
-        assert loader.is_loaded()
+        agent.wait_ready(False, timeout=60, saying="map pods changes layout (max_entries")
+        assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
         rec = record_of(ids["early"])
         assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured
+        assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
     finally:
-        state.write_json(paths.NODE_STATE, dict(node_state, datapath_version=ours))
+        agent.stop()
+    agent.start()
     agent.wait_ready()
-    assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
+
+
+def test_a_pod_whose_namespace_vanished_without_a_del_is_removed_by_reconcile(node):
+    """A runtime that lost a DEL (crashed, or a node restored from a snapshot): the
+    record's namespace is gone, and reconcile takes what is left of the pod away."""
+    _, _, agent, _ = node
+    agent.wait_ready()
+    name = f"icgone{uuid.uuid4().hex[:5]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "enroll", "--netns", f"/run/netns/{name}",
+                        "--pod", "test/gone"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cookie = next(c for c, rec in podrecord.all_records().items() if rec.pod == "test/gone")
+    removed = agent.metric("interceptor_agent_reconciled_pods_total", action="removed")
+    subprocess.run(["ip", "netns", "del", name], check=True)
+    assert _wait_for(lambda: podrecord.read(cookie) is None, 10), agent.log()
+    assert not os.path.exists(paths.pod_pin_dir(cookie))
+    assert agent.metric("interceptor_agent_reconciled_pods_total", action="removed") == removed + 1
 
 
 def test_uninstall_leaves_nothing_and_a_later_del_still_succeeds(node):
