@@ -356,7 +356,9 @@ def test_a_pod_whose_namespace_vanished_without_a_del_is_removed_by_reconcile(no
     subprocess.run(["ip", "netns", "del", name], check=True)
     assert _wait_for(lambda: podrecord.read(cookie) is None, 10), agent.log()
     assert not os.path.exists(paths.pod_pin_dir(cookie))
-    assert agent.metric("interceptor_agent_reconciled_pods_total", action="removed") == removed + 1
+    # counted once the removal is done (just after the record goes)
+    assert _wait_for(lambda: agent.metric("interceptor_agent_reconciled_pods_total",
+                                          action="removed") == removed + 1, 5)
 
 
 def test_uninstall_leaves_nothing_and_a_later_del_still_succeeds(node):
