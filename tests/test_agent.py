@@ -129,7 +129,7 @@ def test_the_agent_loads_chains_and_enrolls_the_pod_that_started_before_it(node)
     assert rec is not None and rec.pod == "default/early" and rec.complete, agent.log()
     assert rec.netns == rt.sandbox(ids["early"]).netns and not enrollment.verify(rec, rec.netns)
     assert record_of(ids["skipped"]) is None              # kube-system: left alone
-    assert agent.metric("interceptor_agent_reconciled_pods_total", action="enrolled") == 1
+    assert _wait_for(lambda: agent.metric("interceptor_agent_reconciled_pods_total", action="enrolled") == 1)
     assert agent.get("/healthz")[0] == 200
 
 
