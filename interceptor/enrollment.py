@@ -85,7 +85,9 @@ def _journal(record, wanted, stale, old, target):
     except pieces.PieceError as exc:
         raise EnrollError(str(exc)) from None
     previous = {e.piece: e.state for e in old.journal} if old else {}
-    record.journal = [JournalEntry(p.name) for p in wanted] + stale
+    # a re-enroll journals what is in place until each piece records anew: a run killed
+    # in between must still know, say, which nat tables were ours
+    record.journal = [JournalEntry(p.name, previous.get(p.name)) for p in wanted] + stale
 
     def note(piece, applied_so_far):
         record.entry(piece.name).state = applied_so_far

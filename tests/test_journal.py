@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -241,3 +242,57 @@ def test_a_damaged_record_is_reported_and_removable(pod, mode):
     assert "interceptor" not in nft.lower() and legacy == before[1]
     if mode != "iptables":
         assert_nothing_left(pod, rec.cookie, before)
+
+
+ENROLL = ("import sys\nfrom interceptor import enrollment\nfrom interceptor.podspec import PodSettings\n"
+          "import json\nenrollment.enroll(sys.argv[1], PodSettings(**json.loads(sys.argv[2])), pod='test/victim')\n")
+UNENROLL = "import sys\nfrom interceptor import enrollment\nenrollment.unenroll(netns_path=sys.argv[1])\n"
+
+
+def _killed_after(code, args, delay):
+    """Run code in a fresh process; SIGKILL it after delay seconds unless it ended.
+    Returns whether it was killed."""
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        p.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return True
+
+
+def test_enroll_and_unenroll_killed_at_random_points_converge(pod, mode):
+    """SIGKILL at a random moment of an enroll or an unenroll, forty times: whatever
+    was left, the next unenroll leaves nothing and the next enroll ends healthy."""
+    import random
+    rng = random.Random(1234)
+    before = netfilter(pod)
+    cookie = netns.cookie_of(pod.netns_path)
+    started = time.monotonic()
+    _killed_after(ENROLL, [pod.netns_path, json.dumps(SETTINGS)], 60)
+    full = time.monotonic() - started          # an enroll from a fresh process, start to end
+    enrollment.unenroll(netns_path=pod.netns_path)
+    killed = 0
+    for i in range(40):
+        # most kills land in the enroll's own work, after the interpreter's start-up
+        delay = rng.uniform(0.3 * full, full)
+        if i % 2:
+            enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
+            killed += _killed_after(UNENROLL, [pod.netns_path], delay)
+        else:
+            killed += _killed_after(ENROLL, [pod.netns_path, json.dumps(SETTINGS)], delay)
+        rec = podrecord.read(cookie)
+        if rec is not None and not rec.complete:
+            assert enrollment.verify(rec, pod.netns_path)[0].kind == Kind.INCOMPLETE
+        if i % 4 < 2:
+            enrollment.unenroll(netns_path=pod.netns_path)
+            assert_nothing_left(pod, cookie, before)
+        else:
+            rec = enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
+            assert rec.complete and not enrollment.verify(rec, pod.netns_path)
+    print(f"{mode}: {killed} of 40 runs killed before they finished (an enroll takes {full * 1000:.0f} ms from start)")
+    assert killed >= 10      # a good share of the runs really were cut short
+    enrollment.unenroll(netns_path=pod.netns_path)
+    assert_nothing_left(pod, cookie, before)
