@@ -126,7 +126,7 @@ def _load_bpf(plan, cg_path, log):
     prog_fds = {}
     for prog in PROGRAMS:
         if prog.scope == POD_COPY and prog.needed(plan):
-            _save_pod_template(bpf, prog, {fd: name for name, fd in map_fds.items()})
+            save_pod_template(bpf, prog, {fd: name for name, fd in map_fds.items()})
         if not prog.loaded(plan):
             continue
         # tail-called programs keep expected_attach_type 0, as the stubs that call them
@@ -159,7 +159,7 @@ def _load_bpf(plan, cg_path, log):
     return {"host_netns_cookie": host_cookie, "compile_seconds": round(compile_s, 3)}
 
 
-def _save_pod_template(bpf, prog, map_names_by_fd):
+def save_pod_template(bpf, prog, map_names_by_fd):
     """Per-pod programs (XDP) are loaded by enroll from a saved copy; one trial load
     here makes a verifier rejection fail `load`, not every pod start."""
     from . import xdp

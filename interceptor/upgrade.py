@@ -62,7 +62,7 @@ def _record(node, version):
 def _swap(node, plan, log):
     from bcc import BPF, lib as bcclib
     from .bpf_source import assemble
-    from .loader import _save_pod_template
+    from .loader import save_pod_template
     try:
         bpf = BPF(text=assemble().encode(), cflags=[f"-DHOST_NETNS_COOKIE={node['host_netns_cookie']}"])
     except Exception as exc:      # BCC raises a bare Exception; the compiler's errors went to stderr
@@ -115,7 +115,7 @@ def _swap(node, plan, log):
             os.replace(staged, paths.prog_pin(prog.name))
         for prog in PROGRAMS:
             if prog.scope == POD_COPY and prog.needed(plan):
-                _save_pod_template(bpf, prog, {fd: name for name, fd in compiled.items()})
+                save_pod_template(bpf, prog, {fd: name for name, fd in compiled.items()})
         log(f"replaced {len(new)} programs, {swapped} attachments")
         return f"{len(new)} programs, {swapped} attachments"
     finally:
