@@ -292,9 +292,9 @@ def load_plugin_entry(path):
 def uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name=cni_chain.OWNED_NAME, log=print):
     """Everything off the node: the chain first (so no new pod is sent to a plugin that
     is about to go; a DEL for an existing one then runs the primary's config alone),
-    the plugin, a hand install's edit, every pod, the datapath. Idempotent."""
-    with state.node_lock():
-        pass      # wait for an ADD in flight to finish before the chain goes
+    the plugin, a hand install's edit, every pod, the datapath (an ADD that started
+    before the chain went finishes under the node lock; unload, taking the lock after
+    it, removes that pod too). Idempotent."""
     for line in cni_chain.remove(cni_conf_dir, cni_conf_name):
         log(line)
     try:

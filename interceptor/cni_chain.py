@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 
+from . import state
 from .cni_install import CONF_EXTENSIONS, PLUGIN_TYPE, plugin_entry
 
 OWNED_NAME = "00-interceptor.conflist"
@@ -70,26 +71,9 @@ def chained(primary_path, entry):
 
 def _read(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return state.read_json(path)
     except (OSError, ValueError):
         return None
-
-
-def _write(path, doc):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)     # the runtime sees the old file or the new one
-
-
-def _remove(path):
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def sync(conf_dir, entry=None, owned_name=OWNED_NAME):
@@ -98,10 +82,10 @@ def sync(conf_dir, entry=None, owned_name=OWNED_NAME):
     owned = os.path.join(conf_dir, owned_name)
     primary = primary_config(conf_dir, owned_name)
     if primary is None:
-        action = f"removed {owned} (no primary configuration)" if _remove(owned) else None
+        action = f"removed {owned} (no primary configuration)" if state.remove(owned) else None
         return ChainState(None, owned, False, f"no primary CNI configuration in {conf_dir} yet", action)
     if os.path.basename(primary) < owned_name:
-        action = f"removed {owned}" if _remove(owned) else None
+        action = f"removed {owned}" if state.remove(owned) else None
         return ChainState(primary, owned, False,
                           f"{os.path.basename(primary)} sorts before {owned_name}: runtimes would not use "
                           "the chain (give the agent a --cni-conf-name that sorts first)", action)
@@ -116,7 +100,7 @@ def sync(conf_dir, entry=None, owned_name=OWNED_NAME):
     if _read(owned) == want:
         return ChainState(primary, owned, True, None)
     existed = os.path.exists(owned)
-    _write(owned, want)
+    state.write_json(owned, want)     # atomic: the runtime sees the old file or the new one
     return ChainState(primary, owned, True, None,
                       f"{'re-chained' if existed else 'chained'} {os.path.basename(primary)} into {owned}")
 
@@ -126,6 +110,6 @@ def remove(conf_dir, owned_name=OWNED_NAME):
     doc = _read(owned)
     ours = isinstance(doc, dict) and any(isinstance(p, dict) and p.get("type") == PLUGIN_TYPE
                                          for p in doc.get("plugins", []))
-    if (ours or doc is None) and _remove(owned):
+    if (ours or doc is None) and state.remove(owned):
         return [f"removed {owned}"]
     return []

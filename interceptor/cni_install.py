@@ -6,6 +6,7 @@ loads (.conf, .conflist, .json), as libcni picks it. A single-plugin .conf is co
 into a .conflist. Install keeps a backup of the file it changed, under a name runtimes do
 not load, and records in its own plugin entry what uninstall must undo.
 """
+import functools
 import hashlib
 import importlib.util
 import io
@@ -14,6 +15,8 @@ import marshal
 import os
 import struct
 import zipfile
+
+from . import state
 
 PLUGIN_TYPE = "interceptor-cni"
 DEFAULT_BIN_DIR = "/opt/cni/bin"
@@ -46,20 +49,14 @@ def active_config(conf_dir):
     return os.path.join(conf_dir, names[0])
 
 
-def _write_json(path, doc):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _our_entry(plugins):
     return next((p for p in plugins if p.get("type") == PLUGIN_TYPE), None)
 
 
+@functools.lru_cache(maxsize=1)
 def _sources():
-    """{zip name: source bytes} of the plugin."""
+    """{zip name: source bytes} of the plugin (read once: a process's package does not
+    change under it, and the agent asks on every reconcile pass)."""
     out = {"__main__.py": ZIP_MAIN.encode(),
            "interceptor/__init__.py": b""}      # zipimport has no namespace packages
     for name in sorted(os.listdir(PACKAGE_DIR)):    # the top level: bench/ and bpf/ stay out
@@ -67,6 +64,11 @@ def _sources():
             with open(os.path.join(PACKAGE_DIR, name), "rb") as f:
                 out[f"interceptor/{name}"] = f.read()
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint_of_this():
+    return _fingerprint(_sources())
 
 
 def _fingerprint(sources):
@@ -115,7 +117,7 @@ def install_binary(bin_dir):
     """Put the plugin in bin_dir (atomically); [] when this one is there already."""
     os.makedirs(bin_dir, exist_ok=True)
     binary = os.path.join(bin_dir, PLUGIN_TYPE)
-    if installed_fingerprint(binary) == _fingerprint(_sources()):
+    if installed_fingerprint(binary) == _fingerprint_of_this():
         return []
     tmp = f"{binary}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -155,7 +157,7 @@ def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
         entry[INSTALL_KEY] = {"backup": os.path.basename(path) + BACKUP_SUFFIX}
         _backup(path)
         doc["plugins"].append(entry)
-        _write_json(path, doc)
+        state.write_json(path, doc)
         done.append(f"chained {PLUGIN_TYPE} into {path}")
         return done
     # a single-plugin .conf: turn it into a .conflist holding it and us
@@ -169,7 +171,7 @@ def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
     conflist = {"cniVersion": doc.get("cniVersion", "1.0.0"), "name": doc.get("name", "default"),
                 "plugins": [{k: v for k, v in doc.items() if k not in ("cniVersion", "name")}, entry]}
     _backup(path)
-    _write_json(new_path, conflist)
+    state.write_json(new_path, conflist)
     os.unlink(path)
     done.append(f"converted {path} into {new_path} with {PLUGIN_TYPE} chained")
     return done
@@ -202,13 +204,13 @@ def uninstall(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
                 os.replace(backup, original)
             else:
                 doc["plugins"].remove(entry)
-                _write_json(original, dict(doc["plugins"][0], cniVersion=doc["cniVersion"],
+                state.write_json(original, dict(doc["plugins"][0], cniVersion=doc["cniVersion"],
                                            name=doc["name"]))
             os.unlink(path)
             done.append(f"restored {original}")
         else:
             doc["plugins"].remove(entry)
-            _write_json(path, doc)
+            state.write_json(path, doc)
             done.append(f"removed {PLUGIN_TYPE} from {path}")
         if os.path.exists(backup):
             os.unlink(backup)

@@ -112,7 +112,7 @@ def _journal(record, wanted, stale, old, target):
 
 def _look(netns_path, ifname, wanted):
     try:
-        return netns.look(netns_path, ifname, xdp=pieces.BY_NAME["filter-xdp"] in wanted)
+        return netns.look(netns_path, ifname, xdp=pieces.BY_NAME[pieces.FilterXdp.name] in wanted)
     except OSError as exc:
         raise EnrollError(f"cannot open network namespace {netns_path}: {exc.strerror}") from exc
 

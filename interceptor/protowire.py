@@ -28,7 +28,7 @@ def encode(fields):
     for number, value in fields:
         if value is None:
             continue
-        if isinstance(value, bool) or isinstance(value, int):
+        if isinstance(value, int):       # bool too
             out += _varint(number << 3 | VARINT) + _varint(int(value))
         elif isinstance(value, dict):          # map<string, string>: repeated entries
             for k, v in value.items():
