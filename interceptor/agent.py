@@ -198,6 +198,10 @@ class Agent:
                 if watch.wait(min(1.0, max(0.0, next_reconcile - time.monotonic()))):
                     time.sleep(0.05)     # let a burst of writes settle, then look once
                     watch.wait(0)
+                    if watch.stale():    # the conf dir itself was removed or replaced
+                        watch.close()
+                        os.makedirs(self.config.cni_conf_dir, exist_ok=True)
+                        watch = DirWatch(self.config.cni_conf_dir)
                     self.sync_chain()
                 if time.monotonic() >= next_reconcile:
                     self.ensure_datapath()

@@ -288,3 +288,26 @@ def test_the_cni_add_path_needs_only_the_standard_library():
     out = subprocess.run(["/usr/bin/python3", "-S", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_dirwatch_sees_writes_renames_and_its_directory_replaced(tmp_path):
+    """The agent's conf-dir watch (inotify): a write and a rename into place wake it,
+    and a directory removed and made again is reported stale (the agent then watches
+    the new one instead of a dead inode)."""
+    from interceptor.dirwatch import DirWatch
+    d = tmp_path / "net.d"
+    d.mkdir()
+    w = DirWatch(str(d))
+    try:
+        assert not w.wait(0)
+        (d / "10-a.conflist").write_text("{}")
+        assert w.wait(1) and not w.wait(0)          # drained
+        (tmp_path / "new").write_text("{}")
+        os.replace(tmp_path / "new", d / "10-a.conflist")
+        assert w.wait(1) and not w.stale()
+        (d / "10-a.conflist").unlink()
+        d.rmdir()
+        d.mkdir()
+        assert w.wait(1) and w.stale()
+    finally:
+        w.close()
