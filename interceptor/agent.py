@@ -61,8 +61,9 @@ class Agent:
         pods captured, and the agent is not ready."""
         ours = datapath_version()
         if loader.is_loaded():
-            theirs = (loader.node_state() or {}).get("datapath_version")
-            if theirs == ours:
+            node = loader.node_state() or {}
+            theirs = node.get("datapath_version")
+            if theirs == ours and not node.get("upgrading_to"):     # else: finish or undo it
                 if self.datapath_problem:
                     self.counters.datapath["adopted"] += 1
                     self.log(f"adopted the loaded datapath {ours}")

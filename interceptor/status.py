@@ -160,6 +160,10 @@ def collect(pod_filter=None):
         },
         "maps": {}, "pods": [], "sockets": [], "errors": [], "warnings": [],
     }
+    if node.get("upgrading_to"):
+        report["errors"].append(f"an upgrade of the datapath to {node['upgrading_to']} was interrupted: "
+                                "its programs are of two builds (run `interceptor upgrade`, or "
+                                "restart the agent)")
     if report["node"]["headers"]["warning"]:
         report["warnings"].append(report["node"]["headers"]["warning"])
     missing = [p for p in expected_pins() if not os.path.exists(p)]

@@ -42,13 +42,13 @@ def upgrade(log=lambda msg: None):
         node = loader.node_state()
         plan = node["plan"]
         ours, theirs = datapath_version(), node.get("datapath_version")
-        if ours == theirs:
+        if ours == theirs and not node.get("upgrading_to"):
             return "already this version"
         if not uses_bpf(plan):
             _record(node, ours)
             return f"rules only: version {theirs} -> {ours}"
         started = time.monotonic()
-        summary = _swap(node, plan, log)
+        summary = _swap(node, plan, ours, log)
         _record(node, ours)
         return f"datapath {theirs} -> {ours} in place: {summary} ({time.monotonic() - started:.2f}s)"
 
@@ -56,10 +56,11 @@ def upgrade(log=lambda msg: None):
 def _record(node, version):
     node["datapath_version"] = version
     node["upgraded_at"] = time.time()
+    node.pop("upgrading_to", None)
     state.write_json(paths.NODE_STATE, node)
 
 
-def _swap(node, plan, log):
+def _swap(node, plan, version, log):
     from bcc import BPF, lib as bcclib
     from .bpf_source import assemble
     from .loader import save_pod_template
@@ -89,7 +90,10 @@ def _swap(node, plan, log):
                 new[prog.name] = libbpf.prog_load(prog.prog_type, prog.name, bytes(insns), attach)
             except OSError as exc:
                 raise UpgradeError(f"{prog.name} of the new datapath does not load: {exc}") from None
-        # everything verified: swap
+        # everything verified: swap. Journalled first: killed half-way, the links hold
+        # programs of two builds, which status reports and the next upgrade completes.
+        node["upgrading_to"] = version
+        state.write_json(paths.NODE_STATE, node)
         swapped = 0
         for prog in PROGRAMS:
             fd = new.get(prog.name)

@@ -236,3 +236,22 @@ def test_only_the_programs_the_plan_uses_are_loaded(clean):
     assert loader.is_loaded() and not os.path.exists(paths.XDP_TEMPLATE)
     assert loader.load(bypass=True, mode="auto") == "bypass switched"    # sk_msg is there to switch
     assert sk_msg_attached()
+
+
+def test_an_interrupted_upgrade_is_an_error_until_an_upgrade_completes_it(clean):
+    """Killed between its first and last link update, an upgrade leaves programs of two
+    builds in place: journalled before the swap, status names it (exit 1), and the next
+    upgrade, even of the same build, swaps every program again and clears it."""
+    from interceptor import state, status, upgrade
+    loader.load()
+    node = state.read_json(paths.NODE_STATE)
+    old_prog = libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id
+    state.write_json(paths.NODE_STATE, dict(node, upgrading_to=node["datapath_version"]))
+    report = status.collect()
+    assert any("upgrade of the datapath" in e and "interrupted" in e for e in report["errors"])
+    r = subprocess.run([sys.executable, "-m", "interceptor.cli", "status"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "in place" in upgrade.upgrade()
+    assert not status.collect()["errors"]
+    assert libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id != old_prog
+    assert upgrade.upgrade() == "already this version"
