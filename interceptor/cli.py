@@ -4,8 +4,9 @@ import sys
 
 import click
 
-from .cni_chain import OWNED_NAME as CHAIN_NAME
-from .cni_install import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR
+# only import-free modules here: `bench` sets INTERCEPTOR_PIN_ROOT/RUN_DIR before the
+# modules that read them are imported (test_units checks)
+from .cni_defaults import BIN_DIR as DEFAULT_BIN_DIR, CHAIN_NAME, CONF_DIR as DEFAULT_CONF_DIR
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

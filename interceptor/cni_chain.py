@@ -17,10 +17,10 @@ import dataclasses
 import json
 import os
 
-from . import state
+from . import cni_defaults, state
 from .cni_install import CONF_EXTENSIONS, PLUGIN_TYPE, plugin_entry
 
-OWNED_NAME = "00-interceptor.conflist"
+OWNED_NAME = cni_defaults.CHAIN_NAME
 SOURCE_KEY = "interceptorChainedFrom"     # in our entry: the primary file this copy was made from
 SKIPPED_SUFFIXES = (".interceptor-backup",)
 

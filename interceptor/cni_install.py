@@ -16,11 +16,10 @@ import os
 import struct
 import zipfile
 
-from . import state
+from . import cni_defaults, state
 
 PLUGIN_TYPE = "interceptor-cni"
-DEFAULT_BIN_DIR = "/opt/cni/bin"
-DEFAULT_CONF_DIR = "/etc/cni/net.d"
+DEFAULT_BIN_DIR, DEFAULT_CONF_DIR = cni_defaults.BIN_DIR, cni_defaults.CONF_DIR
 CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 BACKUP_SUFFIX = ".interceptor-backup"
 INSTALL_KEY = "interceptorInstall"    # in our entry: what uninstall must undo

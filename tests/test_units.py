@@ -311,3 +311,13 @@ def test_dirwatch_sees_writes_renames_and_its_directory_replaced(tmp_path):
         assert w.wait(1) and w.stale()
     finally:
         w.close()
+
+
+def test_the_cli_reads_no_node_paths_before_a_command_runs():
+    """`bench` points pins and state at its own directories by setting the environment
+    before the modules reading it are imported: the CLI module itself must not import
+    them (when it did, the bench's plugin and loader disagreed on the run dir)."""
+    out = subprocess.run([sys.executable, "-c", "import sys, interceptor.cli; "
+                          "print(sorted(m for m in sys.modules if m in ('interceptor.paths', "
+                          "'interceptor.state')))"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
