@@ -23,7 +23,6 @@ Every piece answers the same calls:
   counters(record, state)     {reason label: {"count", "bytes"}} kept outside the stats map
 """
 import ctypes
-import dataclasses
 import ipaddress
 import os
 import shutil
@@ -43,16 +42,15 @@ class PieceError(Exception):
     """The pod cannot be served as asked (a message for the operator)."""
 
 
-@dataclasses.dataclass
 class Target:
     """What apply and check work from: the record being written, the one look into the
     pod's namespace (netns.PodNetns), the node's plan, the opened maps (None when no
-    piece of the pod uses them)."""
-    record: object
-    view: object
-    plan: dict
-    maps: object
-    note: object = None     # note(piece, state): journal what removal needs, mid-apply
+    piece of the pod uses them), and note(piece, state) to journal what removal needs
+    mid-apply. (Plain classes on this path: `dataclasses` costs ~14 ms of imports.)"""
+    __slots__ = ("record", "view", "plan", "maps", "note")
+
+    def __init__(self, record, view, plan, maps, note=None):
+        self.record, self.view, self.plan, self.maps, self.note = record, view, plan, maps, note
 
 
 class Piece:
