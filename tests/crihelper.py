@@ -114,6 +114,7 @@ class Containerd:
         self.proc = None
         self.log = None
         self.ip_forward = None      # the bridge plugin (isGateway) turns forwarding on
+        self.netns_before = set()   # /run/netns before start: what is new at stop is ours
 
     def primary_path(self):
         return os.path.join(self.cni_conf, "10-bridge.conflist")
@@ -128,6 +129,7 @@ class Containerd:
         os.replace(tmp, self.primary_path())
 
     def start(self):
+        self.netns_before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
         with open("/proc/sys/net/ipv4/ip_forward") as f:
             self.ip_forward = f.read()
         for d in (self.root, self.state, self.cni_bin, self.cni_conf, self.ipam_dir):
@@ -162,6 +164,22 @@ class Containerd:
         with open(os.path.join(self.workdir, "containerd.log")) as f:
             return "".join(f.readlines()[-n:])
 
+    def _own_shims(self):
+        """PIDs of this containerd's runc shims (their command line names our socket) and
+        of the containers' processes they started (their children), children first."""
+        shims, parents = [], {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as f:
+                    parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and self.socket.encode() in argv:
+                shims.append(int(pid))
+        return [pid for pid, ppid in parents.items() if ppid in shims] + shims
+
     def runtime(self):
         from interceptor import cri
         return cri.Runtime(self.socket)
@@ -184,6 +202,17 @@ class Containerd:
                 self.proc.wait()
         if self.log:
             self.log.close()
+        # a containerd that could not stop its sandboxes (a test broke its CNI) leaves
+        # their shims and network namespaces: end those shims by PID, drop those netns
+        for pid in self._own_shims():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        left = set(os.listdir("/run/netns")) - self.netns_before if os.path.isdir("/run/netns") else set()
+        for name in sorted(left):
+            if name.startswith("cni-"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         if self.ip_forward is not None:
             with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
