@@ -37,6 +37,15 @@ XDP_MAX_EXT_HEADERS = 6          # IPv6 extension headers walked; more = malform
 # Each pod gets its own instance of the XDP program with its netns cookie in place of
 # this value (XDP has no netns-cookie helper, and ifindexes repeat across namespaces).
 XDP_COOKIE_PLACEHOLDER = 0x1C0FFEE0DEADBEEF
+# The capacities an operator may set at load time (`--map-size MAP=N`), by map: the
+# header lets a -D flag override each default.
+MAP_CAPACITY = {
+    "pods": "MAX_PODS", "pod_addrs": "MAX_POD_ADDRS", "port_rules": "MAX_PORT_RULES",
+    "cidr_rules": "MAX_CIDRS", "inbound_listeners": "MAX_LISTENERS",
+    "bypass_socks": "MAX_BYPASS_SOCKETS", "redirected": "MAX_REDIRECTED_SOCKETS",
+    "stats": "MAX_STAT_KEYS", "xdp_pods": "MAX_XDP_PODS",
+    "ingress_sources": "MAX_INGRESS_SOURCES", "ingress_rules": "MAX_INGRESS_RULES",
+}
 
 # --- Pod flags (pod_config.flags) -----------------------------------------------------
 POD_F_PASSTHROUGH = 1 << 0        # proxy not listening: let the flow through (else reject)
@@ -310,8 +319,10 @@ def render_header():
         "#define INTERCEPTOR_ABI_H",
         "",
     ]
+    overridable = set(MAP_CAPACITY.values())
     for name, value in CONSTANTS.items():
-        out.append(f"#define {name} {value:#x}ULL" if value >= 2**31 else f"#define {name} {value}")
+        define = f"#define {name} {value:#x}ULL" if value >= 2**31 else f"#define {name} {value}"
+        out += [f"#ifndef {name}", define, "#endif"] if name in overridable else [define]
     for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (Reason, "REASON_")):
         out.append("")
         for name, value in enum_cls.items():

@@ -32,6 +32,7 @@ class AgentConfig:
     bypass: bool = False
     cri_socket: str | None = None     # the runtime's CRI socket, for sandboxes started before us
     reconcile_every: float = 30.0
+    map_sizes: dict = dataclasses.field(default_factory=dict)   # declared: others get defaults
 
 
 @dataclasses.dataclass
@@ -58,8 +59,9 @@ class Agent:
     def ensure_datapath(self):
         """Load, adopt what is loaded, or upgrade it in place (upgrade.py). A datapath
         that cannot be upgraded in place (a map's layout changed) stays as it is, its
-        pods captured, and the agent is not ready."""
-        ours = datapath_version()
+        pods captured, and the agent is not ready. Other map sizes are another version:
+        the loaded maps are resized in place (migrated) to the declared ones."""
+        ours = datapath_version(self.config.map_sizes)
         if loader.is_loaded():
             node = loader.node_state() or {}
             theirs = node.get("datapath_version")
@@ -71,7 +73,7 @@ class Agent:
                 return
             from .upgrade import UpgradeError, upgrade
             try:
-                self.log(upgrade(log=self.log))
+                self.log(upgrade(map_sizes=self.config.map_sizes, log=self.log))
             except UpgradeError as exc:
                 if self.datapath_problem is None or not self.datapath_problem.startswith("datapath"):
                     self.counters.datapath["refused"] += 1
@@ -82,7 +84,8 @@ class Agent:
             self.datapath_problem = None
             return
         try:
-            result = loader.load(bypass=self.config.bypass, mode=self.config.mode, log=self.log)
+            result = loader.load(bypass=self.config.bypass, mode=self.config.mode,
+                                 map_sizes=self.config.map_sizes, log=self.log)
         except loader.LoadError as exc:
             self.datapath_problem = f"cannot load the datapath: {exc}"
             self.log(self.datapath_problem)

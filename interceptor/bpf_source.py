@@ -48,9 +48,25 @@ def assemble(files=HOOK_FILES, bpf_dir=BPF_DIR):
     return "\n".join(out) + "\n"
 
 
-def datapath_version(files=HOOK_FILES, bpf_dir=BPF_DIR):
+def capacity_flags(map_sizes):
+    """-D flags that set the capacities an operator chose (abi.MAP_CAPACITY); the
+    header's defaults hold for the rest."""
+    from .abi import MAP_CAPACITY
+    return [f"-D{MAP_CAPACITY[name]}={size}" for name, size in sorted((map_sizes or {}).items())]
+
+
+def compile_flags(host_netns_cookie, map_sizes=None):
+    """Every flag BCC compiles the datapath with: the loader's and an upgrade's, alike."""
+    return [f"-DHOST_NETNS_COOKIE={host_netns_cookie}"] + capacity_flags(map_sizes)
+
+
+def datapath_version(map_sizes=None, files=HOOK_FILES, bpf_dir=BPF_DIR):
     """Which datapath this is: a digest of the one translation unit BCC compiles (map
-    layouts included, through abi.h and maps.h). Two builds with equal versions load
-    the same programs and maps, so an agent of either adopts the other's."""
+    layouts included, through abi.h and maps.h) and of the capacities chosen for it. Two
+    builds with equal versions load the same programs and maps, so an agent of either
+    adopts the other's; any other version is upgraded in place (maps migrated)."""
     import hashlib
-    return hashlib.sha256(assemble(files, bpf_dir).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(assemble(files, bpf_dir).encode())
+    for flag in capacity_flags(map_sizes):
+        digest.update(b"\0" + flag.encode())
+    return digest.hexdigest()[:12]

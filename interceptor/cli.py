@@ -16,6 +16,22 @@ def _fail(msg, code=1):
     sys.exit(code)
 
 
+def _map_sizes(ctx, param, value):
+    """--map-size MAP=N, repeatable -> {map: N}; None when not given."""
+    if not value:
+        return None
+    from .map_sizes import MapSizeError, parse
+    try:
+        return parse(value)
+    except MapSizeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _map_size_option(help_text):
+    return click.option("--map-size", "map_sizes", multiple=True, callback=_map_sizes,
+                        metavar="MAP=ENTRIES", help=help_text)
+
+
 @click.group(context_settings=CONTEXT)
 def main():
     """Intercept pod traffic for a sidecar proxy with eBPF."""
@@ -45,11 +61,13 @@ def doctor(output):
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF for each capability the kernel offers, "
               "REDIRECT rules for the rest; nftables/iptables: rules only (no BPF).")
-def load(cgroup, bypass, mode):
+@_map_size_option("A map's capacity instead of its default (repeatable; README: "
+                  "sizing a node). `upgrade --map-size` changes it on a loaded node.")
+def load(cgroup, bypass, mode, map_sizes):
     """Decide the mode, compile, pin and attach the datapath (idempotent)."""
     from . import loader
     try:
-        result = loader.load(cgroup=cgroup, bypass=bypass, mode=mode,
+        result = loader.load(cgroup=cgroup, bypass=bypass, mode=mode, map_sizes=map_sizes,
                              log=lambda m: click.echo(m, err=True))
     except (loader.LoadError, OSError) as exc:
         _fail(str(exc))
@@ -57,12 +75,16 @@ def load(cgroup, bypass, mode):
 
 
 @main.command()
-def upgrade():
-    """Replace the loaded datapath's programs with this version's, in place: links,
-    maps and enrolled pods are kept (refused if a map's layout changed)."""
+@_map_size_option("Resize a map in place (repeatable); the others keep the sizes they have.")
+def upgrade(map_sizes):
+    """Replace the loaded datapath's programs with this version's, in place: links and
+    enrolled pods are kept, maps too, migrated where their capacity or layout changed."""
+    from . import loader
     from .upgrade import UpgradeError, upgrade as do_upgrade
+    if map_sizes is not None:
+        map_sizes = dict(loader.node_state().get("map_sizes") or {}, **map_sizes)
     try:
-        click.echo(do_upgrade(log=click.echo))
+        click.echo(do_upgrade(map_sizes=map_sizes, log=click.echo))
     except UpgradeError as exc:
         _fail(str(exc))
 
@@ -315,8 +337,10 @@ _agent_conf_name = click.option("--cni-conf-name", default=CHAIN_NAME, show_defa
 @click.option("--bypass/--no-bypass", default=False, show_default=True)
 @click.option("--reconcile-every", type=click.FloatRange(0.5, 3600), default=30.0, show_default=True,
               help="Seconds between reconcile passes (conf dir changes are handled at once).")
+@_map_size_option("A map's capacity (repeatable): the loaded datapath is resized in place "
+                  "to match, and maps not named get their defaults.")
 def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_socket, mode,
-          bypass, reconcile_every):
+          bypass, reconcile_every, map_sizes):
     """The node agent of a DaemonSet: load or adopt the datapath, keep the CNI chain,
     reconcile pods. SIGTERM leaves everything in place (see `uninstall`)."""
     import signal
@@ -331,7 +355,8 @@ def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_s
     except (OSError, ValueError) as exc:
         _fail(f"--plugin-config: {exc}", 2)
     config = ag.AgentConfig(cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir, cni_conf_name=cni_conf_name,
-                            mode=mode, bypass=bypass, cri_socket=cri_socket, reconcile_every=reconcile_every)
+                            mode=mode, bypass=bypass, cri_socket=cri_socket, reconcile_every=reconcile_every,
+                            map_sizes=map_sizes or {})
     if entry is not None:
         config.plugin_entry = entry
     the_agent = ag.Agent(config, log=lambda msg: click.echo(msg))

@@ -38,7 +38,13 @@ class ProgType:
 
 class MapType:
     HASH = 1
+    ARRAY = 2
+    PROG_ARRAY = 3
+    PERCPU_HASH = 5
+    LRU_HASH = 9
+    LPM_TRIE = 11
     SOCKHASH = 18
+    SK_STORAGE = 24
 
 
 _lib = None

@@ -49,9 +49,10 @@ def is_loaded():
     return plan is not None and all(os.path.exists(p) for p in expected_pins(plan))
 
 
-def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
+def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg: None):
     """Idempotent: a complete earlier load is kept (only the bypass switch is applied);
-    leftovers of an interrupted one are removed first. Returns a short summary."""
+    leftovers of an interrupted one are removed first. map_sizes: {map: capacity} over
+    abi.py's defaults (map_sizes.py). Returns a short summary."""
     from . import doctor
     with state.node_lock():
         if is_loaded():
@@ -63,6 +64,9 @@ def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
                     os.path.realpath(cgroup) != os.path.realpath(node["cgroup"]):
                 raise LoadError(f"already loaded at cgroup {node['cgroup']}; "
                                 "unload first to attach elsewhere")
+            if map_sizes is not None and map_sizes != (node.get("map_sizes") or {}):
+                raise LoadError("already loaded with other map sizes: `interceptor upgrade "
+                                "--map-size` resizes them in place, keeping every pod")
             return "bypass switched" if _apply_bypass(bypass) else "already loaded"
         if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
             log("removing leftovers of an incomplete load")
@@ -76,17 +80,19 @@ def load(cgroup=None, bypass=False, mode="auto", log=lambda msg: None):
         log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
             f"bypass {'on' if plan['bypass'] else 'off'}")
         try:
-            _load(plan, mode, cgroup, log)
+            _load(plan, mode, cgroup, map_sizes or {}, log)
         except BaseException:
             _teardown()
             raise
         return "loaded"
 
 
-def _load(plan, mode, cgroup, log):
+def _load(plan, mode, cgroup, map_sizes, log):
     from .bpf_source import datapath_version
+    from .migrate import layouts
     node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
-            "cgroup": None, "cgroup_mounted_by_us": False, "datapath_version": datapath_version()}
+            "cgroup": None, "cgroup_mounted_by_us": False, "datapath_version": datapath_version(map_sizes),
+            "map_sizes": map_sizes, "map_layouts": layouts()}
     state.write_json(paths.NODE_STATE, node)     # first, so a failure can be undone
     if uses_bpf(plan):
         mounts.ensure_bpffs()
@@ -97,18 +103,18 @@ def _load(plan, mode, cgroup, log):
         else:
             node["cgroup"], node["cgroup_mounted_by_us"] = mounts.ensure_cgroup2()
         state.write_json(paths.NODE_STATE, node)
-        node.update(_load_bpf(plan, node["cgroup"], log))
+        node.update(_load_bpf(plan, node["cgroup"], map_sizes, log))
     node["complete"] = True
     node["loaded_at"] = time.time()
     state.write_json(paths.NODE_STATE, node)
 
 
-def _load_bpf(plan, cg_path, log):
+def _load_bpf(plan, cg_path, map_sizes, log):
     from bcc import BPF, lib as bcclib    # only here: compiling is the loader's job
-    from .bpf_source import assemble
+    from .bpf_source import assemble, compile_flags
     host_cookie = netns.host_cookie()
     started = time.monotonic()
-    bpf = BPF(text=assemble().encode(), cflags=[f"-DHOST_NETNS_COOKIE={host_cookie}"])
+    bpf = BPF(text=assemble().encode(), cflags=compile_flags(host_cookie, map_sizes))
     compile_s = time.monotonic() - started
     log(f"compiled datapath in {compile_s:.2f}s")
 

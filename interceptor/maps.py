@@ -23,6 +23,7 @@ LAYOUT = {
     "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),
 }
 PERCPU = {"stats"}
+COUNTERS = {"stats"}                          # values are counts: a migration adds them up
 SK_STORAGE = ("connect_orig", "proxy_orig")   # per-socket: no keys to list or count
 SINGLE_SLOT = ("settings", "xdp_main")         # one entry by design
 # Maps whose fill level status and metrics report (entries / capacity).

@@ -5,15 +5,18 @@ original destinations, are kept).
 
 1. Compile this version with BCC (its maps are throwaway).
 2. Check each pinned map against the compiled one (type, key and value size, capacity,
-   flags). A map whose layout changed would need migrating: not done here, so the
-   upgrade is refused with nothing changed.
+   flags). An unchanged map is kept; a changed one (another capacity, `--map-size`, or
+   a grown structure) is migrated into the compiled map (migrate.py): its entries are
+   copied now, under the node lock that every writer in userspace takes. A map that
+   cannot be migrated refuses the upgrade with nothing changed.
 3. Load every program from BCC's instructions with their map references pointed at the
-   pinned maps (insns.py), all of them before anything is swapped: a verifier rejection
-   also changes nothing.
+   maps they will use (insns.py), all of them before anything is swapped: a verifier
+   rejection also changes nothing. Migrated maps are pinned beside the old ones.
 4. Swap: bpf_link_update on the cgroup links and on each pod's sk_lookup link, the XDP
    filter in the xdp_main program array (the pods' stubs tail-call it), the sk_msg
-   program on the bypass sockhash; re-pin the programs; save the new XDP stub template
-   (for pods enrolled from now on); record the new datapath version.
+   program on the bypass sockhash; re-pin the programs; move the migrated maps' pins
+   into place and carry over what the old programs wrote since the copy; save the new
+   XDP stub template (for pods enrolled from now on); record the new datapath version.
 """
 import ctypes
 import errno
@@ -21,9 +24,10 @@ import os
 import time
 
 from . import libbpf, paths, state
-from .bpf_source import datapath_version
+from .bpf_source import compile_flags, datapath_version
 from .insns import map_refs, set_imm64
 from .maps import LAYOUT
+from .migrate import MapMigration, MigrationError, layouts
 from .pieces import SK_LOOKUP_LINK
 from .capabilities import uses_bpf
 from .programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
@@ -33,39 +37,63 @@ class UpgradeError(Exception):
     pass
 
 
-def upgrade(log=lambda msg: None):
-    """Returns a summary; UpgradeError when it cannot be done (then nothing changed)."""
+def upgrade(map_sizes=None, log=lambda msg: None):
+    """Upgrade to this version with these map capacities (None: the ones the node
+    has). Returns a summary; UpgradeError when it cannot be done (nothing changed)."""
     from . import loader
     with state.node_lock():
         if not loader.is_loaded():
             raise UpgradeError("nothing is loaded to upgrade")
         node = loader.node_state()
         plan = node["plan"]
-        ours, theirs = datapath_version(), node.get("datapath_version")
+        sizes = (node.get("map_sizes") or {}) if map_sizes is None else map_sizes
+        ours, theirs = datapath_version(sizes), node.get("datapath_version")
+        _finish_migration(node)
         if ours == theirs and not node.get("upgrading_to"):
             return "already this version"
         if not uses_bpf(plan):
-            _record(node, ours)
+            _record(node, ours, sizes)
             return f"rules only: version {theirs} -> {ours}"
         started = time.monotonic()
-        summary = _swap(node, plan, ours, log)
-        _record(node, ours)
+        summary = _swap(node, plan, ours, sizes, log)
+        _record(node, ours, sizes)
         return f"datapath {theirs} -> {ours} in place: {summary} ({time.monotonic() - started:.2f}s)"
 
 
-def _record(node, version):
+def _record(node, version, sizes):
     node["datapath_version"] = version
+    node["map_sizes"] = sizes
+    node["map_layouts"] = layouts()
     node["upgraded_at"] = time.time()
     node.pop("upgrading_to", None)
+    node.pop("migrating_maps", None)
     state.write_json(paths.NODE_STATE, node)
 
 
-def _swap(node, plan, version, log):
+def _staged_pin(name):
+    return paths.map_pin(name) + "_migrating"      # bpffs refuses dots
+
+
+def _finish_migration(node):
+    """A migrating upgrade killed part-way left new maps pinned beside the old ones.
+    Once the swap had begun (journalled), new programs may use them: they take the old
+    ones' place and the upgrade is redone over them. Before that, they are unused."""
+    for name in LAYOUT:
+        staged = _staged_pin(name)
+        if not os.path.lexists(staged):
+            continue
+        if node.get("upgrading_to") and name in node.get("migrating_maps", ()):
+            os.replace(staged, paths.map_pin(name))
+        else:
+            os.unlink(staged)
+
+
+def _swap(node, plan, version, sizes, log):
     from bcc import BPF, lib as bcclib
     from .bpf_source import assemble
     from .loader import save_pod_template
     try:
-        bpf = BPF(text=assemble().encode(), cflags=[f"-DHOST_NETNS_COOKIE={node['host_netns_cookie']}"])
+        bpf = BPF(text=assemble().encode(), cflags=compile_flags(node["host_netns_cookie"], sizes))
     except Exception as exc:      # BCC raises a bare Exception; the compiler's errors went to stderr
         raise UpgradeError(f"the new datapath does not compile: {exc}") from None
     pinned, new = {}, {}
@@ -77,22 +105,27 @@ def _swap(node, plan, version, log):
                 raise UpgradeError(f"map {name} missing from the compiled datapath")
             compiled[name] = fd
             pinned[name] = libbpf.obj_get(paths.map_pin(name))
-            _same_layout(name, compiled[name], pinned[name])
+        migrations = _migrations(node, compiled, pinned)
+        # the maps the new programs use: the kept pinned ones and the migrated new ones
+        using = dict(pinned, **{m.name: m.new_fd for m in migrations})
         name_by_fd = {fd: name for name, fd in compiled.items()}
         for prog in PROGRAMS:
             if not prog.loaded(plan) or prog.scope == POD_COPY:
                 continue
             insns = bytearray(bpf.dump_func(prog.name.encode()))
             for i, fd in map_refs(insns).items():
-                set_imm64(insns, i, pinned[name_by_fd[fd]])
+                set_imm64(insns, i, using[name_by_fd[fd]])
             attach = 0 if prog.scope == TAIL else prog.attach_type
             try:
                 new[prog.name] = libbpf.prog_load(prog.prog_type, prog.name, bytes(insns), attach)
             except OSError as exc:
                 raise UpgradeError(f"{prog.name} of the new datapath does not load: {exc}") from None
+        for m in migrations:
+            libbpf.obj_pin(m.new_fd, _staged_pin(m.name))
         # everything verified: swap. Journalled first: killed half-way, the links hold
         # programs of two builds, which status reports and the next upgrade completes.
         node["upgrading_to"] = version
+        node["migrating_maps"] = [m.name for m in migrations]
         state.write_json(paths.NODE_STATE, node)
         swapped = 0
         for prog in PROGRAMS:
@@ -117,25 +150,41 @@ def _swap(node, plan, version, log):
                 os.unlink(staged)
             libbpf.obj_pin(fd, staged)
             os.replace(staged, paths.prog_pin(prog.name))
+        for m in migrations:
+            os.replace(_staged_pin(m.name), paths.map_pin(m.name))
+            m.catch_up()
         for prog in PROGRAMS:
             if prog.scope == POD_COPY and prog.needed(plan):
                 save_pod_template(bpf, prog, {fd: name for name, fd in compiled.items()})
-        log(f"replaced {len(new)} programs, {swapped} attachments")
-        return f"{len(new)} programs, {swapped} attachments"
+        moved = "".join(f"; migrated {m.describe()}" for m in migrations)
+        log(f"replaced {len(new)} programs, {swapped} attachments{moved}")
+        return f"{len(new)} programs, {swapped} attachments{moved}"
     finally:
         for fd in list(pinned.values()) + list(new.values()):
             os.close(fd)
         bpf.cleanup()
 
 
-def _same_layout(name, compiled_fd, pinned_fd):
-    a = libbpf.obj_info(compiled_fd, libbpf.MapInfo)
-    b = libbpf.obj_info(pinned_fd, libbpf.MapInfo)
+def _migrations(node, compiled, pinned):
+    """A MapMigration, its entries copied, for each pinned map unlike the compiled one."""
+    from .xdp import template_maps
     fields = ("type", "key_size", "value_size", "max_entries", "map_flags")
-    changed = [f"{f} {getattr(b, f)} -> {getattr(a, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
-    if changed:
-        raise UpgradeError(f"map {name} changes layout ({', '.join(changed)}): migrating a map's "
-                           "entries is not implemented, so the loaded datapath stays as it is")
+    migrations = []
+    for name in LAYOUT:
+        a = libbpf.obj_info(compiled[name], libbpf.MapInfo)
+        b = libbpf.obj_info(pinned[name], libbpf.MapInfo)
+        if all(getattr(a, f) == getattr(b, f) for f in fields):
+            continue
+        try:
+            if name in template_maps():
+                raise MigrationError(f"map {name} is held by every pod's XDP program: changing it "
+                                     "needs `interceptor unload` and `load`")
+            m = MapMigration(name, pinned[name], compiled[name], (node.get("map_layouts") or {}).get(name))
+            m.copy()
+        except MigrationError as exc:
+            raise UpgradeError(f"{exc}; the loaded datapath stays as it is") from None
+        migrations.append(m)
+    return migrations
 
 
 def _update_link(pin, prog_fd):

@@ -57,6 +57,12 @@ def save_template(insns, map_names_by_fd):
         "insns": insns.hex(), "maps": relocs, "cookie_at": cookie_at})
 
 
+def template_maps():
+    """The maps the loaded pods' XDP programs refer to (each holds them itself)."""
+    template = state.read_json(paths.XDP_TEMPLATE)
+    return {name for _, name in template["maps"]} if template else set()
+
+
 def _instance(template, cookie, map_fds):
     insns = bytearray(bytes.fromhex(template["insns"]))
     for i, name in template["maps"]:

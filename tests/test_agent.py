@@ -39,12 +39,12 @@ class AgentProcess:
         self.proc = None
         self.log_path = os.path.join(workdir, "agent.log")
 
-    def start(self, env=None):
+    def start(self, env=None, args=()):
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "interceptor.cli", "agent", "--cni-bin-dir", self.runtime.cni_bin,
              "--cni-conf-dir", self.runtime.cni_conf, "--listen", f"127.0.0.1:{self.port}",
-             "--cri-socket", self.runtime.socket, "--reconcile-every", "1"],
+             "--cri-socket", self.runtime.socket, "--reconcile-every", "1", *args],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
         log.close()
         return self
@@ -272,7 +272,8 @@ def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(
 
 def changed_datapath(workdir, change):
     """A copy of the C sources with one change: "code" (a new build of the same
-    layout) or "layout" (the pods map one entry larger)."""
+    layout) or "sockets" (the inbound listeners' sockhash one entry larger: userspace
+    cannot copy sockets, so this map cannot be migrated)."""
     from interceptor.bpf_source import BPF_DIR
     copy = os.path.join(workdir, f"bpf-{change}")
     shutil.copytree(BPF_DIR, copy)
@@ -282,8 +283,8 @@ def changed_datapath(workdir, change):
     if change == "code":
         text += "\n#define INTERCEPTOR_TEST_BUILD 2      /* a changed build */\n"
     else:
-        assert "MAX_PODS);" in text
-        text = text.replace("MAX_PODS);", "MAX_PODS + 1);", 1)
+        assert "= MAX_LISTENERS }" in text
+        text = text.replace("= MAX_LISTENERS }", "= MAX_LISTENERS + 1 }", 1)
     with open(path, "w") as f:
         f.write(text)
     return copy
@@ -320,17 +321,27 @@ def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tm
     agent.start()
     agent.wait_ready(timeout=60)
     assert status.collect()["node"]["datapath_version"] == before
+    # an agent declaring other map sizes resizes the loaded maps in place, and one
+    # declaring none brings back the defaults
+    redirected = paths.map_pin("redirected")
+    for args, entries in ((["--map-size", "redirected=131072"], 131072), ([], 65536)):
+        agent.stop()
+        agent.start(args=args)
+        agent.wait_ready(timeout=60)
+        assert libbpf.pinned_info(redirected, libbpf.MapInfo).max_entries == entries
+        assert not enrollment.verify(record_of(ids["early"]), early.netns)
+    assert status.collect()["node"]["datapath_version"] == before
 
 
-def test_a_datapath_whose_maps_changed_is_left_in_place_and_not_ready(node, tmp_path):
+def test_a_datapath_whose_maps_cannot_be_migrated_is_left_in_place_and_not_ready(node, tmp_path):
     runtime, _, agent, ids = node
     agent.wait_ready()
     from interceptor import status
     version = status.collect()["node"]["datapath_version"]
     agent.stop()
-    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "layout")})
+    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "sockets")})
     try:
-        agent.wait_ready(False, timeout=60, saying="map pods changes layout (max_entries")
+        agent.wait_ready(False, timeout=60, saying="map inbound_listeners holds sockets")
         assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
         rec = record_of(ids["early"])
         assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured

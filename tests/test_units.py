@@ -322,3 +322,83 @@ def test_the_cli_reads_no_node_paths_before_a_command_runs():
                           "print(sorted(m for m in sys.modules if m in ('interceptor.paths', "
                           "'interceptor.state')))"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- map sizes and migrations (migrate.py, map_sizes.py) -----------------------------
+from interceptor import map_sizes, migrate  # noqa: E402
+from interceptor.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE  # noqa: E402
+
+
+def test_every_sizable_map_exists_and_only_fixed_ones_are_left_out():
+    assert set(abi.MAP_CAPACITY) <= set(LAYOUT)
+    assert set(LAYOUT) - set(abi.MAP_CAPACITY) == set(SK_STORAGE + SINGLE_SLOT)
+    header = abi.render_header()
+    for macro in abi.MAP_CAPACITY.values():
+        assert f"#ifndef {macro}\n#define {macro} " in header
+
+
+def test_map_sizes_parse_and_name_what_is_wrong():
+    assert map_sizes.parse(["pods=8192", "redirected=262144"]) == {"pods": 8192, "redirected": 262144}
+    for bad, why in (("pods", "expected MAP=ENTRIES"), ("xdp_main=2", "not a map with a settable size"),
+                     ("pods=0", "whole number"), ("pods=-1", "whole number"), ("pods=1e3", "whole number"),
+                     ("pods=٣", "whole number"), (f"pods={map_sizes.LARGEST + 1}", "whole number")):
+        with pytest.raises(map_sizes.MapSizeError, match=why):
+            map_sizes.parse([bad])
+
+
+def test_flags_and_version_follow_the_sizes():
+    assert bpf_source.compile_flags(7) == ["-DHOST_NETNS_COOKIE=7"]
+    assert bpf_source.compile_flags(7, {"pods": 10}) == ["-DHOST_NETNS_COOKIE=7", "-DMAX_PODS=10"]
+    v = bpf_source.datapath_version
+    assert v() == v({}) != v({"pods": 10}) != v({"pods": 11})
+
+
+def test_a_bad_map_size_is_a_usage_error():
+    r = CliRunner().invoke(main, ["load", "--map-size", "podz=3"])
+    assert r.exit_code == 2 and "not a map with a settable size" in r.output
+
+
+def _layout(*fields):
+    return migrate.Layout(max(o + s for _, o, s, _k in fields), [migrate.Field(*f) for f in fields])
+
+
+def test_a_conversion_moves_fields_by_name_widens_ints_and_zeroes_new_ones():
+    old = _layout(("a", 0, 4, "int"), ("b", 4, 2, "int"), ("addr", 6, 4, "bytes"))
+    new = _layout(("addr", 0, 4, "bytes"), ("b", 4, 4, "int"), ("c", 8, 4, "int"), ("a", 12, 4, "int"))
+    conv = migrate.Conversion("v", old, old.size, new, is_key=False)
+    raw = (7).to_bytes(4, "little") + (300).to_bytes(2, "little") + b"\x0a\x00\x00\x01"
+    out = conv(raw)
+    assert out[:4] == b"\x0a\x00\x00\x01"
+    assert int.from_bytes(out[4:8], "little") == 300 and out[8:12] == bytes(4)
+    assert int.from_bytes(out[12:16], "little") == 7
+    assert not conv.identity
+
+
+def test_a_conversion_refuses_what_would_lose_or_mangle_values():
+    old = _layout(("a", 0, 8, "int"), ("addr", 8, 4, "bytes"))
+    for new, why in ((_layout(("a", 0, 4, "int"), ("addr", 4, 4, "bytes")), "field a changes from 8 bytes"),
+                     (_layout(("a", 0, 8, "int"), ("addr", 8, 8, "bytes")), "field addr changes"),
+                     (_layout(("a", 0, 8, "bytes"), ("addr", 8, 4, "bytes")), "field a changes")):
+        with pytest.raises(migrate.MigrationError, match=why):
+            migrate.Conversion("v", old, old.size, new, is_key=False)
+    # a key that loses a field could map two entries onto one
+    with pytest.raises(migrate.MigrationError, match="loses field.*addr.*collide"):
+        migrate.Conversion("k", old, old.size, _layout(("a", 0, 8, "int")), is_key=True)
+    assert migrate.Conversion("v", old, old.size, _layout(("a", 0, 8, "int")), is_key=False)
+
+
+def test_an_unrecorded_or_mismatched_layout_is_copied_only_when_sizes_agree():
+    new = _layout(("a", 0, 8, "int"))
+    assert migrate.Conversion("v", None, 8, new, is_key=False).identity
+    wrong_record = _layout(("a", 0, 4, "int"))          # says 4 bytes, the map has 8
+    assert migrate.Conversion("v", wrong_record, 8, new, is_key=False).identity
+    with pytest.raises(migrate.MigrationError, match="not recorded"):
+        migrate.Conversion("v", None, 4, new, is_key=False)
+    assert migrate.Layout.from_json({"size": "x"}) is None and migrate.Layout.from_json([]) is None
+
+
+def test_every_map_layout_round_trips_through_the_node_state():
+    for name, doc in migrate.layouts().items():
+        key = migrate.Layout.from_json(json.loads(json.dumps(doc["key"])))
+        assert key.size == migrate.Layout.of(LAYOUT[name][0]).size
+        assert migrate.Conversion(name, key, key.size, migrate.Layout.of(LAYOUT[name][0]), is_key=True).identity

@@ -6,14 +6,30 @@
 #define PROXY_GID 1337
 #define OUTBOUND_PORT 15001
 #define INBOUND_PORT 15006
+#ifndef MAX_PODS
 #define MAX_PODS 4096
+#endif
+#ifndef MAX_POD_ADDRS
 #define MAX_POD_ADDRS 16384
+#endif
+#ifndef MAX_CIDRS
 #define MAX_CIDRS 65536
+#endif
+#ifndef MAX_PORT_RULES
 #define MAX_PORT_RULES 65536
+#endif
+#ifndef MAX_REDIRECTED_SOCKETS
 #define MAX_REDIRECTED_SOCKETS 65536
+#endif
+#ifndef MAX_BYPASS_SOCKETS
 #define MAX_BYPASS_SOCKETS 65536
+#endif
+#ifndef MAX_LISTENERS
 #define MAX_LISTENERS 8192
+#endif
+#ifndef MAX_STAT_KEYS
 #define MAX_STAT_KEYS 65536
+#endif
 #define POD_F_PASSTHROUGH 1
 #define POD_F_BYPASS 2
 #define POD_F_OUT_PORTS_INCLUDE 4
@@ -24,9 +40,15 @@
 #define DIR_INBOUND 2
 #define CONN_F_ESTABLISHED 1
 #define CONN_F_BYPASSED 2
+#ifndef MAX_INGRESS_SOURCES
 #define MAX_INGRESS_SOURCES 65536
+#endif
+#ifndef MAX_INGRESS_RULES
 #define MAX_INGRESS_RULES 65536
+#endif
+#ifndef MAX_XDP_PODS
 #define MAX_XDP_PODS 4096
+#endif
 #define XDP_MAX_VLAN_TAGS 2
 #define XDP_MAX_EXT_HEADERS 6
 #define XDP_COOKIE_PLACEHOLDER 0x1c0ffee0deadbeefULL
