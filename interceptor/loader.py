@@ -68,6 +68,8 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
                 raise LoadError("already loaded with other map sizes: `interceptor upgrade "
                                 "--map-size` resizes them in place, keeping every pod")
             return "bypass switched" if _apply_bypass(bypass) else "already loaded"
+        if _repaired_in_place(mode, map_sizes, log):
+            return "repaired"
         if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
             log("removing leftovers of an incomplete load")
             _teardown()
@@ -85,6 +87,23 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
             _teardown()
             raise
         return "loaded"
+
+
+def _repaired_in_place(mode, map_sizes, log):
+    """A load that was complete and lost a program or link keeps its maps and pods: the
+    programs are loaded again into it (upgrade.repair). Tearing it down instead would
+    uncapture every pod until it is enrolled again."""
+    from .upgrade import UpgradeError, repair
+    node = node_state()
+    if not node.get("complete") or node.get("requested_mode", "auto") != mode or \
+            (map_sizes is not None and map_sizes != (node.get("map_sizes") or {})):
+        return False
+    try:
+        log(repair(node, log))
+    except (UpgradeError, OSError) as exc:
+        log(f"cannot repair the loaded datapath in place ({exc}): loading afresh")
+        return False
+    return is_loaded()
 
 
 def _load(plan, mode, cgroup, map_sizes, log):

@@ -60,6 +60,22 @@ def upgrade(map_sizes=None, log=lambda msg: None):
         return f"datapath {theirs} -> {ours} in place: {summary} ({time.monotonic() - started:.2f}s)"
 
 
+def repair(node, log=lambda msg: None):
+    """A complete load that lost a program or link pin (unpinned by hand or by another
+    tool): this version's programs go into the links that are left, the missing links are
+    created again, and maps and pods stay. The caller holds the node lock. Returns a
+    summary; UpgradeError when it cannot (the caller then loads afresh)."""
+    if not node.get("complete") or not uses_bpf(node["plan"]) or \
+            not all(os.path.exists(paths.map_pin(name)) for name in LAYOUT):
+        raise UpgradeError("not a complete load with its maps")
+    sizes = node.get("map_sizes") or {}
+    version = datapath_version(sizes)
+    _finish_migration(node)
+    summary = _swap(node, node["plan"], version, sizes, log)
+    _record(node, version, sizes)
+    return f"repaired in place: {summary}"
+
+
 def _record(node, version, sizes):
     node["datapath_version"] = version
     node["map_sizes"] = sizes
@@ -133,7 +149,8 @@ def _swap(node, plan, version, sizes, log):
             if fd is None:
                 continue
             if prog.scope == CGROUP and prog.needed(plan):
-                swapped += _update_link(paths.link_pin(prog.name), fd)
+                swapped += _update_link(paths.link_pin(prog.name), fd) or \
+                    _recreate_link(paths.link_pin(prog.name), fd, prog, node["cgroup"])
             elif prog.scope == NETNS:
                 for cookie in sorted(paths.pinned_pod_cookies()):
                     swapped += _update_link(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), fd)
@@ -185,6 +202,22 @@ def _migrations(node, compiled, pinned):
             raise UpgradeError(f"{exc}; the loaded datapath stays as it is") from None
         migrations.append(m)
     return migrations
+
+
+def _recreate_link(pin, prog_fd, prog, cgroup):
+    """A node-wide link whose pin is gone (repair): attached and pinned again."""
+    if os.path.exists(pin):
+        return 0
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        link = libbpf.link_create(prog_fd, cg_fd, prog.attach_type)
+    finally:
+        os.close(cg_fd)
+    try:
+        libbpf.obj_pin(link, pin)
+    finally:
+        os.close(link)
+    return 1
 
 
 def _update_link(pin, prog_fd):

@@ -98,15 +98,44 @@ def test_unload_leaves_nothing(clean, lab):
 
 
 def test_interrupted_load_is_repaired(clean):
+    from interceptor import state
     loader.load()
     ids = pinned_prog_ids()
-    # simulate a crash that left one attachment missing
+    # simulate a load killed before it completed: one attachment missing
     libbpf.detach_link_pin(paths.link_pin("connect4"))
+    state.write_json(paths.NODE_STATE, dict(state.read_json(paths.NODE_STATE), complete=False))
     assert not loader.is_loaded()
     assert loader.load() == "loaded"
     assert loader.is_loaded()
     assert pinned_prog_ids() != ids       # a fresh, complete load
     assert len(cgroup_attachments()) == sum(p.scope == "cgroup" for p in PROGRAMS)
+
+
+def test_a_load_that_lost_a_link_or_program_is_repaired_keeping_its_pods(clean, lab):
+    """Pins removed behind interceptor's back (by hand, by another tool): `load` (or the
+    agent) puts the programs back into the load that is there. Tearing it down would
+    uncapture every enrolled pod until each was enrolled again."""
+    from interceptor import netns, status
+    loader.load()
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    start_server(b)
+    log = start_sidecar(lab, a)
+    enroll(a)
+    cookie = netns.cookie_of(a.netns_path)
+    maps_before = {n: libbpf.pinned_info(paths.map_pin(n), libbpf.MapInfo).id for n in ("pods", "redirected")}
+    libbpf.detach_link_pin(paths.link_pin("connect4"))
+    os.unlink(paths.prog_pin("sockops"))
+    assert not loader.is_loaded()
+    assert any("connect4" in e or "sockops" in e or "incomplete" in e for e in status.collect()["errors"])
+    assert loader.load() == "repaired"
+    assert loader.is_loaded() and not status.collect()["errors"]
+    assert len(cgroup_attachments()) == sum(p.scope == "cgroup" for p in PROGRAMS)
+    assert {n: libbpf.pinned_info(paths.map_pin(n), libbpf.MapInfo).id for n in maps_before} == maps_before
+    rec = podrecord.read(cookie)
+    assert rec is not None and not enrollment.verify(rec, a.netns_path)
+    assert client(a, b.ipv4)["reply"]["bytes"] == 5
+    assert [e["orig_dst"] for e in sidecar_entries(log)] == [f"{b.ipv4}:8080"]
+    assert loader.load() == "already loaded"
 
 
 def test_bypass_switch_attaches_and_detaches_sk_msg(clean):
