@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up what is missing first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test abi doctor
+.PHONY: setup demo test abi doctor image
 
 setup:
 	@bash scripts/setup.sh
@@ -18,3 +18,7 @@ abi:
 
 doctor: setup
 	.venv/bin/interceptor doctor
+
+# The node agent's container image (deploy/Containerfile), built locally with podman.
+image: setup
+	deploy/build-image.sh

@@ -17,6 +17,7 @@ fi
 # wrk, iperf3, netsniff-ng (trafgen): load generators of `interceptor bench`.
 # containerd: the Kubernetes runtime the node agent is tested with (its CRI, driven as
 # a kubelet would); gcc builds the tests' static pause image.
+# mmdebstrap: the base of the agent's image, from Debian's packages (deploy/build-image.sh).
 # vagrant: only to validate vagrant/Vagrantfile in the tests (no VMs are started here).
 # Debian names its current-headers package linux-headers-amd64; Ubuntu (the Vagrant
 # node1) ships headers for the running kernel, and bpftool in linux-tools.
@@ -32,7 +33,7 @@ else
 fi
 PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "$HEADERS" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
-          nftables iptables wrk iperf3 netsniff-ng containerd gcc libc6-dev "${VAGRANT[@]}")
+          nftables iptables wrk iperf3 netsniff-ng containerd gcc libc6-dev mmdebstrap "${VAGRANT[@]}")
 
 missing=()
 for p in "${PACKAGES[@]}"; do

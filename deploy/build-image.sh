@@ -1,0 +1,39 @@
+#!/bin/bash
+# Builds the node agent's image (deploy/Containerfile) with podman, from Debian's
+# packages and PyPI only: where no registry serves debian:12, the base image is made
+# with mmdebstrap and imported (cached; `podman rmi` it to rebuild).
+#   deploy/build-image.sh [TAG]        (default localhost/interceptor:VERSION)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+tag=${1:-localhost/interceptor:$version}
+base=localhost/interceptor-base:debian12
+
+# this machine kind: runc (crun fails on hybrid cgroups), no systemd, no CAP_SYS_RESOURCE
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+if [ -z "${CONTAINERS_CONF:-}" ]; then
+    cat > "$scratch/containers.conf" <<'CONF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+    export CONTAINERS_CONF=$scratch/containers.conf
+fi
+
+if ! podman image exists "$base"; then
+    # Check-Valid-Until: the node's mirror may be a dated snapshot
+    mmdebstrap --quiet --variant=apt --aptopt='Acquire::Check-Valid-Until "false"' bookworm - \
+        | podman import - "$base" >/dev/null
+fi
+
+# pip inside the build trusts what the host trusts (a TLS-inspecting proxy's CA, if the
+# network has one); mounted for the build only, not part of the image
+printf '[global]\ncert = /run/host-ca.crt\n' > "$scratch/pip.conf"
+podman build --quiet --pull=never --build-arg "BASE=$base" \
+    -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro -v "$scratch/pip.conf:/etc/pip.conf:ro" \
+    -f deploy/Containerfile -t "$tag" . >/dev/null
+echo "$tag"
