@@ -33,7 +33,9 @@ fi
 # pip inside the build trusts what the host trusts (a TLS-inspecting proxy's CA, if the
 # network has one); mounted for the build only, not part of the image
 printf '[global]\ncert = /run/host-ca.crt\n' > "$scratch/pip.conf"
-podman build --quiet --pull=never --build-arg "BASE=$base" \
+# --network=host: the RUN steps reach the mirrors without a CNI bridge, which would turn
+# on the host's IP forwarding and leave it on
+podman build --quiet --pull=never --network=host --build-arg "BASE=$base" \
     -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro -v "$scratch/pip.conf:/etc/pip.conf:ro" \
     -f deploy/Containerfile -t "$tag" . >/dev/null
 echo "$tag"

@@ -31,9 +31,11 @@ def image(tmp_path_factory):
                     '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
     env = dict(os.environ, CONTAINERS_CONF=str(conf))
     tag = f"localhost/interceptor:test-{uuid.uuid4().hex[:6]}"
+    forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
     r = subprocess.run([os.path.join(ROOT, "deploy", "build-image.sh"), tag], env=env,
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert open("/proc/sys/net/ipv4/ip_forward").read() == forwarding, "the build turned on forwarding"
     try:
         yield tag, env
     finally:
