@@ -155,6 +155,13 @@ def remove_pod(cookie, unloading=False):
         rec = stub
     else:
         journal = rec.journal
+        if rec.complete:
+            # marked first: a removal killed half-way (say, a link detached but still
+            # pinned) leaves an incomplete record, which status reports and the next
+            # enroll clears before it applies anything, instead of a "complete" one
+            # that a re-enroll would trust and keep
+            rec.complete = False
+            podrecord.write(rec)
     maps = _maps_for_removal(unloading)
     try:
         for entry in reversed(journal):
