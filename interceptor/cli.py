@@ -35,6 +35,12 @@ def _map_size_option(help_text):
 @click.group(context_settings=CONTEXT)
 def main():
     """Intercept pod traffic for a sidecar proxy with eBPF."""
+    import os
+    # every command reads or changes pinned BPF objects and root-owned state: as another
+    # user it could only fail half-way, with the kernel's EACCES/EPERM
+    if os.geteuid() != 0 and not {"-h", "--help"} & set(sys.argv[1:]):
+        _fail("interceptor must run as root (it works with pinned BPF objects and root-owned "
+              "state under the run dir)")
 
 
 @main.command()

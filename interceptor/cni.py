@@ -13,6 +13,7 @@ import time
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LATEST = SUPPORTED_VERSIONS[-1]
 DEFAULT_LOG = "/var/log/interceptor-cni.log"
+LOG_DIR = "/var/log"      # a configured logFile must stay under it
 
 # Error codes of the CNI spec; ours for CHECK (100+) are interceptor.problems.Kind.
 E_INCOMPATIBLE_VERSION = 1
@@ -100,9 +101,8 @@ class Log:
 
     def __init__(self, config):
         configured = config.get("logFile")
-        # absolute only: a plugin's working directory is the runtime's, whatever it is
         self.path = os.environ.get("INTERCEPTOR_CNI_LOG") or \
-            (configured if isinstance(configured, str) and os.path.isabs(configured) else DEFAULT_LOG)
+            (configured if _a_log_path(configured) else DEFAULT_LOG)
 
     def __call__(self, msg):
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{os.getpid()}] {msg}\n"
@@ -110,10 +110,22 @@ class Log:
         line = line.encode("utf-8", "backslashreplace").decode("utf-8")
         sys.stderr.write(line)
         try:
-            with open(self.path, "a") as f:
-                f.write(line)
+            # a symlink planted where the log goes is not followed
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
         except OSError:
             pass   # a log file we cannot write must not fail the pod
+
+
+def _a_log_path(path):
+    """A configured logFile is used only as a plain absolute path under LOG_DIR: the
+    plugin runs as root, and a relative path would land in the runtime's working dir,
+    one with .. or outside /var/log could append to any file on the node."""
+    return isinstance(path, str) and os.path.isabs(path) and "\0" not in path and \
+        os.path.normpath(path) == path and path.startswith(LOG_DIR + "/")
 
 
 def _prev_result_addresses(prev):

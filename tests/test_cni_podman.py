@@ -60,7 +60,9 @@ def podman(datapath, tmp_path):
         cni_plugin_dirs = ["{dirs['bin']}"]
         network_config_dir = "{dirs['conf']}"
         """))
-    log = tmp_path / "cni.log"
+    # the chained entry's logFile (podman's cleanup process runs DEL without our
+    # environment): the plugin takes one only under /var/log
+    log = pathlib.Path(f"/var/log/interceptor-cni-test-{uuid.uuid4().hex[:8]}.log")
     env = dict(os.environ, CONTAINERS_CONF=str(conf), INTERCEPTOR_CNI_LOG=str(log))
     ip_forward = open("/proc/sys/net/ipv4/ip_forward").read()
 
@@ -76,6 +78,7 @@ def podman(datapath, tmp_path):
     yield ctx
     for name in ctx["containers"]:
         podman_cmd("rm", "-f", "-t", "0", name, check=False)
+    log.unlink(missing_ok=True)
     subprocess.run(["umount", "-R", str(short)], capture_output=True)   # podman's storage mounts
     shutil.rmtree(short, ignore_errors=True)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)

@@ -246,9 +246,13 @@ def test_vagrantfile_validates():
 
 
 @pytest.mark.parametrize("configured,expected", [
-    ("/var/log/x.log", "/var/log/x.log"), ("x", None), ("../x", None), ("", None), ({}, None), (None, None)])
-def test_cni_log_file_is_an_absolute_path_or_the_default(monkeypatch, configured, expected):
-    """A relative logFile would land in whatever directory the runtime runs plugins from."""
+    ("/var/log/x.log", "/var/log/x.log"), ("/var/log/cni/x.log", "/var/log/cni/x.log"),
+    ("x", None), ("../x", None), ("", None), ({}, None), (None, None),
+    ("/etc/passwd", None), ("/var/log/../../etc/shadow", None), ("/var/log", None),
+    ("/var/log//x", None), ("/var/logs/x", None), ("/var/log/x\0y", None)])
+def test_cni_log_file_is_a_plain_path_under_var_log_or_the_default(monkeypatch, configured, expected):
+    """A relative logFile would land in whatever directory the runtime runs plugins from;
+    one elsewhere would let a network config append to any file on the node."""
     from interceptor import cni
     monkeypatch.delenv("INTERCEPTOR_CNI_LOG", raising=False)
     assert cni.Log({"logFile": configured}).path == (expected or cni.DEFAULT_LOG)
