@@ -128,6 +128,9 @@ class Reason(Codes):
     # the proxy connecting to its own capture port (it found no original destination
     # and fell back to its socket's own address): refused, or it would loop to itself
     OUT_REFUSED_PROXY_LOOP = 29
+    # the proxy's inbound listener could not be recorded (inbound_listeners full): the
+    # pod's inbound connections are not steered to it until one is
+    LISTENER_RECORD_FAILED = 30
 
 
 # --- Map layouts ----------------------------------------------------------------------

@@ -149,6 +149,7 @@ def _prev_result_addresses(prev):
 
 def cmd_add(req, log):
     from . import cni_config, enrollment
+    from .maps import MapFullError
     prev = req.config.get("prevResult")
     if not isinstance(prev, dict):
         raise CniError(E_INVALID_CONFIG, "no prevResult: interceptor-cni must be chained after "
@@ -170,6 +171,8 @@ def cmd_add(req, log):
                                 ifname=req.ifname)
     except enrollment.NotLoadedError as exc:
         raise CniError(E_TRY_AGAIN, str(exc), "run `interceptor load` on the node") from None
+    except MapFullError as exc:      # nothing of the pod is left; fine again once pods go
+        raise CniError(E_TRY_AGAIN, f"enroll failed: {exc}") from None
     except enrollment.EnrollError as exc:
         raise CniError(E_INVALID_CONFIG, str(exc)) from None
     except OSError as exc:

@@ -1,5 +1,6 @@
 """Typed handles on the pinned maps, for userspace that must not import BCC."""
 import ctypes
+import errno
 import os
 
 from . import abi, libbpf, paths
@@ -33,6 +34,13 @@ REPORTED = tuple(name for name in LAYOUT if name not in SK_STORAGE + SINGLE_SLOT
 class LayoutError(Exception):
     """A pinned map whose key or value size is not the one this code was built with: the
     loaded datapath is another version (say, mid-upgrade). Writing to it would corrupt it."""
+
+
+class MapFullError(OSError):
+    """A map at its capacity refused an entry (E2BIG from a hash, ENOSPC from a trie)."""
+
+    def __str__(self):
+        return self.strerror
 
 
 class PinnedMap:
@@ -77,7 +85,13 @@ class PinnedMap:
         return list(value) if self.percpu else value
 
     def put(self, key, value, flags=libbpf.BPF_ANY):
-        libbpf.map_update(self.fd, key, value, flags)
+        try:
+            libbpf.map_update(self.fd, key, value, flags)
+        except OSError as exc:
+            if exc.errno not in (errno.E2BIG, errno.ENOSPC):
+                raise
+            raise MapFullError(exc.errno, f"map {self.name} is full ({self.info().max_entries} entries): "
+                               f"raise it with `interceptor upgrade --map-size {self.name}=N`") from None
 
     def delete(self, key):
         return libbpf.map_delete(self.fd, key)

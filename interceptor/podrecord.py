@@ -52,6 +52,12 @@ class PodRecord:
     def name(self):
         return self.pod or f"cookie:{self.cookie}"
 
+    def replace_settings(self, settings):
+        """A copy with other settings (what a live policy edit tries before it is kept)."""
+        return PodRecord(self.cookie, self.netns, settings, self.mode, self.pod, self.container_id,
+                         self.ifname, self.addresses, self.enrolled_at, self.journal, self.complete,
+                         self.damaged)
+
     def entry(self, piece):
         return next((e for e in self.journal if e.piece == piece), None)
 

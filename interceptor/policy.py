@@ -51,17 +51,27 @@ def change(selector, add=(), remove=(), replace=None):
             raise PolicyCommandError("this pod has no ingress filter")
         if applied is None:
             raise PolicyCommandError("the pod's enrollment is incomplete: enroll it again first")
-        rec.settings = settings
         try:
-            if piece.uses_maps:
-                with Maps() as maps:
-                    piece.update(rec, applied, maps)
-            else:
-                piece.update(rec, applied, None)
-        except (OSError, pieces.PieceError) as exc:    # e.g. the datapath was unloaded
-            raise PolicyCommandError(f"cannot apply the policy: {exc}") from None
+            _update(piece, rec.replace_settings(settings), applied)
+        except (OSError, pieces.PieceError) as exc:    # a full map; the datapath unloaded
+            # the filter writes new entries before it removes stale ones: writing the
+            # old policy again only overwrites, then drops what the failed edit added
+            try:
+                _update(piece, rec, applied)
+            except (OSError, pieces.PieceError):
+                pass
+            raise PolicyCommandError(f"cannot apply the policy: {exc}; the previous one stays") from None
+        rec.settings = settings
         podrecord.write(rec)
         return new
+
+
+def _update(piece, rec, applied):
+    if piece.uses_maps:
+        with Maps() as maps:
+            piece.update(rec, applied, maps)
+    else:
+        piece.update(rec, applied, None)
 
 
 def listing(selector=None):
