@@ -146,3 +146,12 @@ def pod_bytes(pod, label):
 def enroll(pod, **settings):
     return enrollment.enroll(pod.netns_path, PodSettings(**settings),
                              pod=f"test/{pod.name}")
+
+
+def publish_figures(record):
+    """A reliability scenario's figures (one JSON line), for `make reliability`, which
+    sets $INTERCEPTOR_RELIABILITY_OUT and renders docs/reliability.md from them."""
+    out = os.environ.get("INTERCEPTOR_RELIABILITY_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")

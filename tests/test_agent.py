@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+from conftest import publish_figures
 from crihelper import Containerd
 from interceptor import cni_chain, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
 from interceptor.maps import Maps
@@ -252,6 +253,9 @@ def assert_nothing_dropped(counts, sessions, what):
     assert counts["failed"] == 0 and counts["ok"] > 50, counts
     # every request went through the sidecar, which saw the original destination
     assert len(sessions) >= counts["ok"] and all(f"dst={GATEWAY}:{SERVER_PORT}" in s for s in sessions)
+    publish_figures({"scenario": f"{what} while a pod's client runs through its HAProxy sidecar (containerd CRI)",
+                     "tried": {"requests (a connection each)": counts["ok"] + counts["failed"]},
+                     "failures": counts["failed"], "lost": 0, "leftovers": {}})
 
 
 def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(node, tmp_path):

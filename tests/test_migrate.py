@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import APPS, SERVER_PORT, client, enroll, pod_counters, sidecar_entries, start_server, start_sidecar
+from conftest import APPS, publish_figures, SERVER_PORT, client, enroll, pod_counters, sidecar_entries, start_server, start_sidecar
 from interceptor import abi, enrollment, libbpf, loader, netns, paths, podrecord, state, status, upgrade
 from interceptor.maps import Maps
 from interceptor.migrate import Layout
@@ -73,6 +73,9 @@ def test_resizing_in_place_keeps_pods_traffic_and_counters(clean, lab):
     assert len(entries) >= counts["ok"] + 1
     assert all(e["orig_dst"] == f"{b.ipv4}:{SERVER_PORT}" for e in entries), entries[-3:]
     assert {name: capacity(name) for name in sizes} == sizes
+    publish_figures({"scenario": "resizing pods, redirected and stats in place while a pod's client runs "
+                                 "through its sidecar", "tried": {"requests (a connection each)": counts["ok"]},
+                     "failures": counts["failed"], "lost": 0, "leftovers": {}})
     node = state.read_json(paths.NODE_STATE)
     assert node["map_sizes"] == sizes and "migrating_maps" not in node
     assert not [p for p in os.listdir(paths.PIN_MAPS) if p.endswith("_migrating")]
