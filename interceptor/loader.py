@@ -23,7 +23,8 @@ class LoadError(Exception):
 
 
 def node_state():
-    return state.read_json(paths.NODE_STATE) or {}
+    """The node state; {} when there is none or it is damaged (state.read_node)."""
+    return state.read_node()[0]
 
 
 def node_plan():

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import fcntl
 import ipaddress
+import errno
 import os
 import socket
 import struct
@@ -29,6 +30,8 @@ def _setns(fd):
 def entered(path):
     """Run the body inside the network namespace at path (a /proc/PID/ns/net or a
     bind-mounted /run/netns/NAME), then come back."""
+    if "\0" in str(path):      # os.open's ValueError would escape every OSError handler
+        raise FileNotFoundError(errno.ENOENT, "a path with a NUL byte", str(path).replace("\0", "\\0"))
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(path, os.O_RDONLY)

@@ -75,6 +75,7 @@ class PodRecord:
 
     @classmethod
     def from_json(cls, d):
+        _check_types(d)
         settings = PodSettings(**d["settings"])
         return cls(
             cookie=int(d["cookie"]), netns=d["netns"], settings=settings,
@@ -101,6 +102,29 @@ def _journal_of_0_1(d):
     return journal
 
 
+_STR_OR_NONE = (str, type(None))
+_TYPES = {"cookie": int, "netns": str, "settings": dict, "mode": (dict, type(None)), "pod": _STR_OR_NONE,
+          "container_id": _STR_OR_NONE, "ifname": _STR_OR_NONE, "addresses": list,
+          "enrolled_at": (int, float), "journal": list, "complete": bool}
+
+
+def _check_types(d):
+    """A record whose fields have other types than write() gives them is damaged: read
+    leniently, a string of addresses would silently become none."""
+    if not isinstance(d, dict):
+        raise ValueError("not an object")
+    for key, types in _TYPES.items():
+        if key not in d:
+            continue
+        value = d[key]
+        allowed = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ValueError(f"{key} is {type(value).__name__}")
+    if not all(isinstance(a, str) for a in d.get("addresses", [])) or \
+            not all(isinstance(e, dict) and isinstance(e.get("piece"), str) for e in d.get("journal", [])):
+        raise ValueError("addresses or journal entries of the wrong type")
+
+
 def write(record):
     state.write_json(paths.pod_state_file(record.cookie), record.to_json())
 
@@ -114,8 +138,8 @@ def read(cookie):
         raw = state.read_json(path)
     except (OSError, ValueError) as exc:
         return _damaged(cookie, f"unreadable: {exc}")
-    if raw is None:
-        return None
+    if raw is None:         # no file; or one holding JSON null, which is no record either
+        return _damaged(cookie, "not a pod record: null") if os.path.lexists(path) else None
     try:
         rec = PodRecord.from_json(raw)
     except (KeyError, TypeError, ValueError, AttributeError, SettingError) as exc:

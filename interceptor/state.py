@@ -55,5 +55,56 @@ def remove(path):
 def node_plan():
     """The plan of the current complete load (see capabilities.plan), or None. Read here
     rather than through loader, which the CNI path has no need to import."""
-    node = read_json(paths.NODE_STATE) or {}
+    node = read_node()[0]
     return node.get("plan") if node.get("complete") else None
+
+
+# The node state's fields and their types, as load and upgrade write them. A file that
+# does not fit is damaged: treated as no load (the plugin then fails closed, code 11),
+# named by status, and removed by `interceptor unload` with everything else.
+_OPTIONAL = type(None)
+_NODE_FIELDS = {
+    "plan": dict, "complete": bool, "requested_mode": str, "bypass": bool,
+    "cgroup": (str, _OPTIONAL), "cgroup_mounted_by_us": bool, "datapath_version": (str, _OPTIONAL),
+    "host_netns_cookie": int, "map_sizes": dict, "map_layouts": dict, "upgrading_to": (str, _OPTIONAL),
+    "migrating_maps": list, "loaded_at": (int, float), "upgraded_at": (int, float),
+}
+_PLAN_FIELDS = {"mode": str, "outbound": str, "inbound": str, "bypass": bool, "sockmap": bool,
+                "ingress": (str, _OPTIONAL), "rules_backend": (str, _OPTIONAL), "pieces": list}
+
+
+def _fits(value, types):
+    types = types if isinstance(types, tuple) else (types,)
+    return bool in types if isinstance(value, bool) else isinstance(value, types)   # True is an int
+
+
+def _misfit(doc, fields, where):
+    for key, types in fields.items():
+        if key in doc and not _fits(doc[key], types):
+            return f"{where}{key} is {type(doc[key]).__name__}"
+    return None
+
+
+def _plan_problem(plan):
+    missing = [key for key in ("mode", "outbound", "inbound", "bypass") if key not in plan]
+    return f"plan without {', '.join(missing)}" if missing else _misfit(plan, _PLAN_FIELDS, "plan.")
+
+
+def read_node():
+    """(node state, problem). {} and None when nothing is loaded; {} and why when the
+    file cannot be used (unreadable, not JSON, fields of the wrong type)."""
+    try:
+        node = read_json(paths.NODE_STATE)
+    except OSError as exc:
+        return {}, f"node state {paths.NODE_STATE} is unreadable ({exc.strerror})"
+    except ValueError as exc:
+        return {}, f"node state {paths.NODE_STATE} is not JSON ({str(exc)[:80]})"
+    if node is None:
+        return {}, None
+    problem = "not an object" if not isinstance(node, dict) else _misfit(node, _NODE_FIELDS, "") or \
+        (_plan_problem(node["plan"]) if isinstance(node.get("plan"), dict) else None) or \
+        (None if not node.get("complete") or isinstance(node.get("plan"), dict) else "a complete load without a plan")
+    if problem:
+        return {}, f"node state {paths.NODE_STATE} is damaged ({problem}): `interceptor unload` removes it " \
+                   "with everything it described"
+    return node, None

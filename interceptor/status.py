@@ -139,7 +139,7 @@ def _ingress(rec, c):
 
 
 def collect(pod_filter=None):
-    node = state.read_json(paths.NODE_STATE) or {}
+    node, node_problem = state.read_node()
     loaded = is_loaded()
     plan = node.get("plan") if loaded else None
     report = {
@@ -160,6 +160,8 @@ def collect(pod_filter=None):
         },
         "maps": {}, "pods": [], "sockets": [], "errors": [], "warnings": [],
     }
+    if node_problem:
+        report["errors"].append(node_problem)
     if node.get("upgrading_to"):
         report["errors"].append(f"an upgrade of the datapath to {node['upgrading_to']} was interrupted: "
                                 "its programs are of two builds (run `interceptor upgrade`, or "
