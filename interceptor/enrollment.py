@@ -249,6 +249,10 @@ def verify(rec, netns_path=None):
     elif not rec.complete:
         problems.append(Problem(Kind.INCOMPLETE, "enrollment incomplete (interrupted, or still "
                                 "in progress): run ADD/enroll again, or DEL/unenroll"))
+    if rec.policy_pending is not None:
+        problems.append(Problem(Kind.POLICY_INTERRUPTED, "a live policy edit was interrupted: the "
+                                "filter may hold parts of two policies (`interceptor policy set` "
+                                "with the rules wanted settles it; `policy list` shows the recorded ones)"))
     if netns_path:
         try:
             if netns.cookie_of(netns_path) != rec.cookie:

@@ -28,10 +28,11 @@ class JournalEntry:
 
 class PodRecord:
     __slots__ = ("cookie", "netns", "settings", "mode", "pod", "container_id", "ifname",
-                 "addresses", "enrolled_at", "journal", "complete", "damaged")
+                 "addresses", "enrolled_at", "journal", "complete", "damaged", "policy_pending")
 
     def __init__(self, cookie, netns, settings, mode, pod=None, container_id=None, ifname=None,
-                 addresses=None, enrolled_at=None, journal=None, complete=False, damaged=None):
+                 addresses=None, enrolled_at=None, journal=None, complete=False, damaged=None,
+                 policy_pending=None):
         self.cookie = cookie
         self.netns = netns
         self.settings = settings          # PodSettings
@@ -44,6 +45,9 @@ class PodRecord:
         self.journal = list(journal or [])         # JournalEntry, in order
         self.complete = complete
         self.damaged = damaged            # why the stored file could not be read as a record
+        # the rules (texts) of a live policy edit under way: recorded before the filter's
+        # entries change, cleared once they hold it, so one killed half-way is known
+        self.policy_pending = policy_pending
 
     def __repr__(self):
         return f"PodRecord(cookie={self.cookie}, pod={self.pod!r}, complete={self.complete})"
@@ -56,7 +60,7 @@ class PodRecord:
         """A copy with other settings (what a live policy edit tries before it is kept)."""
         return PodRecord(self.cookie, self.netns, settings, self.mode, self.pod, self.container_id,
                          self.ifname, self.addresses, self.enrolled_at, self.journal, self.complete,
-                         self.damaged)
+                         self.damaged, self.policy_pending)
 
     def entry(self, piece):
         return next((e for e in self.journal if e.piece == piece), None)
@@ -70,7 +74,7 @@ class PodRecord:
             "mode": self.mode, "pod": self.pod, "container_id": self.container_id,
             "ifname": self.ifname, "addresses": self.addresses, "enrolled_at": self.enrolled_at,
             "journal": [{"piece": e.piece, "state": e.state} for e in self.journal],
-            "complete": self.complete,
+            "complete": self.complete, "policy_pending": self.policy_pending,
         }
 
     @classmethod
@@ -84,7 +88,8 @@ class PodRecord:
             addresses=list(d.get("addresses", [])), enrolled_at=d.get("enrolled_at", 0.0),
             journal=[JournalEntry(e["piece"], e.get("state")) for e in d["journal"]]
             if "journal" in d else _journal_of_0_1(d),
-            complete=d.get("complete") is True)
+            complete=d.get("complete") is True,
+            policy_pending=[str(r) for r in d["policy_pending"]] if isinstance(d.get("policy_pending"), list) else None)
 
 
 def _journal_of_0_1(d):
@@ -105,7 +110,8 @@ def _journal_of_0_1(d):
 _STR_OR_NONE = (str, type(None))
 _TYPES = {"cookie": int, "netns": str, "settings": dict, "mode": (dict, type(None)), "pod": _STR_OR_NONE,
           "container_id": _STR_OR_NONE, "ifname": _STR_OR_NONE, "addresses": list,
-          "enrolled_at": (int, float), "journal": list, "complete": bool}
+          "enrolled_at": (int, float), "journal": list, "complete": bool,
+          "policy_pending": (list, type(None))}
 
 
 def _check_types(d):

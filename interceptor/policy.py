@@ -44,13 +44,15 @@ def change(selector, add=(), remove=(), replace=None):
             settings = rec.settings.replace(ingress_policy=new)
         except ValueError as exc:
             raise PolicyCommandError(str(exc)) from None
-        if new == current:
-            return new
+        if new == current and rec.policy_pending is None:
+            return new          # (after an interrupted edit the maps may differ: rewrite them)
         piece, applied = pieces.filter_of(rec)
         if piece is None:
             raise PolicyCommandError("this pod has no ingress filter")
         if applied is None:
             raise PolicyCommandError("the pod's enrollment is incomplete: enroll it again first")
+        rec.policy_pending = [ingress_policy.rule_text(r) for r in new]
+        podrecord.write(rec)        # journalled: an edit killed from here on is known
         try:
             _update(piece, rec.replace_settings(settings), applied)
         except (OSError, pieces.PieceError) as exc:    # a full map; the datapath unloaded
@@ -58,10 +60,13 @@ def change(selector, add=(), remove=(), replace=None):
             # old policy again only overwrites, then drops what the failed edit added
             try:
                 _update(piece, rec, applied)
+                rec.policy_pending = None
             except (OSError, pieces.PieceError):
                 pass
+            podrecord.write(rec)
             raise PolicyCommandError(f"cannot apply the policy: {exc}; the previous one stays") from None
         rec.settings = settings
+        rec.policy_pending = None
         podrecord.write(rec)
         return new
 

@@ -17,6 +17,7 @@ class Kind(Codes):
     RULES_MISSING = 104           # REDIRECT rules of the fallback path
     INGRESS_FILTER_MISSING = 105  # XDP link or nftables chain of the ingress filter
     INCOMPLETE = 106              # recorded, never finished (an ADD killed half-way)
+    POLICY_INTERRUPTED = 107      # a live policy edit killed half-way: the filter may mix two
 
 
 class Problem:
