@@ -176,6 +176,14 @@ def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
     return done
 
 
+def _json_of(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _backup(path):
     with open(path, "rb") as src, open(path + BACKUP_SUFFIX, "wb") as dst:
         dst.write(src.read())
@@ -209,7 +217,10 @@ def uninstall(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
             done.append(f"restored {original}")
         else:
             doc["plugins"].remove(entry)
-            state.write_json(path, doc)
+            if _json_of(backup) == doc:     # nothing else changed since: byte for byte back
+                os.replace(backup, path)
+            else:
+                state.write_json(path, doc)
             done.append(f"removed {PLUGIN_TYPE} from {path}")
         if os.path.exists(backup):
             os.unlink(backup)

@@ -45,9 +45,16 @@ def test_install_chains_into_the_first_conflist_and_uninstall_restores_it(tmp_pa
 
     r = cli("uninstall", "--bin-dir", str(bins), "--conf-dir", str(conf))
     assert r.returncode == 0, r.stderr
-    assert json.loads((conf / "10-net.conflist").read_text()) == json.loads(before["10-net.conflist"])
-    assert set(snapshot(conf)) == set(before)
+    assert snapshot(conf) == before          # byte for byte: nothing else changed it meanwhile
     assert not (bins / "interceptor-cni").exists()
+    # changed by someone else meanwhile: our entry goes, their change stays
+    cli("install", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    doc = json.loads((conf / "10-net.conflist").read_text())
+    doc["plugins"][0]["mtu"] = 1400
+    (conf / "10-net.conflist").write_text(json.dumps(doc))
+    cli("uninstall", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert json.loads((conf / "10-net.conflist").read_text())["plugins"] == [dict(BRIDGE, mtu=1400)]
+    assert set(snapshot(conf)) == set(before)
 
 
 def test_single_plugin_conf_is_converted_and_restored_byte_for_byte(tmp_path):
