@@ -50,6 +50,12 @@ class AgentProcess:
         log.close()
         return self
 
+    def ensure_running(self):
+        """Started when an earlier test has not (a test run on its own, `-k`)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
     def get(self, path):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
@@ -79,7 +85,9 @@ class AgentProcess:
         return None
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
         return self.proc.returncode
@@ -260,7 +268,7 @@ def assert_nothing_dropped(counts, sessions, what):
 
 def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(node, tmp_path):
     runtime, rt, agent, _ = node
-    agent.wait_ready()
+    agent.ensure_running().wait_ready()
     with SidecarTraffic(rt, str(tmp_path), "client") as traffic:
         assert agent.stop() == 0                    # SIGTERM: everything stays
         assert loader.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
@@ -301,7 +309,7 @@ def link_prog_ids(cookie):
 
 def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tmp_path):
     runtime, rt, agent, ids = node
-    agent.wait_ready()
+    agent.ensure_running().wait_ready()
     from interceptor import status
     before = status.collect()["node"]["datapath_version"]
     early = record_of(ids["early"])
