@@ -30,7 +30,7 @@ reliability: setup
 	rm -f $(RELIABILITY_FIGURES)
 	INTERCEPTOR_RELIABILITY_OUT=$(RELIABILITY_FIGURES) INTERCEPTOR_KILL_RUNS=200 \
 		$(PY) -m pytest -q -p no:cacheprovider \
-		-k "hostile or random_points or storm or garbage or resizing or agent_restart or upgrades_it_in_place or damaged_state or policy_rule" \
+		-k "hostile or random_points or storm or garbage or resizing or agent_restart or upgrades_it_in_place or damaged_state or policy_rule or uncaptured_gap" \
 		tests/test_cni_spec.py tests/test_hostile.py tests/test_journal.py tests/test_kills.py \
 		tests/test_storms.py tests/test_garbage.py tests/test_migrate.py tests/test_agent.py
 	$(PY) scripts/reliability_report.py $(RELIABILITY_FIGURES) > docs/reliability.md

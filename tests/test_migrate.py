@@ -197,3 +197,33 @@ def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
         assert (map_id("pods") == staged_id) == journalled
         assert ("in place" in result) == journalled, result
         assert not status.collect()["errors"]
+
+
+def test_unload_and_load_under_load_fail_no_request_and_the_uncaptured_gap_is_measured(clean, lab):
+    """unload is the one operation that stops interception: it removes every pod's
+    enrollment. Requests meanwhile still succeed (they go straight to the server); how
+    many went uncaptured until the pod was enrolled again is the gap, measured."""
+    loader.load()
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    start_server(b)
+    log = start_sidecar(lab, a)
+    enroll(a)
+    load = Requests(lab, a, b.ipv4)
+    time.sleep(1)
+    started = time.monotonic()
+    loader.unload()
+    loader.load()
+    enroll(a)
+    gap = time.monotonic() - started
+    time.sleep(1)
+    counts = load.stop()
+    captured = len(sidecar_entries(log))
+    uncaptured = counts["ok"] - captured
+    print(f"unload + load + enroll under load: {counts['ok']} ok, {counts['failed']} failed, "
+          f"{uncaptured} not through the sidecar during a {gap:.2f}s gap")
+    assert counts["failed"] == 0 and counts["ok"] > 50, counts
+    assert uncaptured > 0            # the gap is real: that is why upgrades are in place
+    publish_figures({"scenario": "unload, load and enroll again while a pod's client runs through its sidecar "
+                                 "(interception stops: measured, not hidden)",
+                     "tried": {"requests": counts["ok"], f"went direct during the {gap:.1f}s gap": uncaptured},
+                     "failures": counts["failed"], "lost": 0, "leftovers": {}})
