@@ -9,20 +9,9 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 tag=${1:-localhost/interceptor:$version}
 base=localhost/interceptor-base:debian12
 
-# this machine kind: runc (crun fails on hybrid cgroups), no systemd, no CAP_SYS_RESOURCE
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-if [ -z "${CONTAINERS_CONF:-}" ]; then
-    cat > "$scratch/containers.conf" <<'CONF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-CONF
-    export CONTAINERS_CONF=$scratch/containers.conf
-fi
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/deploy/podman-engine.conf}
 
 if ! podman image exists "$base"; then
     # Check-Valid-Until: the node's mirror may be a dated snapshot

@@ -26,10 +26,20 @@ NOTES = """\
   every JSON type (and deep nesting, huge and invalid-UTF-8 strings): each answer is CNI
   error JSON with a spec code, no traceback on stderr or in the log, nothing enrolled.
   (`tests/test_cni_spec.py`)
+- **Hostile CLI, policy rules, state files**: each CLI option given a value that cannot
+  be valid (usage error, exit 2, or one `error:` line, exit 1; pins, state and the node's
+  CNI directories unchanged); generated policy rule strings (refused with a reason, or
+  parsed and round-tripped); the pod record and the node state truncated, with fields of
+  every wrong type, garbage, a directory or a symlink in place (status names the file and
+  never crashes; `unenroll`, `unload` are the way out). (`tests/test_hostile.py`)
 - **SIGKILL at random points**: an enroll or unenroll process killed at a random moment,
   then the next unenroll must leave nothing (pins, map entries, rules, records) and the
   next enroll must end healthy; `status` never calls the partial state healthy.
-  (`tests/test_journal.py`, per mode)
+  (`tests/test_journal.py`, per mode). The same for `load` and `unload` (the next one
+  converges, bpftool shows none of our programs after unload) and for a live `policy set`
+  (killed from outside at random moments, and from inside after a random number of map
+  writes: a half-done edit is an error, CHECK 107, and the next `policy set` settles it).
+  (`tests/test_kills.py`)
 - **Storm**: 50 pods added and deleted at once through the installed plugin, round after
   round, while policies are edited, `status` runs and metrics are scraped; after every
   round the footprint (every map's entries, pins, xdp_pod programs, netns links, XDP
@@ -40,21 +50,31 @@ NOTES = """\
   the host connects to its own servers: every host connection reaches the server it dialled,
   the kernel log gains no warning, `status` reports instead of crashing, unload removes
   everything. (`tests/test_garbage.py`)
+- **The one interruption**: `unload` removes every enrollment, so requests go straight to
+  their destination until the pod is enrolled again: none fail, the uncaptured ones are
+  counted. (`tests/test_migrate.py`)
 - **Restarts and upgrades under load**: the node agent restarted, upgraded to another
   build, and the maps resized in place, each while a pod's client makes a new connection per
   request through its sidecar: failed requests counted, every request seen by the sidecar
   with its original destination. (`tests/test_agent.py`, `tests/test_migrate.py`)
 """
 
-REPRODUCE = {
-    "hostile": "pytest tests/test_cni_spec.py -k hostile",
-    "SIGKILL": "INTERCEPTOR_KILL_RUNS=200 pytest tests/test_journal.py -k random",
-    "storm": "pytest tests/test_storms.py",
-    "garbage": "pytest tests/test_garbage.py",
-    "resizing": "pytest tests/test_migrate.py -k resizing",
-    "agent": "pytest tests/test_agent.py -k 'restart or upgrades'",
-    "in-place": "pytest tests/test_agent.py -k 'restart or upgrades'",
-}
+# (a phrase of the scenario, the command that runs it), most specific first
+REPRODUCE = [
+    ("hostile CNI", "pytest tests/test_cni_spec.py -k hostile"),
+    ("hostile CLI", "pytest tests/test_hostile.py -k cli"),
+    ("rule strings", "pytest tests/test_hostile.py -k policy_rule"),
+    ("damaged state", "pytest tests/test_hostile.py -k damaged"),
+    ("enroll/unenroll", "INTERCEPTOR_KILL_RUNS=200 pytest tests/test_journal.py -k random_points"),
+    ("load and unload", "INTERCEPTOR_KILL_RUNS=200 pytest tests/test_kills.py -k load_and_unload"),
+    ("policy edit", "INTERCEPTOR_KILL_RUNS=200 pytest tests/test_kills.py -k policy_edit"),
+    ("storm", "pytest tests/test_storms.py"),
+    ("garbage", "pytest tests/test_garbage.py"),
+    ("resizing", "pytest tests/test_migrate.py -k resizing"),
+    ("unload, load", "pytest tests/test_migrate.py -k uncaptured_gap"),
+    ("agent restart", "pytest tests/test_agent.py -k agent_restart"),
+    ("in-place upgrade", "pytest tests/test_agent.py -k upgrades_it_in_place"),
+]
 
 TITLES = {"storm": "storm: {pods} pods added and deleted at once, {rounds} rounds, with policy edits, "
                    "status and scrapes",
@@ -62,7 +82,7 @@ TITLES = {"storm": "storm: {pods} pods added and deleted at once, {rounds} round
 
 
 def _reproduce(scenario):
-    return next((cmd for key, cmd in REPRODUCE.items() if key in scenario), "make reliability")
+    return next((cmd for key, cmd in REPRODUCE if key in scenario), None)
 
 
 def _tried(tried):
@@ -85,14 +105,15 @@ def render(records):
         out.append(f"| {title} | {_tried(r['tried'])} | {r['failures']} | "
                    f"{'nothing' if not lost else lost} | {_leftovers(r)} |")
     out.append("")
-    out.append("Reproduce a row (as root, in the repository, after `make setup`):")
+    out.append("Reproduce a row (as root, in the repository, after `make setup`; `make reliability` runs them all):")
     out.append("")
     seen = []
     for r in records:
         cmd = _reproduce(r["scenario"])
-        if cmd not in seen:
+        if cmd and cmd not in seen:
             seen.append(cmd)
-            out.append(f"- `.venv/bin/python -m {cmd}`")
+            env, _, rest = cmd.rpartition("pytest ")
+            out.append(f"- `{env}.venv/bin/python -m pytest {rest}`")
     out.append("")
     out.append(NOTES)
     return "\n".join(out)

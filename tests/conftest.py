@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -155,3 +156,36 @@ def publish_figures(record):
     if out:
         with open(out, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def killed_after(argv, delay):
+    """Run argv; SIGKILL it after delay seconds unless it ended. Returns whether it was
+    killed (a runtime's timeout does exactly this to a CNI plugin)."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return True
+
+
+class Background:
+    """Threads that run until the block ends (self.stop is set), then are joined.
+    Subclasses fill self.threads; daemon threads (servers blocked in accept) are left."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.threads = []
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            if not t.daemon:
+                t.join()

@@ -111,12 +111,18 @@ def node(tmp_path_factory):
     try:
         yield runtime, rt, agent, {"early": early, "skipped": skipped}
     finally:
-        agent.stop()
+        # each step whatever the one before did: a containerd left running keeps its
+        # shims, mounts, sandboxes' namespaces and the forwarding it turned on
         from interceptor import agent as ag
-        ag.uninstall(runtime.cni_bin, runtime.cni_conf, log=lambda msg: None)
-        rt.close()
-        runtime.stop()
-        loader.unload()
+        try:
+            agent.stop()
+            ag.uninstall(runtime.cni_bin, runtime.cni_conf, log=lambda msg: None)
+        finally:
+            try:
+                rt.close()
+            finally:
+                runtime.stop()
+                loader.unload()
 
 
 def record_of(sandbox_id):

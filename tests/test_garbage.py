@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from conftest import loaded, publish_figures
+from conftest import Background, loaded, publish_figures
 from interceptor import libbpf, netns, paths, status
 from interceptor.maps import LAYOUT
 from interceptor.migrate import COPYABLE, PERCPU_TYPES, Layout
@@ -76,18 +76,18 @@ def write_garbage(rng, host_cookie):
     return written
 
 
-class HostClient:
+class HostClient(Background):
     """Connections from the host to host servers, one after another, each checked: the
     peer is the address dialled and the echo comes back from the server dialled."""
 
     def __init__(self):
+        super().__init__()
         self.servers = []
         for host, family in host_addresses():
             srv = socket.socket(family)
             srv.bind((host, 0))
             srv.listen(64)
             self.servers.append((srv, host, srv.getsockname()[1], family))
-        self.stop = threading.Event()
         self.ok, self.wrong = 0, []
         self.threads = [threading.Thread(target=self._serve, args=(s,), daemon=True) for s, *_ in self.servers]
         self.threads.append(threading.Thread(target=self._connect))
@@ -120,14 +120,8 @@ class HostClient:
             except OSError as exc:
                 self.wrong.append((host, port, repr(exc)))
 
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
     def __exit__(self, *exc):
-        self.stop.set()
-        self.threads[-1].join()
+        super().__exit__(*exc)
         for srv, *_ in self.servers:
             srv.close()
 

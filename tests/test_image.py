@@ -25,11 +25,8 @@ def daemonset_container():
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text('[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n'
-                    '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-    env = dict(os.environ, CONTAINERS_CONF=str(conf))
+def image():
+    env = dict(os.environ, CONTAINERS_CONF=os.path.join(ROOT, "deploy", "podman-engine.conf"))
     tag = f"localhost/interceptor:test-{uuid.uuid4().hex[:6]}"
     forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
     r = subprocess.run([os.path.join(ROOT, "deploy", "build-image.sh"), tag], env=env,

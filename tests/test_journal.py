@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import loaded, pods_lab, publish_figures
+from conftest import killed_after, loaded, pods_lab, publish_figures
 from interceptor import abi, enrollment, loader, netns, paths, pieces, podrecord, status
 from interceptor.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
 from interceptor.podspec import PodSettings
@@ -250,17 +250,8 @@ UNENROLL = "import sys\nfrom interceptor import enrollment\nenrollment.unenroll(
 
 
 def _killed_after(code, args, delay):
-    """Run code in a fresh process; SIGKILL it after delay seconds unless it ended.
-    Returns whether it was killed."""
-    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    try:
-        p.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        return True
+    """Run code in a fresh process; SIGKILL it after delay seconds unless it ended."""
+    return killed_after([sys.executable, "-c", code, *args], delay)
 
 
 def test_enroll_and_unenroll_killed_at_random_points_converge(pod, mode):

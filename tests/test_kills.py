@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import enroll, loaded, pods_lab, publish_figures
+from conftest import enroll, killed_after, loaded, pods_lab, publish_figures
 from interceptor import enrollment, ingress_policy, loader, netns, paths, podrecord, status
 from interceptor.maps import Maps
 from interceptor.problems import Kind
@@ -23,18 +23,6 @@ OUR_PROGS = {p.name for p in PROGRAMS}
 
 def cli(*args):
     return [sys.executable, "-m", "interceptor.cli", *args]
-
-
-def killed_after(argv, delay):
-    """Run argv; SIGKILL it after delay seconds unless it ended. Returns whether it was killed."""
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        p.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        return True
 
 
 def timed(argv):

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cnihelper import config, installed_plugin, run
-from conftest import pods_lab, publish_figures
+from conftest import Background, pods_lab, publish_figures
 from interceptor import metrics, paths, podrecord
 from interceptor.maps import REPORTED, Maps
 
@@ -47,28 +47,18 @@ def footprint(pods):
             "netns links": len(netns_links), "xdp attachments": xdp_attached, "run dir": run_files}
 
 
-class SideLoad:
+class SideLoad(Background):
     """What operators and monitoring do meanwhile: policy edits on the storm's pods,
     `status`, metrics scrapes, each in a loop until stopped. Records every outcome."""
 
     def __init__(self, pods):
+        super().__init__()
         self.pods = pods
-        self.stop = threading.Event()
         self.outcomes = collections.Counter()
         self.problems = []
         self.threads = [threading.Thread(target=self._loop, args=(fn,)) for fn in
                         (self._policy_edit, self._status, self._scrape)]
         self.i = 0
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
 
     def _loop(self, fn):
         while not self.stop.is_set():
