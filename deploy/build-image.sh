@@ -24,7 +24,11 @@ fi
 printf '[global]\ncert = /run/host-ca.crt\n' > "$scratch/pip.conf"
 # --network=host: the RUN steps reach the mirrors without a CNI bridge, which would turn
 # on the host's IP forwarding and leave it on
+dangling() { podman images -q --no-trunc --filter dangling=true | sort; }
+dangling > "$scratch/before"
 podman build --quiet --pull=never --network=host --build-arg "BASE=$base" \
     -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro -v "$scratch/pip.conf:/etc/pip.conf:ro" \
     -f deploy/Containerfile -t "$tag" . >/dev/null
+# the build stage (where the wheel was made) stays behind untagged: drop this build's own
+dangling | comm -13 "$scratch/before" - | xargs -r podman rmi -f >/dev/null
 echo "$tag"

@@ -29,10 +29,14 @@ def image():
     env = dict(os.environ, CONTAINERS_CONF=os.path.join(ROOT, "deploy", "podman-engine.conf"))
     tag = f"localhost/interceptor:test-{uuid.uuid4().hex[:6]}"
     forwarding = open("/proc/sys/net/ipv4/ip_forward").read()
+    dangling = ["podman", "images", "-q", "--filter", "dangling=true"]
+    untagged = subprocess.run(dangling, env=env, capture_output=True, text=True).stdout
     r = subprocess.run([os.path.join(ROOT, "deploy", "build-image.sh"), tag], env=env,
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert open("/proc/sys/net/ipv4/ip_forward").read() == forwarding, "the build turned on forwarding"
+    assert subprocess.run(dangling, env=env, capture_output=True, text=True).stdout == untagged, \
+        "the build left an untagged image behind"
     try:
         yield tag, env
     finally:
