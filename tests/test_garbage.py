@@ -14,7 +14,8 @@ import threading
 
 import pytest
 
-from conftest import Background, loaded, publish_figures
+from conftest import (Background, client, enroll, loaded, publish_figures, sidecar_entries, start_server,
+                      start_sidecar)
 from interceptor import libbpf, netns, paths, status
 from interceptor.maps import LAYOUT
 from interceptor.migrate import COPYABLE, PERCPU_TYPES, Layout
@@ -126,10 +127,16 @@ class HostClient(Background):
             srv.close()
 
 
-def test_garbage_in_every_map_never_touches_the_host(tmp_path):
+def test_garbage_in_every_map_never_touches_the_host(lab):
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     log_before = len(kernel_log())
     with loaded():
+        # the hooks are live: an enrolled pod's connection is intercepted in this same load
+        a, b = lab.add_pod("a"), lab.add_pod("b")
+        start_server(b)
+        log = start_sidecar(lab, a)
+        enroll(a)
+        assert client(a, b.ipv4)["reply"]["bytes"] == 5 and len(sidecar_entries(log)) == 1
         host_cookie = netns.host_cookie()
         with HostClient() as host:
             written = {}
