@@ -119,13 +119,9 @@ def _check_types(d):
     leniently, a string of addresses would silently become none."""
     if not isinstance(d, dict):
         raise ValueError("not an object")
-    for key, types in _TYPES.items():
-        if key not in d:
-            continue
-        value = d[key]
-        allowed = types if isinstance(types, tuple) else (types,)
-        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise ValueError(f"{key} is {type(value).__name__}")
+    problem = state.misfit(d, _TYPES)
+    if problem:
+        raise ValueError(problem)
     if not all(isinstance(a, str) for a in d.get("addresses", [])) or \
             not all(isinstance(e, dict) and isinstance(e.get("piece"), str) for e in d.get("journal", [])):
         raise ValueError("addresses or journal entries of the wrong type")

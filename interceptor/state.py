@@ -78,7 +78,9 @@ def _fits(value, types):
     return bool in types if isinstance(value, bool) else isinstance(value, types)   # True is an int
 
 
-def _misfit(doc, fields, where):
+def misfit(doc, fields, where=""):
+    """The first field of doc whose value is not of its types (fields: {key: type or
+    tuple}; True is no int here), as "where.key is T"; None when all fit."""
     for key, types in fields.items():
         if key in doc and not _fits(doc[key], types):
             return f"{where}{key} is {type(doc[key]).__name__}"
@@ -87,7 +89,7 @@ def _misfit(doc, fields, where):
 
 def _plan_problem(plan):
     missing = [key for key in ("mode", "outbound", "inbound", "bypass") if key not in plan]
-    return f"plan without {', '.join(missing)}" if missing else _misfit(plan, _PLAN_FIELDS, "plan.")
+    return f"plan without {', '.join(missing)}" if missing else misfit(plan, _PLAN_FIELDS, "plan.")
 
 
 def read_node():
@@ -101,7 +103,7 @@ def read_node():
         return {}, f"node state {paths.NODE_STATE} is not JSON ({str(exc)[:80]})"
     if node is None:
         return {}, None
-    problem = "not an object" if not isinstance(node, dict) else _misfit(node, _NODE_FIELDS, "") or \
+    problem = "not an object" if not isinstance(node, dict) else misfit(node, _NODE_FIELDS, "") or \
         (_plan_problem(node["plan"]) if isinstance(node.get("plan"), dict) else None) or \
         (None if not node.get("complete") or isinstance(node.get("plan"), dict) else "a complete load without a plan")
     if problem:
