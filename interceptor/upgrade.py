@@ -186,6 +186,7 @@ def _migrations(node, compiled, pinned):
     """A MapMigration, its entries copied, for each pinned map unlike the compiled one."""
     from .xdp import template_maps
     fields = ("type", "key_size", "value_size", "max_entries", "map_flags")
+    held_by_pods = template_maps()
     migrations = []
     for name in LAYOUT:
         a = libbpf.obj_info(compiled[name], libbpf.MapInfo)
@@ -193,7 +194,7 @@ def _migrations(node, compiled, pinned):
         if all(getattr(a, f) == getattr(b, f) for f in fields):
             continue
         try:
-            if name in template_maps():
+            if name in held_by_pods:
                 raise MigrationError(f"map {name} is held by every pod's XDP program: changing it "
                                      "needs `interceptor unload` and `load`")
             m = MapMigration(name, pinned[name], compiled[name], (node.get("map_layouts") or {}).get(name))
