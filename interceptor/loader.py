@@ -111,7 +111,7 @@ def _load(plan, mode, cgroup, map_sizes, log):
     from .bpf_source import datapath_version
     from .migrate import layouts
     node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
-            "cgroup": None, "cgroup_mounted_by_us": False, "datapath_version": datapath_version(map_sizes),
+            "cgroup": None, "datapath_version": datapath_version(map_sizes),
             "map_sizes": map_sizes, "map_layouts": layouts()}
     state.write_json(paths.NODE_STATE, node)     # first, so a failure can be undone
     if uses_bpf(plan):
@@ -121,7 +121,7 @@ def _load(plan, mode, cgroup, map_sizes, log):
                 raise LoadError(f"--cgroup {cgroup}: no such directory")
             node["cgroup"] = cgroup
         else:
-            node["cgroup"], node["cgroup_mounted_by_us"] = mounts.ensure_cgroup2()
+            node["cgroup"], _ = mounts.ensure_cgroup2()
         state.write_json(paths.NODE_STATE, node)
         node.update(_load_bpf(plan, node["cgroup"], map_sizes, log))
     node["complete"] = True
@@ -245,7 +245,6 @@ def unload(log=lambda msg: None):
 
 def _teardown(log=lambda msg: None):
     from . import enrollment
-    node = node_state()
     cookies = set(podrecord.all_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie, unloading=True)
@@ -257,8 +256,9 @@ def _teardown(log=lambda msg: None):
         _attach_sk_msg(False)
     if os.path.exists(paths.PIN_ROOT):
         shutil.rmtree(paths.PIN_ROOT)   # unlinking a bpffs pin drops its reference
-    if node.get("cgroup_mounted_by_us"):
-        mounts.release_own_cgroup2()
+    # ours by its path: released whatever the node state says (it may be damaged, or a
+    # load killed right after mounting never recorded it)
+    mounts.release_own_cgroup2()
     state.remove(paths.XDP_TEMPLATE)
     state.remove(paths.NODE_STATE)
     if os.path.isdir(paths.POD_STATE):
