@@ -189,3 +189,47 @@ class Background:
         for t in self.threads:
             if not t.daemon:
                 t.join()
+
+
+# --- what the kernel and the node hold, counted outside our own bookkeeping -----------
+def bpftool(*args):
+    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
+                                     capture_output=True, text=True).stdout.strip() or "[]")
+
+
+def live_objects():
+    """Our programs and their links still known to the kernel (freeing is deferred a
+    little after the last reference goes, so callers poll: wait_gone)."""
+    from interceptor.programs import PROGRAMS
+    ours = {p.name for p in PROGRAMS}
+    progs = [p for p in bpftool("prog", "show") if p.get("name") in ours]
+    prog_ids = {p["id"] for p in progs}
+    links = [link for link in bpftool("link", "show") if link.get("prog_id") in prog_ids]
+    return progs, links
+
+
+def wait_gone(timeout=5):
+    deadline = time.monotonic() + timeout
+    while True:
+        progs, links = live_objects()
+        if not progs and not links or time.monotonic() > deadline:
+            return progs, links
+        time.sleep(0.1)
+
+
+def node_fingerprint(*other_dirs):
+    """Pins (by inode: the same object at the same place) and the files of the run dir
+    and of other_dirs (by content): what a refused command must leave as it was. The
+    operation counters are left out (a refused operation is counted)."""
+    import hashlib
+    seen = {}
+    for root in (paths.PIN_ROOT, paths.RUN_DIR, *other_dirs):
+        for d, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(d, name)
+                if root == paths.PIN_ROOT:
+                    seen[path] = os.lstat(path).st_ino
+                elif name != "opstats.json":
+                    with open(path, "rb") as f:
+                        seen[path] = hashlib.sha256(f.read()).hexdigest()
+    return seen

@@ -3,7 +3,6 @@ the CNI corpus): CLI flags and arguments, policy rule strings, and the state fil
 disk. Each input gets a clear error (click's usage error, exit 2; or `error: ...`, exit
 1), never a traceback, and changes nothing; a damaged state file is named by status and
 there is a way out."""
-import hashlib
 import json
 import os
 import random
@@ -13,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import enroll, loaded, publish_figures
+from conftest import enroll, loaded, node_fingerprint, publish_figures
 from interceptor import ingress_policy, netns, paths, podrecord, state, status
 from interceptor.cli import main
 
@@ -26,19 +25,7 @@ GARBAGE = ["", " ", "-1", "0", "65536", "4294967296", "1e9", "0x10", "٣", "NaN"
 
 
 def fingerprint():
-    """Pins (by inode: the same object at the same place), state files and the node's CNI
-    directories (by content)."""
-    seen = {}
-    for root in (paths.PIN_ROOT, paths.RUN_DIR, "/etc/cni/net.d", "/opt/cni/bin"):
-        for d, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(d, name)
-                if root == paths.PIN_ROOT:
-                    seen[path] = os.lstat(path).st_ino
-                elif name != "opstats.json":      # operation counters: a failed op is counted
-                    with open(path, "rb") as f:
-                        seen[path] = hashlib.sha256(f.read()).hexdigest()
-    return seen
+    return node_fingerprint("/etc/cni/net.d", "/opt/cni/bin")
 
 
 def cli_inputs(pod, cookie):

@@ -1,7 +1,6 @@
 """SIGKILL of load, unload and a live policy edit at random points (tests/test_journal.py
 does enroll and unenroll): afterwards status never calls the state healthy unless it is,
 and the next load, unload or policy edit converges. More runs under `make reliability`."""
-import json
 import os
 import random
 import subprocess
@@ -10,15 +9,13 @@ import time
 
 import pytest
 
-from conftest import enroll, killed_after, loaded, pods_lab, publish_figures
+from conftest import enroll, killed_after, loaded, pods_lab, publish_figures, wait_gone
 from interceptor import enrollment, ingress_policy, loader, netns, paths, podrecord, status
 from interceptor.maps import Maps
 from interceptor.problems import Kind
-from interceptor.programs import PROGRAMS
 
 pytestmark = pytest.mark.kernel
 RUNS = int(os.environ.get("INTERCEPTOR_KILL_RUNS", 40)) // 4      # 10 by default, 50 at scale
-OUR_PROGS = {p.name for p in PROGRAMS}
 
 
 def cli(*args):
@@ -37,18 +34,10 @@ def healthy():
 
 
 def nothing_left():
-    """No pins, state or records; none of our programs known to the kernel (freeing is
-    deferred a little after the last reference goes)."""
+    """No pins, state or records; none of our programs or links known to the kernel."""
     assert not os.path.exists(paths.PIN_ROOT) and not os.path.exists(paths.NODE_STATE)
     assert podrecord.all_records() == {}
-    deadline = time.monotonic() + 5
-    while True:
-        out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
-        ours = [p for p in json.loads(out or "[]") if p.get("name") in OUR_PROGS]
-        if not ours or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not ours, ours
+    assert wait_gone() == ([], [])
 
 
 def test_load_and_unload_killed_at_random_points_converge():

@@ -5,11 +5,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import client, enroll, load_without, sidecar_entries, start_server, start_sidecar
+from conftest import (bpftool, client, enroll, load_without, sidecar_entries, start_server, start_sidecar,
+                      wait_gone)
 from interceptor import enrollment, libbpf, loader, paths, podrecord
 from interceptor.programs import BYPASS_MAP, POD_COPY, PROGRAMS
 
@@ -18,32 +18,9 @@ pytestmark = pytest.mark.kernel
 OUR_PROGS = {p.name for p in PROGRAMS}
 
 
-def bpftool(*args):
-    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
-                                     capture_output=True, text=True).stdout.strip() or "[]")
-
-
 def cgroup_attachments():
     node = json.load(open(paths.NODE_STATE))
     return [a for a in bpftool("cgroup", "show", node["cgroup"]) if a.get("name") in OUR_PROGS]
-
-
-def live_objects():
-    """Our programs, maps and links still known to the kernel (freeing is deferred a
-    little after the last reference goes, so callers poll)."""
-    progs = [p for p in bpftool("prog", "show") if p.get("name") in OUR_PROGS]
-    prog_ids = {p["id"] for p in progs}
-    links = [link for link in bpftool("link", "show") if link.get("prog_id") in prog_ids]
-    return progs, links
-
-
-def wait_gone(timeout=5):
-    deadline = time.monotonic() + timeout
-    while True:
-        progs, links = live_objects()
-        if not progs and not links or time.monotonic() > deadline:
-            return progs, links
-        time.sleep(0.1)
 
 
 def pinned_prog_ids():

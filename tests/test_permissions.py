@@ -2,7 +2,6 @@
 clear message and changes nothing, and neither the pins nor the state can be written
 directly. State files are written atomically and never through a symlink someone
 placed; one found where a record goes is named by status and removed by unenroll."""
-import hashlib
 import json
 import os
 import stat
@@ -11,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import enroll, loaded
+from conftest import enroll, loaded, node_fingerprint
 from interceptor import libbpf, netns, paths, state, status
 
 pytestmark = pytest.mark.kernel
@@ -27,18 +26,7 @@ def cli_as_nobody(*args):
 
 
 def fingerprint():
-    """Pins, state files and their contents: what no failed command may change."""
-    seen = {}
-    for root in (paths.PIN_ROOT, paths.RUN_DIR):
-        for d, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(d, name)
-                if root == paths.PIN_ROOT:       # a pin: the same object stays at the same inode
-                    seen[path] = os.lstat(path).st_ino
-                    continue
-                with open(path, "rb") as f:
-                    seen[path] = hashlib.sha256(f.read()).hexdigest()
-    return seen
+    return node_fingerprint()
 
 
 def test_nobody_cannot_change_the_node(lab):

@@ -16,19 +16,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cnihelper import config, installed_plugin, run
-from conftest import Background, pods_lab, publish_figures
+from conftest import Background, bpftool, pods_lab, publish_figures
 from interceptor import metrics, paths, podrecord
 from interceptor.maps import REPORTED, Maps
 
 pytestmark = pytest.mark.kernel
 PODS = int(os.environ.get("INTERCEPTOR_STORM_PODS", 50))
 ROUNDS = int(os.environ.get("INTERCEPTOR_STORM_ROUNDS", 10))
-OUR_PROGS = ("xdp_pod", "steer_inbound")     # the per-pod programs and what pod links hold
-
-
-def bpftool(*args):
-    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip() or "[]")
 
 
 def footprint(pods):
