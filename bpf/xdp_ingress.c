@@ -1,12 +1,19 @@
-/* XDP ingress filter on each enrolled pod's own interface (inside its network
- * namespace), judging every packet entering the pod before the stack does.
+/* The ingress filter on each enrolled pod's own interface (inside its network
+ * namespace), judging every packet entering the pod before the stack does. One verdict,
+ * compiled for two hooks: XDP (xdp_ingress) and tc ingress (tc_ingress, a cls_bpf
+ * filter in direct-action mode). On a veth tc is the default: generic XDP must give
+ * every skb a linear copy with headroom (bulk TCP into a pod paid for it), and each
+ * distinct XDP program attached or detached rebuilds the kernel's XDP dispatcher and
+ * waits out an RCU grace period (5-20 ms of every pod start and stop). tc works on the
+ * skb as it is. XDP stays for other drivers and when a pod asks for it.
  *
- * XDP has no netns-cookie helper and ifindexes repeat across namespaces, so the program
- * cannot tell by itself whose interface it runs on. Each pod gets a stub of its own,
- * xdp_pod, loaded by enroll from a saved copy with the pod's cookie in place of
- * XDP_COOKIE_PLACEHOLDER (interceptor/xdp.py); the stub puts the cookie in the packet's
- * XDP metadata and tail-calls xdp_ingress, which the loader verified once. (A full copy
- * per pod took the verifier ~45 ms at every pod start; the stub takes well under one.)
+ * Neither XDP nor (before Linux 6.15) tc has a netns-cookie helper, and ifindexes repeat
+ * across namespaces, so the program cannot tell by itself whose interface it runs on.
+ * Each pod gets a stub of its own, xdp_pod or tc_pod, loaded by enroll from a saved copy
+ * with the pod's cookie in place of XDP_COOKIE_PLACEHOLDER (interceptor/xdp.py); the stub
+ * puts the cookie in the XDP metadata or skb->cb and tail-calls the hook's filter, which
+ * the loader verified once. (A full copy per pod took the verifier ~45 ms at every pod
+ * start; the stub takes well under one.)
  *
  * Verdicts, in order:
  *   non-IP (ARP, LLDP, ...)                        pass   ingress_passed_non_ip
@@ -28,6 +35,7 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/pkt_cls.h>
 
 #define IC_ETH_P_8021Q 0x8100
 #define IC_ETH_P_8021AD 0x88A8
@@ -170,10 +178,9 @@ static __always_inline int parse_ipv6(void *pos, void *end, struct ingress_pkt *
 	return MALFORMED;
 }
 
-static __always_inline int parse(struct xdp_md *ctx, struct ingress_pkt *p)
+/* pos..end: the frame from its Ethernet header. */
+static __always_inline int parse(void *pos, void *end, struct ingress_pkt *p)
 {
-	void *pos = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = pos;
 	if ((void *)(eth + 1) > end)
 		return NOT_IP;	/* a runt frame: the stack's business, not policy's */
@@ -235,24 +242,44 @@ static __always_inline int opens_flow(struct ingress_pkt *p, struct xdp_pod_conf
 	return 0;
 }
 
-static __always_inline int verdict(__u64 cookie, struct xdp_pod_config *cfg,
-				   struct ingress_pkt *p, __u32 *reason)
+/* The reason for a parsed packet; the REASON_INGRESS_DROPPED_* ones drop it. */
+static __always_inline __u32 policy_reason(__u64 cookie, struct xdp_pod_config *cfg,
+					   struct ingress_pkt *p)
 {
-	if (p->has_port && port_listed(cookie, p->dport, PORT_PROTECTED)) {
-		*reason = REASON_INGRESS_DROPPED_PROTECTED_PORT;
-		return XDP_DROP;
-	}
+	if (p->has_port && port_listed(cookie, p->dport, PORT_PROTECTED))
+		return REASON_INGRESS_DROPPED_PROTECTED_PORT;
 	__u8 match = policy_match(cookie, p);
-	if (match & MATCH_DENY) {
-		*reason = REASON_INGRESS_DROPPED_DENIED;
-		return XDP_DROP;
+	if (match & MATCH_DENY)
+		return REASON_INGRESS_DROPPED_DENIED;
+	if ((cfg->flags & XDP_F_ALLOW_ONLY) && !(match & MATCH_ALLOW) && opens_flow(p, cfg))
+		return REASON_INGRESS_DROPPED_NOT_ALLOWED;
+	return REASON_INGRESS_PASSED;
+}
+
+/* The verdict on one frame, for either hook: its reason (counted here) and whether
+ * it is dropped. */
+static __always_inline int judge(__u64 cookie, struct xdp_pod_config *cfg, int parsed,
+				 struct ingress_pkt *p, __u64 bytes)
+{
+	__u32 reason;
+	switch (parsed) {
+	case NOT_IP:
+		reason = REASON_INGRESS_PASSED_NON_IP;
+		break;
+	case MALFORMED:
+		reason = REASON_INGRESS_DROPPED_MALFORMED;
+		break;
+	case LATER_FRAGMENT:
+		reason = REASON_INGRESS_PASSED_FRAGMENT;
+		break;
+	default:
+		reason = policy_reason(cookie, cfg, p);
 	}
-	if ((cfg->flags & XDP_F_ALLOW_ONLY) && !(match & MATCH_ALLOW) && opens_flow(p, cfg)) {
-		*reason = REASON_INGRESS_DROPPED_NOT_ALLOWED;
-		return XDP_DROP;
-	}
-	*reason = REASON_INGRESS_PASSED;
-	return XDP_PASS;
+	count(cookie, reason, bytes);
+	return reason == REASON_INGRESS_DROPPED_MALFORMED ||
+	       reason == REASON_INGRESS_DROPPED_PROTECTED_PORT ||
+	       reason == REASON_INGRESS_DROPPED_DENIED ||
+	       reason == REASON_INGRESS_DROPPED_NOT_ALLOWED;
 }
 
 int xdp_pod(struct xdp_md *ctx)
@@ -283,24 +310,37 @@ int xdp_ingress(struct xdp_md *ctx)
 	struct xdp_pod_config *cfg = xdp_pods.lookup(&cookie);
 	if (!cfg)
 		return XDP_PASS;	/* being removed: no counters re-created */
-	__u64 bytes = ctx->data_end - ctx->data;
+	void *pos = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
 	struct ingress_pkt p = {};
-	__u32 reason;
-	int action = XDP_PASS;
-	switch (parse(ctx, &p)) {
-	case NOT_IP:
-		reason = REASON_INGRESS_PASSED_NON_IP;
-		break;
-	case MALFORMED:
-		reason = REASON_INGRESS_DROPPED_MALFORMED;
-		action = XDP_DROP;
-		break;
-	case LATER_FRAGMENT:
-		reason = REASON_INGRESS_PASSED_FRAGMENT;
-		break;
-	default:
-		action = verdict(cookie, cfg, &p, &reason);
+	int parsed = parse(pos, end, &p);
+	return judge(cookie, cfg, parsed, &p, end - pos) ? XDP_DROP : XDP_PASS;
+}
+
+/* tc: the cookie travels in skb->cb[0..1] (tc's scratch space, kept across a tail
+ * call); one 8-byte store, so the placeholder stays one 64-bit immediate. */
+int tc_pod(struct __sk_buff *skb)
+{
+	*(__u64 *)&skb->cb[0] = XDP_COOKIE_PLACEHOLDER;
+	tc_main.call(skb, 0);
+	return TC_ACT_UNSPEC;	/* only while the loader replaces tc_ingress */
+}
+
+int tc_ingress(struct __sk_buff *skb)
+{
+	__u64 cookie = *(__u64 *)&skb->cb[0];
+	struct xdp_pod_config *cfg = xdp_pods.lookup(&cookie);
+	if (!cfg)
+		return TC_ACT_UNSPEC;	/* being removed, or not reached through a stub */
+	struct ingress_pkt p = {};
+	int parsed = parse((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
+	if (parsed == MALFORMED && skb->data_end - skb->data < skb->len) {
+		/* the headers may go on past the skb's linear part (rare: the stack and GRO
+		 * keep them linear): judge malformed only on the whole frame, as XDP sees it */
+		if (bpf_skb_pull_data(skb, skb->len))
+			return TC_ACT_UNSPEC;
+		__builtin_memset(&p, 0, sizeof(p));
+		parsed = parse((void *)(long)skb->data, (void *)(long)skb->data_end, &p);
 	}
-	count(cookie, reason, bytes);
-	return action;
+	return judge(cookie, cfg, parsed, &p, skb->len) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }

@@ -38,9 +38,8 @@ def main():
         for pod in (client, server):
             rec = enrollment.enroll(pod.netns_path, PodSettings(), pod=f"demo/{pod.name}")
             piece, applied = pieces.filter_of(rec)
-            ingress_filter = " ".join(f"{piece.mechanism} {a['ifname']}" + (
-                f" {a['mode']}" if a["mode"] != piece.mechanism else "")
-                for a in piece.describe(applied)[0]) if piece else "off"
+            ingress_filter = ", ".join(pieces.filter_label(piece.mechanism, a)
+                                       for a in piece.describe(applied)[0]) if piece else "off"
             say(f"   enrolled demo/{pod.name} (netns cookie {rec.cookie}; ingress filter {ingress_filter})")
         server_cookie, server_filter = rec.cookie, ingress_filter     # the server went last
 

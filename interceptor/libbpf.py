@@ -28,6 +28,7 @@ class AttachType:
 
 class ProgType:
     SOCKET_FILTER = 1
+    SCHED_CLS = 3
     XDP = 6
     SOCK_OPS = 13
     SK_MSG = 16

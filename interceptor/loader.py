@@ -15,7 +15,7 @@ import time
 from . import abi, libbpf, mounts, netns, paths, pieces, podrecord, state
 from .capabilities import has_sockmap, plan as make_plan, probes_for, uses_bpf
 from .maps import LAYOUT, Maps
-from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
+from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 
 class LoadError(Exception):
@@ -161,7 +161,7 @@ def _load_bpf(plan, cg_path, map_sizes, log):
         prog_fds[prog.name] = fn.fd
         libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
         if prog.scope == TAIL:
-            libbpf.map_update(map_fds[XDP_MAIN_MAP], ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
+            libbpf.map_update(map_fds[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
     libbpf.map_update(map_fds["settings"], ctypes.c_uint32(0),
                       abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
 
@@ -186,12 +186,13 @@ def _load_bpf(plan, cg_path, map_sizes, log):
 
 
 def save_pod_template(bpf, prog, map_names_by_fd):
-    """Per-pod programs (XDP) are loaded by enroll from a saved copy; one trial load
-    here makes a verifier rejection fail `load`, not every pod start."""
-    from . import xdp
-    xdp.save_template(bpf.dump_func(prog.name.encode()), map_names_by_fd)
+    """Per-pod programs (the filter's stubs) are loaded by enroll from a saved copy; one
+    trial load here makes a verifier rejection fail `load`, not every pod start."""
+    from . import stubs
+    kind = stubs.BY_PROG[prog.name]
+    stubs.save_template(kind, bpf.dump_func(prog.name.encode()), map_names_by_fd)
     try:
-        os.close(xdp.load_for_pod(0))
+        os.close(stubs.load_for_pod(kind, 0))
     except OSError as exc:
         raise LoadError(f"the {prog.name} program does not verify: {exc}") from None
 
@@ -244,7 +245,7 @@ def unload(log=lambda msg: None):
 
 
 def _teardown(log=lambda msg: None):
-    from . import enrollment
+    from . import enrollment, stubs
     cookies = set(podrecord.all_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie, unloading=True)
@@ -259,7 +260,7 @@ def _teardown(log=lambda msg: None):
     # ours by its path: released whatever the node state says (it may be damaged, or a
     # load killed right after mounting never recorded it)
     mounts.release_own_cgroup2()
-    state.remove(paths.XDP_TEMPLATE)
+    stubs.remove_templates()
     state.remove(paths.NODE_STATE)
     if os.path.isdir(paths.POD_STATE):
         shutil.rmtree(paths.POD_STATE)

@@ -111,7 +111,7 @@ class DatapathCollector:
     @staticmethod
     def _ingress_filters(records):
         info = GaugeMetricFamily("interceptor_ingress_filter", "1 per pod interface with an ingress "
-                                 "filter; mode: native, generic (XDP) or nftables.",
+                                 "filter; mode: tc, native or generic (XDP), or nftables.",
                                  labels=["pod", "interface", "mode"])
         for cookie, rec in sorted(records.items()):
             piece, applied = pieces.filter_of(rec)

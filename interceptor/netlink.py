@@ -1,5 +1,6 @@
 """A bare netlink dump (rtnetlink, sock_diag) in the current network namespace, without
 pyroute2: enroll and the CNI plugin need only a few messages and must start fast."""
+import os
 import socket
 import struct
 
@@ -44,3 +45,37 @@ def attributes(data, off=0):
         attrs[atype] = bytes(data[off + 4:off + alen])
         off += (alen + 3) & ~3
     return attrs
+
+
+NLM_F_ACK = 0x4
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+
+
+def request(protocol, msg_type, flags, payload):
+    """Send one request and wait for the kernel's acknowledgement; an error comes back
+    as OSError with the kernel's errno."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as nl:
+        nl.send(_HEADER.pack(_HEADER.size + len(payload), msg_type,
+                             NLM_F_REQUEST | NLM_F_ACK | flags, 1, 0) + payload)
+        while True:
+            data = nl.recv(65536)
+            off = 0
+            while off + _HEADER.size <= len(data):
+                length, kind, _, _, _ = _HEADER.unpack_from(data, off)
+                if length < _HEADER.size:
+                    raise OSError(f"netlink: malformed message of {length} bytes")
+                if kind == NLMSG_ERROR:
+                    body = data[off + _HEADER.size:off + length]
+                    err = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+                    if err:
+                        raise OSError(err, f"netlink request {msg_type}: {os.strerror(err)}")
+                    return
+                off += (length + 3) & ~3
+
+
+def attribute(atype, payload):
+    """One rtattr, padded to 4 bytes."""
+    data = struct.pack("=HH", 4 + len(payload), atype) + payload
+    return data + b"\0" * (-len(data) % 4)

@@ -20,6 +20,7 @@ POD_STATE = os.path.join(RUN_DIR, "pods")       # POD_STATE/<netns cookie>.json
 LOCK = os.path.join(RUN_DIR, "lock")
 OPSTATS = os.path.join(RUN_DIR, "opstats.json")   # counts of userspace operations
 XDP_TEMPLATE = os.path.join(RUN_DIR, "xdp_template.json")   # written by load, used by enroll
+TC_TEMPLATE = os.path.join(RUN_DIR, "tc_template.json")     # likewise, for the tc hook
 
 
 def map_pin(name):

@@ -1,6 +1,6 @@
 """The datapath pieces that serve a pod, behind one interface.
 
-  filter-xdp       the pod's XDP stub on each interface, and its entries in xdp_pods,
+  filter-xdp       the pod's filter stub on each interface (tc or XDP), its entries in xdp_pods,
                    ingress_sources, ingress_rules and port_rules (kind PROTECTED)
   filter-nftables  an nftables netdev ingress chain per interface (a node without XDP)
   capture-rules    REDIRECT rules (nftables or iptables) for what eBPF cannot capture
@@ -27,7 +27,7 @@ import ipaddress
 import os
 import shutil
 
-from . import abi, ingress, libbpf, listeners, paths, xdp
+from . import abi, ingress, libbpf, listeners, paths, stubs, tc, xdp
 from .capabilities import EBPF, RULES, XDP
 from .maps import addr16, cidr_key, port_key
 from .problems import Kind, Problem
@@ -89,7 +89,20 @@ class _Filter(Piece):
         return state.get("interfaces", []), state.get("skipped", [])
 
 
+def filter_label(mechanism, attachment):
+    """How status and the demo name one interface's filter: 'tc eth0', 'xdp
+    eth0:native', 'nftables eth0'."""
+    if attachment["mode"] == "tc":
+        return f"tc {attachment['ifname']}"
+    if mechanism == XDP:
+        return f"xdp {attachment['ifname']}:{attachment['mode']}"
+    return f"{mechanism} {attachment['ifname']}"
+
+
 class FilterXdp(_Filter):
+    """The BPF ingress filter: the pod's stub on each interface, on the tc hook (the
+    default on a veth) or XDP. (Named for XDP, its first hook: the name is in every pod
+    record's journal.)"""
     name = "filter-xdp"
     mechanism = XDP
     uses_maps = True
@@ -101,17 +114,51 @@ class FilterXdp(_Filter):
         out = {"ephemeral_low": view.ephemeral_low, "interfaces": [], "skipped": []}
         if rec.ifname and not view.interfaces:
             out["skipped"].append({"ifname": rec.ifname, "ifindex": 0, "reason": "no such interface"})
+        had_clsact = {a["ifindex"] for a in (previous or {}).get("interfaces", []) if a.get("clsact_ours")}
         for iface in view.interfaces:
+            entry = {"ifname": iface.name, "ifindex": iface.index, "driver": iface.driver}
             try:
-                mode = xdp.attach(rec.cookie, rec.netns, iface, s.ingress_filter, s.ingress_conflict)
-            except (xdp.XdpError, OSError) as exc:
+                if xdp.hook_for(s.ingress_filter, iface.driver) == "tc":
+                    # journalled before a qdisc may be made: what is on so far, this
+                    # interface (its clsact possibly ours), and what an earlier enroll put
+                    # on the interfaces not yet reached
+                    done_so_far = out["interfaces"] + [dict(entry, mode="tc", clsact_ours=True)]
+                    reached = {a["ifindex"] for a in done_so_far}
+                    journal = dict(out, interfaces=done_so_far + [
+                        a for a in (previous or {}).get("interfaces", []) if a["ifindex"] not in reached])
+                    done = tc.attach(rec.cookie, rec.netns, iface, s.ingress_conflict,
+                                     lambda: target.note(self, journal))
+                    if done is not None:
+                        done["clsact_ours"] = done["clsact_ours"] or iface.index in had_clsact
+                        mode = "tc"
+                        entry.update(done)
+                    else:
+                        mode = None
+                else:
+                    mode = xdp.attach(rec.cookie, rec.netns, iface, s.ingress_filter, s.ingress_conflict)
+            except (xdp.XdpError, tc.TcError, stubs.StubError, OSError) as exc:
                 raise PieceError(str(exc)) from None
-            entry = {"ifname": iface.name, "ifindex": iface.index}
             if mode is None:
-                out["skipped"].append(dict(entry, reason="another XDP program is attached"))
+                out["skipped"].append({"ifname": iface.name, "ifindex": iface.index,
+                                       "reason": "another program holds the filter's place"})
             else:
-                out["interfaces"].append(dict(entry, driver=iface.driver, mode=mode))
+                out["interfaces"].append(dict(entry, mode=mode))
+        self._off_the_other_hook(rec, previous, out)
         return out
+
+    @staticmethod
+    def _off_the_other_hook(rec, previous, out):
+        """A re-enroll that moved an interface between tc and XDP: the old hook's filter
+        comes off once the new one is on (no moment without a filter)."""
+        now = {a["ifindex"]: a["mode"] for a in out["interfaces"]}
+        for a in (previous or {}).get("interfaces", []):
+            ifindex = a["ifindex"]
+            if ifindex not in now or (a["mode"] == "tc") == (now[ifindex] == "tc"):
+                continue
+            if a["mode"] == "tc":
+                tc.remove_from(rec.netns, [ifindex], {ifindex} if a.get("clsact_ours") else set())
+            else:
+                xdp.detach(rec.cookie, ifindex)
 
     def update(self, record, state, maps):
         ingress.write_entries(maps, record.cookie, record.settings, state["ephemeral_low"])
@@ -119,13 +166,26 @@ class FilterXdp(_Filter):
 
     def remove(self, record, state, maps):
         xdp.detach_all(record.cookie)
+        if state is None:       # killed before it recorded anything: nothing of tc was made
+            tc.remove_from(record.netns)
+        else:
+            on_tc = [a for a in state.get("interfaces", []) if a.get("mode") == "tc"]
+            if on_tc:
+                tc.remove_from(record.netns, [a["ifindex"] for a in on_tc],
+                               {a["ifindex"] for a in on_tc if a.get("clsact_ours")})
         if maps is not None:
             ingress.remove_entries(maps, record.cookie)
 
     def verify(self, record, state, netns_path):
         if state is None:
             return []
-        return xdp.verify(record.cookie, netns_path or record.netns, state.get("interfaces", []))
+        netns_path = netns_path or record.netns
+        attachments = state.get("interfaces", [])
+        problems = xdp.verify(record.cookie, netns_path, [a for a in attachments if a.get("mode") != "tc"])
+        for a in attachments:
+            if a.get("mode") == "tc":
+                problems += [Problem(Kind.INGRESS_FILTER_MISSING, msg) for msg in tc.verify(netns_path, a)]
+        return problems
 
 
 class FilterNftables(_Filter):

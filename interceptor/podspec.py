@@ -9,7 +9,7 @@ validates or parses again. Standard library only: the CNI plugin builds one on e
 """
 from . import abi, ingress_policy, parsing
 
-INGRESS_FILTER_MODES = ("auto", "native", "generic", "off")
+INGRESS_FILTER_MODES = ("auto", "tc", "native", "generic", "off")
 
 
 class SettingError(ValueError):
@@ -121,16 +121,17 @@ FIELDS = (
           help="Allow same-host bypass for this pod."),
     Field("ingress_filter", "auto", _choice(*INGRESS_FILTER_MODES), "ingressFilter",
           "interceptor.io/ingress-filter",
-          help="XDP mode of the pod's ingress filter (auto: generic on veth, where native "
-               "costs TSO and saves nothing; native on other drivers; nftables where the "
-               "node has no XDP)."),
+          help="Hook of the pod's ingress filter: tc, or XDP native or generic (auto: tc "
+               "on veth, where XDP costs bulk throughput and pod start time; XDP native, "
+               "else generic, on other drivers; nftables where the node has no BPF filter)."),
     Field("protected_ports", "", parsing.ports, "protectedPorts", "interceptor.io/protected-ports",
           help=f"Ports dropped from the network besides the outbound port and {abi.ADMIN_PORT}."),
     Field("ingress_policy", (), _policy, "ingressPolicy", "interceptor.io/ingress-policy",
           help="'deny|allow [from CIDR] [tcp|udp|sctp|icmp|any] [port N]' (repeatable; "
                "in an annotation, separated by ';')."),
     Field("ingress_conflict", "refuse", _choice("refuse", "skip"), "ingressConflict",
-          help="When another XDP program is on the interface."),
+          help="When another XDP program, or another tc filter at the filter's preference, "
+               "is on the interface."),
 )
 BY_NAME = {f.name: f for f in FIELDS}
 BY_CONFIG_KEY = {f.config_key: f for f in FIELDS}

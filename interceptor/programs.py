@@ -54,12 +54,16 @@ PROGRAMS = (
     Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP, CORE),
     Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH, BYPASS),
     Program("steer_inbound", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, NETNS, INBOUND),
-    # the ingress filter, and the per-pod stub that tail-calls it with the pod's cookie
+    # the ingress filter on each of its hooks, and the per-pod stubs that tail-call it
+    # with the pod's cookie (tc filters are added over rtnetlink: no attach type)
     Program("xdp_ingress", ProgType.XDP, AttachType.XDP, TAIL, INGRESS),
     Program("xdp_pod", ProgType.XDP, AttachType.XDP, POD_COPY, INGRESS),
+    Program("tc_ingress", ProgType.SCHED_CLS, 0, TAIL, INGRESS),
+    Program("tc_pod", ProgType.SCHED_CLS, 0, POD_COPY, INGRESS),
 )
 
 BY_NAME = {p.name: p for p in PROGRAMS}
 BYPASS_MAP = "bypass_socks"
 SK_LOOKUP_PROG = "steer_inbound"
-XDP_MAIN_MAP = "xdp_main"
+# The program array each tail-called program sits in (entry 0).
+TAIL_MAPS = {"xdp_ingress": "xdp_main", "tc_ingress": "tc_main"}

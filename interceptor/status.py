@@ -14,7 +14,7 @@ from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
 from .capabilities import uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import REPORTED, LayoutError, Maps
-from .programs import CGROUP, PROGRAMS, SOCKHASH, TAIL
+from .programs import CGROUP, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
@@ -188,10 +188,11 @@ def collect(pod_filter=None):
         with maps:
             enrolled, listener_keys, sockets = _from_maps(report, maps, records)
             stats = counters.by_pod(maps, records)
-            if plan.get("ingress") == "xdp" and maps.xdp_main.get(ctypes.c_uint32(0)) is None:
-                report["errors"].append("the ingress filter program is missing from xdp_main: pods' "
-                                        "XDP stubs pass every packet unfiltered (run `interceptor "
-                                        "unload` and `load` to repair)")
+            for array in (TAIL_MAPS.values() if plan.get("ingress") == "xdp" else ()):
+                if getattr(maps, array).get(ctypes.c_uint32(0)) is None:
+                    report["errors"].append(f"the ingress filter program is missing from {array}: "
+                                            "pods' stubs on that hook pass every packet unfiltered "
+                                            "(run `interceptor unload` and `load` to repair)")
     else:
         enrolled, listener_keys, sockets = set(), None, []
         stats = counters.by_pod(None, records)
@@ -367,12 +368,10 @@ def _pods_table(pods, wide):
 
 
 def _filter(ing):
-    """e.g. 'xdp eth0:native' or 'nftables eth0'."""
+    """e.g. 'tc eth0', 'xdp eth0:native' or 'nftables eth0'."""
     if not ing:
         return "off"
-    if ing["mechanism"] == "xdp":
-        return "xdp " + ",".join(f"{a['ifname']}:{a['mode']}" for a in ing["interfaces"])
-    return f"{ing['mechanism']} " + ",".join(a["ifname"] for a in ing["interfaces"])
+    return ",".join(pieces.filter_label(ing["mechanism"], a) for a in ing["interfaces"])
 
 
 def sockets_table(sockets, wide=False):

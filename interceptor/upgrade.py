@@ -12,11 +12,12 @@ original destinations, are kept).
 3. Load every program from BCC's instructions with their map references pointed at the
    maps they will use (insns.py), all of them before anything is swapped: a verifier
    rejection also changes nothing. Migrated maps are pinned beside the old ones.
-4. Swap: bpf_link_update on the cgroup links and on each pod's sk_lookup link, the XDP
-   filter in the xdp_main program array (the pods' stubs tail-call it), the sk_msg
-   program on the bypass sockhash; re-pin the programs; move the migrated maps' pins
-   into place and carry over what the old programs wrote since the copy; save the new
-   XDP stub template (for pods enrolled from now on); record the new datapath version.
+4. Swap: bpf_link_update on the cgroup links and on each pod's sk_lookup link, the
+   ingress filter in the xdp_main and tc_main program arrays (the pods' stubs tail-call
+   it), the sk_msg program on the bypass sockhash; re-pin the programs; move the
+   migrated maps' pins into place and carry over what the old programs wrote since the
+   copy; save the new stub templates (for pods enrolled from now on); record the new
+   datapath version. A map the new build adds is pinned as compiled.
 """
 import ctypes
 import errno
@@ -30,7 +31,7 @@ from .maps import LAYOUT
 from .migrate import MapMigration, MigrationError, layouts
 from .pieces import SK_LOOKUP_LINK
 from .capabilities import uses_bpf
-from .programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, XDP_MAIN_MAP
+from .programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 
 class UpgradeError(Exception):
@@ -120,6 +121,10 @@ def _swap(node, plan, version, sizes, log):
             if fd < 0:
                 raise UpgradeError(f"map {name} missing from the compiled datapath")
             compiled[name] = fd
+            if not os.path.exists(paths.map_pin(name)):
+                # a map this build adds (the loaded programs cannot be using it): the
+                # compiled one, empty, is pinned as it is
+                libbpf.obj_pin(fd, paths.map_pin(name))
             pinned[name] = libbpf.obj_get(paths.map_pin(name))
         migrations = _migrations(node, compiled, pinned)
         # the maps the new programs use: the kept pinned ones and the migrated new ones
@@ -155,7 +160,7 @@ def _swap(node, plan, version, sizes, log):
                 for cookie in sorted(paths.pinned_pod_cookies()):
                     swapped += _update_link(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), fd)
             elif prog.scope == TAIL:
-                libbpf.map_update(pinned[XDP_MAIN_MAP], ctypes.c_uint32(0), ctypes.c_uint32(fd))
+                libbpf.map_update(pinned[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
                 swapped += 1
             elif prog.scope == SOCKHASH and node.get("bypass"):
                 libbpf.prog_attach(fd, pinned[BYPASS_MAP], prog.attach_type)    # replaces the old
@@ -184,7 +189,7 @@ def _swap(node, plan, version, sizes, log):
 
 def _migrations(node, compiled, pinned):
     """A MapMigration, its entries copied, for each pinned map unlike the compiled one."""
-    from .xdp import template_maps
+    from .stubs import template_maps
     fields = ("type", "key_size", "value_size", "max_entries", "map_flags")
     held_by_pods = template_maps()
     migrations = []
@@ -195,7 +200,7 @@ def _migrations(node, compiled, pinned):
             continue
         try:
             if name in held_by_pods:
-                raise MigrationError(f"map {name} is held by every pod's XDP program: changing it "
+                raise MigrationError(f"map {name} is held by every pod's filter stub: changing it "
                                      "needs `interceptor unload` and `load`")
             m = MapMigration(name, pinned[name], compiled[name], (node.get("map_layouts") or {}).get(name))
             m.copy()

@@ -1,21 +1,14 @@
-"""Per-pod XDP stubs: the template the loader saves, the copy enroll loads for each pod,
-and attaching it to the pod's interfaces.
+"""The ingress filter as XDP: attaching the pod's stub (stubs.py) to its interfaces.
 
-XDP programs cannot ask for their network namespace's cookie, and interface indexes
-repeat across namespaces, so one shared program could not tell pods apart. Each pod gets
-its own small stub (xdp_pod in bpf/xdp_ingress.c) that puts the pod's cookie in the
-packet's metadata and tail-calls the filter the loader verified once. The loader saves
-the stub's compiled instructions with a placeholder constant (and which pinned map each
-map reference means); enroll patches in the pod's cookie and the map fds it opened from
-the pins and loads the result: no compiler, and a verifier pass over some 25
-instructions. The attachment is a bpf_link pinned in the pod's pin directory, so unload
-and DEL detach it like the pod's other links.
+The attachment is a bpf_link pinned in the pod's pin directory, so unload and DEL detach
+it like the pod's other links. Each distinct XDP program attached or detached rebuilds
+the kernel's XDP dispatcher and waits out an RCU grace period, which is one reason a
+veth gets the tc hook (tc.py) by default.
 """
 import errno
 import os
 
-from . import abi, libbpf, netns, paths, state
-from .insns import PSEUDO_MAP_FD, imm64s, set_imm64
+from . import libbpf, netns, paths, stubs
 from .problems import Kind, Problem
 
 PROG_NAME = "xdp_pod"
@@ -23,11 +16,19 @@ LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-# Drivers whose "native" XDP works on an skb that already exists (the sender built it):
-# it drops somewhat cheaper (~19% less CPU per packet here), but veth turns off TSO/GSO on
-# its peer while a program is attached (bulk TCP into the pod fell from ~14 to ~4 Gbit/s),
-# so auto picks generic there (BENCHMARKS.md, "Ingress filter").
+# Drivers whose packets arrive as an skb the sender built. XDP there costs bulk traffic:
+# native XDP on a veth turns off TSO/GSO on its peer (bulk TCP into the pod fell from ~14
+# to ~4 Gbit/s), generic XDP gives every skb a linear copy with headroom; and each pod's
+# own XDP program waits out a grace period to attach and detach. The tc hook works on
+# the skb as it is, so auto picks tc there (BENCHMARKS.md, "Ingress filter").
 SKB_BACKED_DRIVERS = ("veth",)
+
+
+def hook_for(mode, driver):
+    """"tc" or "xdp": the hook that serves an interface, for the pod's ingress_filter."""
+    if mode == "tc" or (mode == "auto" and driver in SKB_BACKED_DRIVERS):
+        return "tc"
+    return "xdp"
 
 
 
@@ -39,62 +40,9 @@ class ForeignProgramError(XdpError):
     pass
 
 
-# --- template (loader side) -------------------------------------------------------------
-def save_template(insns, map_names_by_fd):
-    """insns: the compiled program (BCC's dump_func, map references as the loader's fds).
-    Records each map reference by name and where the cookie placeholder sits."""
-    relocs, cookie_at = [], []
-    for i, src, value in imm64s(insns):
-        if src == PSEUDO_MAP_FD:
-            if value not in map_names_by_fd:
-                raise XdpError(f"instruction {i} refers to an unknown map fd {value}")
-            relocs.append([i, map_names_by_fd[value]])
-        elif src == 0 and value == abi.XDP_COOKIE_PLACEHOLDER:
-            cookie_at.append(i)
-    if not cookie_at:
-        raise XdpError("the compiled XDP program does not contain the cookie placeholder")
-    state.write_json(paths.XDP_TEMPLATE, {
-        "insns": insns.hex(), "maps": relocs, "cookie_at": cookie_at})
-
-
-def template_maps():
-    """The maps the loaded pods' XDP programs refer to (each holds them itself)."""
-    template = state.read_json(paths.XDP_TEMPLATE)
-    return {name for _, name in template["maps"]} if template else set()
-
-
-def _instance(template, cookie, map_fds):
-    insns = bytearray(bytes.fromhex(template["insns"]))
-    for i, name in template["maps"]:
-        set_imm64(insns, i, map_fds[name])
-    for i in template["cookie_at"]:
-        set_imm64(insns, i, cookie)
-    return bytes(insns)
-
-
-def load_for_pod(cookie):
-    """A loaded copy of the program for this pod; returns its fd."""
-    template = state.read_json(paths.XDP_TEMPLATE)
-    if template is None:
-        raise XdpError("no XDP program template: the datapath was loaded without the ingress filter")
-    map_fds = {}
-    try:
-        for _, name in template["maps"]:
-            if name not in map_fds:
-                map_fds[name] = libbpf.obj_get(paths.map_pin(name))
-        insns = _instance(template, cookie, map_fds)
-        return libbpf.prog_load(libbpf.ProgType.XDP, PROG_NAME, insns)
-    finally:
-        for fd in map_fds.values():
-            os.close(fd)
-
-
 # --- attaching (inside the pod's netns) -------------------------------------------------
-def auto_modes(driver):
-    """The XDP modes to try, in order, for mode "auto"."""
-    if driver in SKB_BACKED_DRIVERS:
-        return ["generic"]
-    return ["native", "generic"]
+# The XDP modes to try, in order, for mode "auto" (which means XDP off skb-backed drivers).
+AUTO_MODES = ("native", "generic")
 
 
 def attached_prog_id(netns_path, ifindex):
@@ -112,7 +60,7 @@ def attach(cookie, netns_path, iface, mode="auto", on_conflict="refuse"):
     id it had when looked at); returns the mode used ("native" or "generic"), or None
     when skipped because another program is there. Idempotent: an existing attachment
     of ours is kept."""
-    ifname, ifindex, driver = iface.name, iface.index, iface.driver
+    ifname, ifindex = iface.name, iface.index
     pin = link_pin(cookie, ifindex)
     current = iface.xdp_prog_id
     if os.path.exists(pin):
@@ -131,10 +79,10 @@ def attach(cookie, netns_path, iface, mode="auto", on_conflict="refuse"):
             return None
         raise ForeignProgramError(msg + " (set the pod's ingress filter conflict policy to "
                                   "'skip' to enroll without the filter)")
-    prog_fd = load_for_pod(cookie)
+    prog_fd = stubs.load_for_pod(stubs.XDP, cookie)
     try:
         os.makedirs(paths.pod_pin_dir(cookie), exist_ok=True)
-        modes = auto_modes(driver) if mode == "auto" else [mode]
+        modes = AUTO_MODES if mode == "auto" else [mode]
         last = None
         for m in modes:
             try:
@@ -190,6 +138,12 @@ def verify(cookie, netns_path, attachments):
             if current != info.prog_id:
                 problems.append(missing(f"ingress filter (XDP) not the program on {a['ifname']}"))
     return problems
+
+
+def detach(cookie, ifindex):
+    pin = link_pin(cookie, ifindex)
+    if os.path.lexists(pin):
+        libbpf.detach_link_pin(pin)
 
 
 def detach_all(cookie):

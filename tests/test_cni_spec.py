@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from interceptor import (abi, ingress_policy, libbpf, loader, netns, paths, pieces,
-                         podrecord, rules, state, xdp)
+                         podrecord, rules, state, tc)
 from interceptor.maps import Maps, addr16
 from pyroute2 import netns as pyr_netns
 
@@ -406,8 +406,10 @@ def test_ingress_filter_from_config_and_annotation_and_its_check(plugin, log, da
     interfaces = rec.entry("filter-xdp").state["interfaces"]
     assert [a["ifname"] for a in interfaces] == ["eth0"]
     assert run(plugin, log, "CHECK", cfg, **env) == (0, None)
-    # take the XDP program off behind the plugin's back
-    libbpf.detach_link_pin(xdp.link_pin(cookie, interfaces[0]["ifindex"]))
+    # take the filter (tc, on this veth) off behind the plugin's back
+    assert interfaces[0]["mode"] == "tc"
+    with netns.entered(ns):
+        tc.delete_filter(interfaces[0]["ifindex"])
     rc, doc = run(plugin, log, "CHECK", cfg, **env)
     assert doc["code"] == 105 and "ingress filter" in doc["msg"]
     assert run(plugin, log, "DEL", cfg, **env)[0] == 0

@@ -64,6 +64,8 @@ def test_a_pod_that_does_not_fit_is_refused_whole_and_fits_once_one_goes(lab, pl
             assert maps.xdp_pods.get(ctypes.c_uint64(cookie)) is None
         assert "xdp" not in subprocess.run(["ip", "-n", c.netns, "link", "show", "eth0"],
                                            capture_output=True, text=True).stdout
+        assert "clsact" not in subprocess.run(["ip", "netns", "exec", c.netns, "tc", "qdisc", "show",
+                                               "dev", "eth0"], capture_output=True, text=True).stdout
         for pod in (a, b):
             rec = podrecord.read(netns.cookie_of(pod.netns_path))
             assert not enrollment.verify(rec, pod.netns_path)

@@ -1,12 +1,13 @@
-"""The per-pod ingress filter against the real kernel: XDP (native and generic) and the
-nftables fallback, with packets built by scapy and put on the wire at the pod veth's
-other end (the node namespace), so nothing between the sender and the filter can
-judge them first.
+"""The per-pod ingress filter against the real kernel: on the tc hook (the default on a
+veth), XDP (native and generic) and the nftables fallback, with packets built by scapy
+and put on the wire at the pod veth's other end (the node namespace), so nothing
+between the sender and the filter can judge them first.
 
 Each table case is a packet, the verdict and the counter that must move. "Delivered"
-is observed independently of our counters where the filter is XDP: a packet socket in
-the pod sees only what XDP passed (packet taps run after XDP; for the nftables chain
-they run before it, so there the counters and real connections are the evidence).
+is observed independently of our counters where the filter is BPF: a packet socket in
+the pod sees only what the filter passed (taps for every protocol run after XDP but
+before tc, so under tc the sockets are bound to each case's protocol: those run after
+it; for the nftables chain the counters and real connections are the evidence).
 """
 import ctypes
 import os
@@ -44,6 +45,7 @@ POLICY = [
 
 # mechanism -> (load env disabling features, the pod's ingress_filter setting)
 MECHANISMS = {
+    "tc": ("", "tc"),
     "native": ("", "native"),
     "generic": ("", "generic"),
     "nftables": ("xdp_native,xdp_generic", "auto"),
@@ -87,32 +89,59 @@ def xdp_attached(pod):
     return "xdpgeneric" if "xdpgeneric" in out else ("xdp" if " xdp " in out or "prog/xdp" in out else None)
 
 
-class Wire:
-    """Frames sent from the node namespace on the pod's veth peer, and a packet socket
-    inside the pod that sees what got past XDP."""
+def tc_attached(pod):
+    """Our tc filter on the pod's eth0 ingress, as `tc` lists it."""
+    out = pod.run("tc", "filter", "show", "dev", "eth0", "ingress", check=False).stdout
+    return "interceptor" in out and "direct-action" in out
 
-    def __init__(self, lab, pod):
+
+def clsact_present(pod):
+    return "clsact" in pod.run("tc", "qdisc", "show", "dev", "eth0").stdout
+
+
+# what the kernel shows on eth0 for each mechanism
+ATTACHED = {"native": "xdp", "generic": "xdpgeneric", "tc": "tc"}
+
+
+def filter_attached(pod):
+    return "tc" if tc_attached(pod) else xdp_attached(pod)
+
+
+# The protocols of the table's frames: packet sockets bound to one protocol see a frame
+# after tc's verdict on it (for ETH_P_ALL, before).
+CASE_PROTOCOLS = (0x0800, 0x86DD, 0x0806, 0x88CC)
+
+
+class Wire:
+    """Frames sent from the node namespace on the pod's veth peer, and packet sockets
+    inside the pod that see what got past the filter."""
+
+    def __init__(self, lab, pod, after_tc=False):
         host_if = f"{lab.prefix}{pod.name}"[:15]
         with netns.entered(f"/run/netns/{lab.node_ns}"):
             self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             self.tx.bind((host_if, 0))
+        self.rx = []
         with netns.entered(pod.netns_path):
-            self.rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            self.rx.bind(("eth0", 0))
-        self.rx.setblocking(False)
+            for proto in (CASE_PROTOCOLS if after_tc else (ETH_P_ALL,)):
+                rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+                rx.bind(("eth0", proto))
+                rx.setblocking(False)
+                self.rx.append(rx)
         self.src_mac = ":".join(f"{b:02x}" for b in self.tx.getsockname()[4])
-        self.dst_mac = ":".join(f"{b:02x}" for b in self.rx.getsockname()[4])
+        self.dst_mac = ":".join(f"{b:02x}" for b in self.rx[0].getsockname()[4])
         self.seen = []
 
     def send(self, frame):
         self.tx.send(frame)
 
     def drain(self):
-        while True:
-            try:
-                self.seen.append(self.rx.recv(65535))
-            except BlockingIOError:
-                return
+        for rx in self.rx:
+            while True:
+                try:
+                    self.seen.append(rx.recv(65535))
+                except BlockingIOError:
+                    break
 
     def saw(self, frame):
         self.drain()
@@ -120,7 +149,8 @@ class Wire:
 
     def close(self):
         self.tx.close()
-        self.rx.close()
+        for rx in self.rx:
+            rx.close()
 
 
 # --- the table ------------------------------------------------------------------------
@@ -161,6 +191,9 @@ TARGET4, TARGET6 = f"10.{NET}.0.3", f"fd{NET}::3"
 
 
 NOT_SEEN = "kernel drops it before the nftables chain"
+# Under tc, like nftables, a frame whose VLAN tag is cut short never reaches the hook:
+# the stack discards it while taking the tag off, before tc ingress runs.
+TC_LABELS = {"VLAN tag cut short": NOT_SEEN}
 
 CASES = [
     # description, builder, delivered, counter, counter under nftables (None: same;
@@ -252,7 +285,7 @@ def target(flab, mechanism):
     pod = flab.add_pod("target")
     assert str(pod.ipv4) == TARGET4 and str(pod.ipv6) == TARGET6
     enroll_filtered(pod, mechanism, ingress_policy=POLICY)
-    wire = Wire(flab, pod)
+    wire = Wire(flab, pod, after_tc=mechanism == "tc")
     yield pod, wire
     wire.close()
 
@@ -269,13 +302,15 @@ def wait_counter(pod, label, before, timeout=3):
 def test_packet_table(target, mechanism):
     pod, wire = target
     if mechanism != "nftables":
-        assert xdp_attached(pod) == ("xdp" if mechanism == "native" else "xdpgeneric")
+        assert filter_attached(pod) == ATTACHED[mechanism]
     failures = []
     for desc, build, delivered, label, nft_label in CASES:
         if mechanism == "nftables":
             label = nft_label or label
-            if label == NOT_SEEN:
-                continue
+        elif mechanism == "tc":
+            label = TC_LABELS.get(desc, label)
+        if label == NOT_SEEN:
+            continue
         marker = b"IC-MARK-" + uuid.uuid4().hex[:12].encode()
         frame = build(wire, marker)
         before = pod_counters(pod)
@@ -402,7 +437,7 @@ def test_live_policy_change_keeps_allowed_flows(flab, mechanism):
     flab.start_haproxy(pod)
     server = pod.spawn(sys.executable, "-c", ECHO, "8080", "8081", stdout=subprocess.PIPE, text=True)
     assert server.stdout.readline().strip() == "listening"
-    link_before = _xdp_link_ids(pod)
+    link_before = _attachment_ids(pod)
 
     conn = connect_from(peer, TARGET4, 8080, timeout=2)
     assert roundtrip(conn)
@@ -430,7 +465,7 @@ def test_live_policy_change_keeps_allowed_flows(flab, mechanism):
     conn.settimeout(5)
     assert conn.recv(64) == b"blocked"
     assert roundtrip(conn)
-    assert _xdp_link_ids(pod) == link_before, "the program was re-attached"
+    assert _attachment_ids(pod) == link_before, "the program was re-attached"
 
     listed = policy_cli("list", "--pod", "test/target")
     assert "allow tcp port 8080" in listed.stdout and f"deny from 10.{NET}.0.200/32" in listed.stdout
@@ -439,24 +474,33 @@ def test_live_policy_change_keeps_allowed_flows(flab, mechanism):
     conn.close()
 
 
-def _xdp_link_ids(pod):
+def _attachment_ids(pod):
+    """The XDP links' ids, or the programs' ids in our tc filters."""
     rec = record_of(f"test/{pod.name}")
     if pieces.filter_of(rec)[0].mechanism != "xdp":
         return None
-    from interceptor import xdp
-    return [xdp.link_info(xdp.link_pin(rec.cookie, a["ifindex"])).id for a in filter_interfaces(rec)]
+    from interceptor import tc, xdp
+    ids = []
+    for a in filter_interfaces(rec):
+        if a["mode"] == "tc":
+            with netns.entered(pod.netns_path):
+                ids += [f.prog_id for f in tc.filters(a["ifindex"]) if tc.ours(f)]
+        else:
+            ids.append(xdp.link_info(xdp.link_pin(rec.cookie, a["ifindex"])).id)
+    return ids
 
 
-def test_auto_mode_picks_generic_on_veth(flab, mechanism):
-    """Native XDP on veth turns off TSO on the peer and copies every skb anyway."""
-    if mechanism != "generic":
-        pytest.skip("one XDP run is enough")
+def test_auto_mode_picks_tc_on_veth(flab, mechanism):
+    """XDP on a veth costs bulk throughput (generic: a linear copy of every skb; native:
+    TSO off on the peer) and a grace period at every attach and detach; tc costs neither."""
+    if mechanism != "tc":
+        pytest.skip("one run is enough")
     pod = flab.add_pod("target")
     rec = enroll(pod)
-    assert filter_interfaces(rec) == [
-        {"ifname": "eth0", "ifindex": filter_interfaces(rec)[0]["ifindex"], "driver": "veth",
-         "mode": "generic"}]
-    assert xdp_attached(pod) == "xdpgeneric"
+    a = filter_interfaces(rec)
+    assert a == [{"ifname": "eth0", "ifindex": a[0]["ifindex"], "driver": "veth", "mode": "tc",
+                  "clsact_ours": True, "prog_id": a[0]["prog_id"]}]
+    assert tc_attached(pod) and xdp_attached(pod) is None
 
 
 def test_bad_policy_changes_nothing(flab, mechanism):
@@ -500,21 +544,28 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
     if mechanism == "nftables":
         assert nft_table_present(pod)
     else:
-        assert xdp_attached(pod)
+        assert filter_attached(pod) == ATTACHED[mechanism]
         # 3 prefixes; the peer's /32 set also holds the /24's UDP rule: 4 rule entries
         assert ingress_entries(cookie)[:4] == (True, 3, 4, 3)
-    # re-enroll: same filter, nothing doubled; then another XDP mode is honoured
+    # re-enroll: same filter, nothing doubled; then another hook or mode is honoured,
+    # and the old one comes off
     rec = enroll_filtered(pod, mechanism, ingress_policy=POLICY, protected_ports="9999")
     assert not enrollment.verify(rec, pod.netns_path)
     if mechanism != "nftables":
         assert ingress_entries(cookie)[:4] == (True, 3, 4, 3)
-        other = "generic" if mechanism == "native" else "native"
+        other = {"native": "generic", "generic": "tc", "tc": "native"}[mechanism]
         rec = enroll(pod, ingress_filter=other)
         assert filter_interfaces(rec)[0]["mode"] == other and not enrollment.verify(rec, pod.netns_path)
-        assert xdp_attached(pod) == ("xdp" if other == "native" else "xdpgeneric")
-        assert len(paths.listdir(paths.pod_pin_dir(cookie))) == 2      # sk_lookup + one XDP link
+        assert filter_attached(pod) == ATTACHED[other]
+        assert (xdp_attached(pod) is None) == (other == "tc")
+        assert tc_attached(pod) == clsact_present(pod) == (other == "tc")
+        # sk_lookup, and one XDP link where the filter is XDP
+        assert len(paths.listdir(paths.pod_pin_dir(cookie))) == (1 if other == "tc" else 2)
+        rec = enroll(pod, ingress_filter=mechanism)       # and back
+        assert filter_attached(pod) == ATTACHED[mechanism] and not enrollment.verify(rec, pod.netns_path)
     enrollment.unenroll(netns_path=pod.netns_path)
     assert xdp_attached(pod) is None and not nft_table_present(pod)
+    assert not tc_attached(pod) and not clsact_present(pod)
     if mechanism != "nftables":
         assert ingress_entries(cookie) == (False, 0, 0, 0, 0)
     assert paths.listdir(paths.PIN_PODS) == []
@@ -525,6 +576,7 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
     enroll_filtered(pod, mechanism)
     loader.unload()
     assert xdp_attached(pod) is None and not nft_table_present(pod)
+    assert not tc_attached(pod) and not clsact_present(pod)
     loader.unload()
     load_without(MECHANISMS[mechanism][0])
 
@@ -541,8 +593,8 @@ def _attach_foreign_xdp(pod):
 
 
 def test_foreign_xdp_program_is_refused_not_replaced(flab, mechanism):
-    if mechanism == "nftables":
-        pytest.skip("the nftables chain coexists with any XDP program")
+    if mechanism in ("nftables", "tc"):
+        pytest.skip("the nftables chain and the tc filter coexist with any XDP program")
     pod = flab.add_pod("target")
     _attach_foreign_xdp(pod)
     with pytest.raises(enrollment.EnrollError, match="already has XDP program .*refusing"):
@@ -558,6 +610,54 @@ def test_foreign_xdp_program_is_refused_not_replaced(flab, mechanism):
     report = status.collect(pod_filter="test/target")
     assert any("no ingress filter on eth0" in w for w in report["warnings"])
     assert xdp_attached(pod) == "xdpgeneric"
+
+
+def _add_foreign_tc_filter(pod, pref, verdict):
+    """An operator's own tc filter (direct action, returning verdict) on eth0's ingress."""
+    from interceptor import libbpf, tc
+    prog = libbpf.load_trivial_prog(libbpf.ProgType.SCHED_CLS, 0, verdict)
+    try:
+        with netns.entered(pod.netns_path):
+            ifindex = socket.if_nametoindex("eth0")
+            tc.add_clsact(ifindex)
+            tc.set_filter(ifindex, prog, pref=pref, name="operator")
+    finally:
+        os.close(prog)
+
+
+def test_foreign_tc_filter_in_our_place_is_refused_and_others_still_run(flab, mechanism):
+    """Ours is judged first and passes with TC_ACT_UNSPEC, so an operator's filter after
+    it still runs; one already in our place is refused, or skipped on request."""
+    if mechanism != "tc":
+        pytest.skip("the tc hook only")
+    from interceptor import tc
+    pod = flab.add_pod("target")
+    _add_foreign_tc_filter(pod, tc.TC_PREF, 0)       # TC_ACT_OK
+    with pytest.raises(enrollment.EnrollError, match="already has tc filter .*refusing"):
+        enroll(pod, ingress_filter="tc")
+    assert podrecord.all_records() == {} and paths.listdir(paths.PIN_PODS) == []
+    assert "operator" in pod.run("tc", "filter", "show", "dev", "eth0", "ingress").stdout
+    rec = enroll(pod, ingress_filter="tc", ingress_conflict="skip")
+    assert filter_interfaces(rec) == [] and pieces.filter_of(rec)[1]["skipped"][0]["ifname"] == "eth0"
+    enrollment.unenroll(netns_path=pod.netns_path)
+    assert "operator" in pod.run("tc", "filter", "show", "dev", "eth0", "ingress").stdout
+    pod.run("tc", "qdisc", "del", "dev", "eth0", "clsact")
+
+    _add_foreign_tc_filter(pod, 7, 2)                # behind ours: TC_ACT_SHOT, everything
+    enroll_filtered(pod, mechanism)
+    wire = Wire(flab, pod, after_tc=True)
+    try:
+        passed = bytes(eth(wire) / tcp4(APP_PORT) / b"IC-MARK-theirs")
+        before = pod_counters(pod)
+        wire.send(passed)
+        wait_counter(pod, "ingress_passed", before)
+        time.sleep(0.2)
+        assert not wire.saw(passed), "the operator's filter behind ours did not run"
+    finally:
+        wire.close()
+    enrollment.unenroll(netns_path=pod.netns_path)
+    out = pod.run("tc", "filter", "show", "dev", "eth0", "ingress").stdout
+    assert "operator" in out and "interceptor" not in out and clsact_present(pod)   # theirs
 
 
 def test_status_and_metrics_show_the_filter(flab, mechanism):
@@ -578,19 +678,20 @@ def test_status_and_metrics_show_the_filter(flab, mechanism):
     assert ing["interfaces"] == [{"ifname": "eth0", "mode": mechanism}]
     assert ing["dropped_by_reason"]["protected_port"] >= 1 and ing["protected_ports"] == [15000, 15001]
     text = status.render(report, wide=True)
-    assert (f"xdp eth0:{mechanism}" if mechanism != "nftables" else "nftables eth0") in text
+    assert {"nftables": "nftables eth0", "tc": "tc eth0"}.get(mechanism, f"xdp eth0:{mechanism}") in text
     if mechanism != "nftables":
         # the filter behind every stub gone: status says so (the stubs then pass everything)
+        array, prog = ("tc_main", "tc_ingress") if mechanism == "tc" else ("xdp_main", "xdp_ingress")
         with Maps() as maps:
-            saved = maps.xdp_main.get(ctypes.c_uint32(0))
-            maps.xdp_main.delete(ctypes.c_uint32(0))
+            saved = getattr(maps, array).get(ctypes.c_uint32(0))
+            getattr(maps, array).delete(ctypes.c_uint32(0))
         try:
-            assert any("missing from xdp_main" in e for e in status.collect()["errors"])
+            assert any(f"missing from {array}" in e for e in status.collect()["errors"])
         finally:
             from interceptor import libbpf
-            fd = libbpf.obj_get(paths.prog_pin("xdp_ingress"))
+            fd = libbpf.obj_get(paths.prog_pin(prog))
             with Maps() as maps:
-                maps.xdp_main.put(ctypes.c_uint32(0), ctypes.c_uint32(fd))
+                getattr(maps, array).put(ctypes.c_uint32(0), ctypes.c_uint32(fd))
             os.close(fd)
         assert saved is not None and not status.collect()["errors"]
     from prometheus_client import CollectorRegistry, generate_latest

@@ -237,9 +237,10 @@ def test_only_the_programs_the_plan_uses_are_loaded(clean):
     plan = loader.node_plan()
     assert (plan["inbound"], plan["ingress"]) == ("rules", "nftables")
     pinned = set(os.listdir(paths.PIN_PROGS))
-    assert {"steer_inbound", "xdp_ingress"}.isdisjoint(pinned)
+    assert {"steer_inbound", "xdp_ingress", "tc_ingress"}.isdisjoint(pinned)
     assert {"connect4", "sockops", "msg_redirect"} <= pinned
     assert loader.is_loaded() and not os.path.exists(paths.XDP_TEMPLATE)
+    assert not os.path.exists(paths.TC_TEMPLATE)
     assert loader.load(bypass=True, mode="auto") == "bypass switched"    # sk_msg is there to switch
     assert sk_msg_attached()
 

@@ -29,16 +29,20 @@ def footprint(pods):
     """Everything enrollment can leave, counted where it lives."""
     with Maps() as maps:
         entries = {name: len(getattr(maps, name).keys()) for name in REPORTED}
-    progs = [p for p in bpftool("prog", "show") if p.get("name") == "xdp_pod"]
+    progs = [p for p in bpftool("prog", "show") if p.get("name") in ("xdp_pod", "tc_pod")]
     netns_links = [link for link in bpftool("link", "show") if link.get("type") == "netns"]
     xdp_attached = sum("xdp" in subprocess.run(["ip", "-n", pod.netns, "link", "show", "eth0"],
                                                capture_output=True, text=True).stdout for pod in pods)
+    tc_attached = sum("clsact" in subprocess.run(["ip", "netns", "exec", pod.netns, "tc", "qdisc", "show",
+                                                  "dev", "eth0"], capture_output=True, text=True).stdout
+                      for pod in pods)
     # files, not directories: the records' directory stays once made, empty
     run_files = sorted(os.path.relpath(os.path.join(d, f), paths.RUN_DIR)
                        for d, _, files in os.walk(paths.RUN_DIR) for f in files)
     return {"map entries": entries, "pod pins": len(paths.listdir(paths.PIN_PODS)),
-            "records": len(podrecord.all_records()), "xdp_pod programs": len(progs),
-            "netns links": len(netns_links), "xdp attachments": xdp_attached, "run dir": run_files}
+            "records": len(podrecord.all_records()), "filter stub programs": len(progs),
+            "netns links": len(netns_links), "xdp attachments": xdp_attached,
+            "tc clsact qdiscs": tc_attached, "run dir": run_files}
 
 
 class SideLoad(Background):

@@ -1,22 +1,27 @@
-"""The ingress filter's verdict logic on its own: test_ingress.py's packet table run
-through BPF_PROG_TEST_RUN on a pod's XDP program (the per-pod stub, which tail-calls the
-filter the loader verified), attached to nothing: no namespace, veth or wire, so the
-whole table takes milliseconds. test_ingress.py proves the same table end to end.
+"""The ingress filter's verdict logic on its own, on both hooks: test_ingress.py's
+packet table run through BPF_PROG_TEST_RUN on a pod's XDP and tc programs (the per-pod
+stubs, which tail-call the filter the loader verified), attached to nothing: no
+namespace, veth or wire, so the whole table takes milliseconds. test_ingress.py proves
+the same table end to end.
 
-Each case's verdict is the program's return value, and exactly its counter moves.
+Each case's verdict is the program's return value, and exactly its counter moves: the
+same on either hook.
 """
+import errno
 import os
 
 import pytest
 
-from interceptor import abi, ingress, libbpf, loader, xdp
+from interceptor import abi, ingress, libbpf, loader, stubs
 from interceptor.maps import Maps
 from interceptor.podspec import PodSettings
 from test_ingress import CASES, POLICY
 
 pytestmark = pytest.mark.kernel
 
-XDP_DROP, XDP_PASS = 1, 2
+# hook -> (the stub, its return value for drop, for pass)
+HOOKS = {"xdp": (stubs.XDP, 1, 2),                  # XDP_DROP, XDP_PASS
+         "tc": (stubs.TC, 2, 0xFFFFFFFF)}           # TC_ACT_SHOT, TC_ACT_UNSPEC (-1)
 COOKIE = 0x7E57C0DE00000001   # no namespace has it: cookies count up from 1
 
 
@@ -25,15 +30,16 @@ class NoWire:
     src_mac, dst_mac = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
 
-@pytest.fixture(scope="module")
-def pod_program(datapath):
-    """The XDP program of a pod that exists only in the maps, with test_ingress's policy."""
+@pytest.fixture(scope="module", params=list(HOOKS))
+def pod_program(request, datapath):
+    """(hook, the program) of a pod that exists only in the maps, with test_ingress's
+    policy."""
     if loader.node_plan()["ingress"] != "xdp":
-        pytest.skip("no XDP on this kernel")
+        pytest.skip("no BPF ingress filter on this kernel")
     with Maps() as maps:
         ingress.write_entries(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)
-    fd = xdp.load_for_pod(COOKIE)
-    yield fd
+    fd = stubs.load_for_pod(HOOKS[request.param][0], COOKIE)
+    yield request.param, fd
     os.close(fd)       # the entries go with the maps when the datapath fixture unloads
 
 
@@ -46,10 +52,19 @@ def counts():
 @pytest.mark.parametrize("desc,build,delivered,label", [c[:4] for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_verdict(pod_program, desc, build, delivered, label):
+    hook, fd = pod_program
+    _, dropped, passed = HOOKS[hook]
     frame = build(NoWire, b"IC-MARK")
     before = counts()
-    verdict, _ = libbpf.prog_test_run(pod_program, frame)
-    assert verdict == (XDP_PASS if delivered else XDP_DROP), desc
+    try:
+        verdict, _ = libbpf.prog_test_run(fd, frame)
+    except OSError as exc:
+        if hook == "tc" and exc.errno == errno.EINVAL:
+            # the kernel's skb test harness wants a whole IP header before it runs a
+            # program; test_ingress.py puts these frames through the real tc hook
+            pytest.skip("BPF_PROG_TEST_RUN builds no skb from a truncated IP header")
+        raise
+    assert verdict == (passed if delivered else dropped), desc
     after = counts()
     moved = {abi.Reason.name_of(r).lower(): after[r] - before.get(r, 0)
              for r in after if after[r] != before.get(r, 0)}

@@ -57,9 +57,11 @@ BPF_SK_STORAGE(proxy_orig, struct orig_dst);
 /* Counters by {pod, reason}. Writers: every hook. Reader: status, metrics. */
 BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
 
-/* The ingress filter, entry 0. Writer: loader. Reader: each pod's xdp_pod stub, which
- * tail-calls it with the pod's netns cookie in the packet's XDP metadata. */
+/* The ingress filter, entry 0, one array per hook (a program array holds programs of
+ * one type). Writer: loader. Readers: each pod's stub, xdp_pod or tc_pod, which
+ * tail-calls it with the pod's netns cookie (in the XDP metadata, in skb->cb). */
 BPF_PROG_ARRAY(xdp_main, 1);
+BPF_PROG_ARRAY(tc_main, 1);
 
 /* Ingress filter settings per pod. Writer: enroll, `interceptor policy`.
  * Reader: the pod's XDP program. */
