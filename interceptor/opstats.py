@@ -38,7 +38,7 @@ def record(operation, ok, seconds=None):
                         hist["buckets"][i] += 1
             f.seek(0)
             f.truncate()
-            json.dump(data, f)
+            f.write(json.dumps(data))     # dumps: the C encoder
     except (OSError, ValueError):
         pass
 

@@ -128,7 +128,7 @@ def _check_types(d):
 
 
 def write(record):
-    state.write_json(paths.pod_state_file(record.cookie), record.to_json())
+    state.write_json(paths.pod_state_file(record.cookie), record.to_json(), compact=True)
 
 
 def read(cookie):

@@ -20,16 +20,19 @@ def node_lock():
         os.close(fd)
 
 
-def write_json(path, data):
+def write_json(path, data, compact=False):
     """Atomic: readers see the old file or the new one, never half of it. The file is
     created afresh (never through a symlink someone placed) and the rename replaces
-    whatever is at path, a symlink included, not what it points to."""
+    whatever is at path, a symlink included, not what it points to. compact: one line,
+    for files written several times on every pod start (json has no C encoder for
+    indented output)."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
     remove(tmp)          # a leftover of a killed writer that had this pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        # dumps, not dump: only the one-shot encoder is the C one
+        f.write(json.dumps(data, indent=None if compact else 2, sort_keys=True))
         f.write("\n")
     os.replace(tmp, path)
 
