@@ -6,7 +6,9 @@ namespace is gone are removed, and pod sandboxes that started while the plugin w
 in place (found through the runtime's CRI socket) are enrolled with the settings the
 plugin would have computed. Then it watches the CNI conf dir (re-chaining within a
 second of a change) and reconciles periodically. /healthz, /readyz and /metrics share
-one HTTP server.
+one HTTP server. It also answers the plugin's requests in-process (cni_server.py): the
+installed plugin's front hands them over, and runs the plugin itself when the agent
+is not there.
 
 On SIGTERM it leaves everything in place, datapath, enrolled pods and chain: a restart
 or rolling update must open no window in which pods start uncaptured or lose capture.
@@ -19,7 +21,8 @@ import os
 import threading
 import time
 
-from . import cni_chain, cni_config, cni_install, enrollment, loader, netns, paths, podrecord, state
+from . import (cni_chain, cni_config, cni_install, cni_server, enrollment, loader, netns, paths,
+               podrecord, state)
 from .bpf_source import datapath_version
 
 @dataclasses.dataclass
@@ -54,6 +57,7 @@ class Agent:
         self.datapath_problem = "not started"
         self.heartbeat = time.monotonic()
         self._lock = threading.Lock()     # the HTTP thread reads what the main loop writes
+        self.cni_server = cni_server.CniServer(log)
 
     # --- the datapath ------------------------------------------------------------------
     def ensure_datapath(self):
@@ -186,6 +190,7 @@ class Agent:
     def start(self):
         os.makedirs(self.config.cni_conf_dir, exist_ok=True)
         self.ensure_datapath()
+        self.cni_server.start()       # before the chain: the plugin may be called at once
         self.install_plugin()
         self.sync_chain()
         self.reconcile()
@@ -199,6 +204,10 @@ class Agent:
         try:
             while not stop.is_set():
                 self.heartbeat = time.monotonic()
+                if not self.cni_server.healthy():
+                    self.log("cni server: the socket was removed; serving it again")
+                    self.cni_server.close()
+                    self.cni_server.start()
                 if watch.wait(min(1.0, max(0.0, next_reconcile - time.monotonic()))):
                     time.sleep(0.05)     # let a burst of writes settle, then look once
                     watch.wait(0)
@@ -215,6 +224,8 @@ class Agent:
                     next_reconcile = time.monotonic() + self.config.reconcile_every
         finally:
             watch.close()
+            # the plugin's front runs the plugin itself from now on
+            self.cni_server.close()
 
 
 # --- HTTP: /healthz, /readyz, /metrics -----------------------------------------------------
@@ -246,6 +257,14 @@ def _registry(agent):
             for event, n in sorted(c.datapath.items()):
                 events.add_metric([event], n)
             yield events
+            served = CounterMetricFamily("interceptor_agent_cni_requests",
+                                         "CNI requests the plugin's front handed to the agent, by "
+                                         "command and answer (answered; not_mine: another pin root "
+                                         "or run dir; failed: the front ran the plugin itself).",
+                                         labels=["command", "answer"])
+            for (command, answer), n in sorted(agent.cni_server.snapshot().items()):
+                served.add_metric([command, answer], n)
+            yield served
 
     registry = CollectorRegistry()
     registry.register(DatapathCollector())
@@ -313,7 +332,7 @@ def uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name=cni_chain.OWNED_NAME, log
     for line in cni_install.remove_binary(cni_bin_dir):
         log(line)
     loader.unload(log)
-    for path in (paths.LOCK, paths.OPSTATS):
+    for path in (paths.LOCK, paths.OPSTATS, cni_server.socket_path()):
         state.remove(path)
     try:
         os.rmdir(paths.RUN_DIR)

@@ -4,6 +4,9 @@ Stdout carries exactly one JSON document, the result or the error; logs go to st
 the log file. The request is validated once, here at the edge, before anything is
 changed, so a malformed request leaves nothing behind. Imports are lazy and nothing on
 this path compiles or imports BCC: the runtime calls VERSION before every ADD and DEL.
+
+`run` is the whole plugin: the installed front (cni/front.c) has the node agent call it
+in-process (cni_server.py) and runs this module itself only when the agent cannot.
 """
 import json
 import os
@@ -28,7 +31,8 @@ E_PLUGIN_NOT_AVAILABLE = 50
 E_INTERNAL = 999
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-_COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS")
+LOCATION_KEYS = (("pinRoot", "INTERCEPTOR_PIN_ROOT"), ("runDir", "INTERCEPTOR_RUN_DIR"))
 
 
 class CniError(Exception):
@@ -52,9 +56,9 @@ class Request:
 
     def __init__(self, environ, stdin_text):
         self.command = environ.get("CNI_COMMAND", "")
-        if self.command not in _COMMANDS:
+        if self.command not in COMMANDS:
             raise CniError(E_INVALID_ENV, f"CNI_COMMAND {self.command or '(unset)'} is not one of "
-                           f"{', '.join(_COMMANDS)}")
+                           f"{', '.join(COMMANDS)}")
         self.container_id = environ.get("CNI_CONTAINERID", "")
         self.netns = environ.get("CNI_NETNS", "")
         self.ifname = environ.get("CNI_IFNAME", "")
@@ -99,16 +103,17 @@ class Request:
 class Log:
     """Plain lines to stderr and the log file; the logging module costs start-up time."""
 
-    def __init__(self, config):
+    def __init__(self, config, environ, err):
         configured = config.get("logFile")
-        self.path = os.environ.get("INTERCEPTOR_CNI_LOG") or \
+        self.path = environ.get("INTERCEPTOR_CNI_LOG") or \
             (configured if _a_log_path(configured) else DEFAULT_LOG)
+        self.err = err
 
     def __call__(self, msg):
         line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [{os.getpid()}] {msg}\n"
         # names and values from the request may hold anything, lone surrogates included
         line = line.encode("utf-8", "backslashreplace").decode("utf-8")
-        sys.stderr.write(line)
+        self.err.write(line)
         try:
             # a symlink planted where the log goes is not followed
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
@@ -238,8 +243,12 @@ def cmd_status(req, log):
     return None
 
 
-def run(environ, stdin_text):
-    """Returns (exit code, stdout document or None)."""
+def run(environ, stdin_text, err=None, fixed_locations=False):
+    """Returns (exit code, stdout document or None). err: where log lines and tracebacks
+    go (stderr). fixed_locations: the caller has checked that the request resolves to
+    this process's pin root and run dir (locations()), the node agent's case; otherwise
+    they are set from the configuration before anything reads them."""
+    err = err or sys.stderr
     config = {}
     version = _requested_version(stdin_text)
     try:
@@ -247,8 +256,12 @@ def run(environ, stdin_text):
         config, version = req.config, req.cni_version
         if req.command == "VERSION":
             return 0, {"cniVersion": req.cni_version, "supportedVersions": SUPPORTED_VERSIONS}
-        _apply_location_overrides(config)
-        log = Log(config)
+        _check_locations(config)
+        if not fixed_locations:
+            for key, env in LOCATION_KEYS:
+                if config.get(key) is not None:
+                    os.environ[env] = config[key]
+        log = Log(config, environ, err)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc,
                    "STATUS": cmd_status}[req.command]
         started = time.monotonic()
@@ -260,27 +273,37 @@ def run(environ, stdin_text):
         finally:
             from . import opstats
             opstats.record(f"cni {req.command}", ok, time.monotonic() - started)
-    except CniError as err:
-        return 1, _error_doc(config, version, err)
+    except CniError as exc:
+        return 1, _error_doc(config, environ, err, version, exc)
     except Exception as exc:   # a bug: still answer in the spec's format, never a bare traceback
         from .maps import LayoutError
         if isinstance(exc, LayoutError):   # a datapath of another version: mid-upgrade
-            return 1, _error_doc(config, version, CniError(E_TRY_AGAIN, str(exc)))
+            return 1, _error_doc(config, environ, err, version, CniError(E_TRY_AGAIN, str(exc)))
         import traceback
-        traceback.print_exc()
-        return 1, _error_doc(config, version, CniError(E_INTERNAL, f"internal error: {exc}"))
+        traceback.print_exc(file=err)
+        return 1, _error_doc(config, environ, err, version, CniError(E_INTERNAL, f"internal error: {exc}"))
 
 
-def _apply_location_overrides(config):
+def _check_locations(config):
     """pinRoot / runDir in the network configuration: where the node loader keeps its
-    pins and state, when not the defaults. Set before interceptor.paths is imported
-    (runtimes do not reliably pass their environment on to plugins)."""
-    for key, env in (("pinRoot", "INTERCEPTOR_PIN_ROOT"), ("runDir", "INTERCEPTOR_RUN_DIR")):
+    pins and state, when not the defaults (runtimes do not reliably pass their
+    environment on to plugins)."""
+    for key, _ in LOCATION_KEYS:
         value = config.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not os.path.isabs(value):
-                raise CniError(E_INVALID_CONFIG, f"config {key}: {value!r} is not an absolute path")
-            os.environ[env] = value
+        if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
+            raise CniError(E_INVALID_CONFIG, f"config {key}: {value!r} is not an absolute path")
+
+
+def locations(environ, config):
+    """(pin root, run dir) a request resolves to: the configuration's, else the
+    environment's, else the defaults. (Set in os.environ before interceptor.paths is
+    imported, when the plugin runs on its own.)"""
+    from .paths import DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR
+    out = []
+    for (key, env), default in zip(LOCATION_KEYS, (DEFAULT_PIN_ROOT, DEFAULT_RUN_DIR)):
+        value = config.get(key)
+        out.append(value if isinstance(value, str) and value else environ.get(env) or default)
+    return tuple(out)
 
 
 def _decode(stdin_text):
@@ -304,8 +327,8 @@ def _requested_version(stdin_text):
     return version if version in SUPPORTED_VERSIONS else LATEST
 
 
-def _error_doc(config, version, err):
-    Log(config if isinstance(config, dict) else {})(f"error {err.code}: {err.msg}")
+def _error_doc(config, environ, stream, version, err):
+    Log(config if isinstance(config, dict) else {}, environ, stream)(f"error {err.code}: {err.msg}")
     doc = {"cniVersion": version, "code": err.code, "msg": err.msg}
     if err.details:
         doc["details"] = err.details

@@ -28,8 +28,13 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The plugin is one self-contained file: a zip of the package's modules run by the
 # node's own python3 with no site packages (-S), so it needs nothing the agent's
 # container or a virtualenv has (the runtime runs it on the host), and its path imports
-# only the standard library (that saves about 5 ms on every VERSION/ADD/DEL).
-INTERPRETER = "/usr/bin/python3 -S"
+# only the standard library (that saves about 5 ms on every VERSION/ADD/DEL). In front of
+# the zip: the static executable cni/front.c, which has the node agent answer the request
+# and runs the zip with PYTHON only when the agent cannot (cni_front.py builds it); a
+# package installed without it gets a shebang line there instead.
+PYTHON = "/usr/bin/python3"
+INTERPRETER = f"{PYTHON} -S"
+FRONT = os.path.join(PACKAGE_DIR, "cni-front")
 ZIP_MAIN = "import sys\nfrom interceptor.cni import main\nsys.exit(main())\n"
 
 
@@ -67,24 +72,35 @@ def _sources():
 
 @functools.lru_cache(maxsize=1)
 def _fingerprint_of_this():
-    return _fingerprint(_sources())
+    return _fingerprint(_sources(), _head())
 
 
-def _fingerprint(sources):
-    h = hashlib.sha256(INTERPRETER.encode())
+@functools.lru_cache(maxsize=1)
+def _head():
+    """What goes before the zip: the front, or the shebang line without one."""
+    try:
+        with open(FRONT, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return f"#!{INTERPRETER}\n".encode()
+
+
+def _fingerprint(sources, head):
+    h = hashlib.sha256(INTERPRETER.encode() + hashlib.sha256(head).digest())
     for name, data in sorted(sources.items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest().encode()
 
 
 def plugin_binary():
-    """The plugin executable's bytes: shebang, then a zip of the package's modules, each
-    with its bytecode (unchecked-hash .pyc: compiling on every call would cost ~10 ms;
-    a node python of another version ignores them and compiles). The zip's comment is a
-    fingerprint of the sources, which says whether an installed plugin is this one."""
+    """The plugin executable's bytes: the front (or a shebang), then a zip of the
+    package's modules, each with its bytecode (unchecked-hash .pyc: compiling on every
+    call would cost ~10 ms; a node python of another version ignores them and compiles).
+    The zip's comment is a fingerprint of both, which says whether an installed plugin
+    is this one."""
     sources = _sources()
     buf = io.BytesIO()
-    buf.write(f"#!{INTERPRETER}\n".encode())
+    buf.write(_head())
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         def add(name, data):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
@@ -94,7 +110,7 @@ def plugin_binary():
             add(name, data)
             if name.startswith("interceptor/"):
                 add(name + "c", _bytecode(name, data))
-        z.comment = _fingerprint(sources)
+        z.comment = _fingerprint(sources, _head())
     return buf.getvalue()
 
 

@@ -7,13 +7,15 @@ pathlib's imports cost more than the rest of an ADD.
 import os
 
 BPFFS = "/sys/fs/bpf"
-PIN_ROOT = os.environ.get("INTERCEPTOR_PIN_ROOT", os.path.join(BPFFS, "interceptor"))
+DEFAULT_PIN_ROOT = os.path.join(BPFFS, "interceptor")
+DEFAULT_RUN_DIR = "/run/interceptor"
+PIN_ROOT = os.environ.get("INTERCEPTOR_PIN_ROOT", DEFAULT_PIN_ROOT)
 PIN_MAPS = os.path.join(PIN_ROOT, "maps")
 PIN_PROGS = os.path.join(PIN_ROOT, "progs")
 PIN_LINKS = os.path.join(PIN_ROOT, "links")     # node-wide cgroup attachments
 PIN_PODS = os.path.join(PIN_ROOT, "pods")       # PIN_PODS/<netns cookie>/<link>: per-netns attachments
 
-RUN_DIR = os.environ.get("INTERCEPTOR_RUN_DIR", "/run/interceptor")
+RUN_DIR = os.environ.get("INTERCEPTOR_RUN_DIR", DEFAULT_RUN_DIR)
 OWN_CGROUP2 = os.path.join(RUN_DIR, "cgroup2")  # mounted only when no cgroup2 mount exists
 NODE_STATE = os.path.join(RUN_DIR, "node.json")
 POD_STATE = os.path.join(RUN_DIR, "pods")       # POD_STATE/<netns cookie>.json

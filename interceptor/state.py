@@ -1,6 +1,7 @@
 """Userspace records under /run/interceptor: node state, one file per enrolled pod, and
 the lock that serialises load/unload/enroll/unenroll (the CNI runtime runs ADD and DEL
 for different containers in parallel)."""
+import _thread
 import contextlib
 import fcntl
 import json
@@ -27,8 +28,9 @@ def write_json(path, data, compact=False):
     for files written several times on every pod start (json has no C encoder for
     indented output)."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
-    remove(tmp)          # a leftover of a killed writer that had this pid
+    # per process and thread: the node agent answers CNI requests on several threads
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{_thread.get_ident()}")
+    remove(tmp)          # a leftover of a killed writer that had this name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     with os.fdopen(fd, "w") as f:
         # dumps, not dump: only the one-shot encoder is the C one

@@ -73,3 +73,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
     touch "$stamp"
 fi
+
+# The CNI plugin's front (cni/front.c), a static executable the plugin is installed with.
+if [ ! -x interceptor/cni-front ] || [ cni/front.c -nt interceptor/cni-front ]; then
+    .venv/bin/python -m interceptor.cni_front
+fi

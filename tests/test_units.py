@@ -255,7 +255,7 @@ def test_cni_log_file_is_a_plain_path_under_var_log_or_the_default(monkeypatch, 
     one elsewhere would let a network config append to any file on the node."""
     from interceptor import cni
     monkeypatch.delenv("INTERCEPTOR_CNI_LOG", raising=False)
-    assert cni.Log({"logFile": configured}).path == (expected or cni.DEFAULT_LOG)
+    assert cni.Log({"logFile": configured}, {}, sys.stderr).path == (expected or cni.DEFAULT_LOG)
 
 
 def test_listener_lookup_skips_ipv6_where_the_node_has_none(monkeypatch):

@@ -1,0 +1,197 @@
+"""The installed plugin's front (cni/front.c) and the agent's end of it (cni_server.py):
+requests answered in the running `interceptor agent`, and answered all the same by the
+plugin itself whenever the agent cannot: not running, killed, stalled, or serving other
+pin roots. Which process answered is told by the pid in the plugin's log line.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+import zipfile
+
+import pytest
+from pyroute2 import netns as pyr_netns
+
+from cnihelper import config, container_env, run
+from interceptor import cni_install, cni_server, loader, netns, paths, podrecord
+
+pytestmark = pytest.mark.kernel
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """`interceptor agent` on a conf dir of its own (no CRI: nothing to reconcile)."""
+
+    def __init__(self, workdir):
+        self.bin_dir = os.path.join(workdir, "bin")
+        self.conf_dir = os.path.join(workdir, "conf")
+        os.makedirs(self.conf_dir)
+        with open(os.path.join(self.conf_dir, "10-test.conflist"), "w") as f:
+            f.write('{"cniVersion": "1.0.0", "name": "t", "plugins": [{"type": "bridge"}]}')
+        self.port = free_port()
+        self.log_path = os.path.join(workdir, "agent.log")
+        self.proc = None
+
+    @property
+    def plugin(self):
+        return os.path.join(self.bin_dir, cni_install.PLUGIN_TYPE)
+
+    def start(self):
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "interceptor.cli", "agent", "--cni-bin-dir", self.bin_dir,
+                 "--cni-conf-dir", self.conf_dir, "--listen", f"127.0.0.1:{self.port}",
+                 "--reconcile-every", "1"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self.ready():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+        return self
+
+    def ready(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                return r.status == 200 and os.path.exists(cni_server.socket_path())
+        except OSError:
+            return False
+
+    def metric(self, command, answer):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            body = r.read().decode()
+        want = f'interceptor_agent_cni_requests_total{{answer="{answer}",command="{command}"}} '
+        return next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(want)), 0.0)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    loader.unload()
+    the_agent = Agent(str(tmp_path_factory.mktemp("front"))).start()
+    try:
+        yield the_agent
+    finally:
+        the_agent.stop()
+        if the_agent.proc.poll() is None:       # stopped (SIGSTOP) by a failed test
+            the_agent.proc.send_signal(signal.SIGCONT)
+            the_agent.stop()
+        loader.unload()
+
+
+@pytest.fixture
+def pod_netns():
+    """A namespace with an eth0 (its peer inside it too), as a pod's after the bridge."""
+    name = f"icf{uuid.uuid4().hex[:8]}"
+    pyr_netns.create(name)
+    subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+                   check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "eth0", "up"], check=True)
+    yield f"/run/netns/{name}"
+    pyr_netns.remove(name)
+
+
+def answered_by(log_path, text):
+    """The pid of the process that logged the last line saying text."""
+    with open(log_path) as f:
+        pids = re.findall(rf"\[(\d+)\] [^\n]*{re.escape(text)}", f.read())
+    return int(pids[-1]) if pids else None
+
+
+def test_the_installed_plugin_is_the_static_front_with_the_plugin_zipped_behind_it(agent):
+    with open(agent.plugin, "rb") as f:
+        head = f.read(4)
+    assert head == b"\x7fELF"
+    out = subprocess.run(["file", "-b", agent.plugin], capture_output=True, text=True).stdout
+    assert "statically linked" in out or "static-pie" in out, out
+    with zipfile.ZipFile(agent.plugin) as z:
+        assert "interceptor/cni.py" in z.namelist()
+    assert cni_install.installed_fingerprint(agent.plugin) == cni_install._fingerprint_of_this()
+
+
+def test_with_the_agent_up_the_agent_answers(agent, pod_netns, tmp_path):
+    log = str(tmp_path / "cni.log")
+    env = container_env(pod_netns)
+    before = agent.metric("ADD", "answered")
+    rc, doc = run(agent.plugin, log, "VERSION", {"cniVersion": "0.4.0"})
+    assert (rc, doc["cniVersion"]) == (0, "0.4.0")
+    rc, doc = run(agent.plugin, log, "ADD", config(), **env)
+    assert rc == 0 and doc["ips"], doc
+    assert answered_by(log, env["CNI_CONTAINERID"]) == agent.proc.pid
+    assert podrecord.read(netns.cookie_of(pod_netns)).complete
+    assert run(agent.plugin, log, "CHECK", config(), **env) == (0, None)
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    assert answered_by(log, env["CNI_CONTAINERID"]) == agent.proc.pid
+    assert podrecord.all_records() == {}
+    assert agent.metric("ADD", "answered") == before + 1
+    # a malformed request is answered as the plugin answers it: CNI error JSON, code 6
+    rc, doc = run(agent.plugin, log, "ADD", stdin="{not json", **env)
+    assert rc == 1 and doc["code"] == 6
+    assert "Traceback" not in open(log).read()
+
+
+def test_a_request_for_another_run_dir_is_left_to_the_plugin(agent, pod_netns, tmp_path):
+    log = str(tmp_path / "cni.log")
+    env = container_env(pod_netns)
+    other = str(tmp_path / "other-run")
+    rc, doc = run(agent.plugin, log, "ADD", config(runDir=other), **env)
+    assert rc == 1 and doc["code"] == 11 and "not loaded" in doc["msg"], doc   # nothing loaded there
+    assert answered_by(log, "error 11") not in (None, agent.proc.pid)
+    assert agent.metric("ADD", "not_mine") >= 1
+    assert podrecord.all_records() == {}
+
+
+def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_path):
+    log = str(tmp_path / "cni.log")
+    env = container_env(pod_netns)
+    os.kill(agent.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        rc, doc = run(agent.plugin, log, "ADD", config(), INTERCEPTOR_CNI_AGENT_TIMEOUT="1", **env)
+        took = time.monotonic() - started
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+    assert rc == 0, doc
+    pid = answered_by(log, env["CNI_CONTAINERID"])
+    assert pid is not None and pid != agent.proc.pid
+    assert took < 20, took          # the timeout, not the agent, ended the wait
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    assert podrecord.all_records() == {}
+
+
+def test_a_killed_agent_leaves_a_plugin_that_works_and_a_restart_takes_over(agent, pod_netns, tmp_path):
+    log = str(tmp_path / "cni.log")
+    env = container_env(pod_netns)
+    agent.proc.kill()
+    agent.proc.wait()
+    assert os.path.exists(cni_server.socket_path())      # nobody listens on it now
+    rc, doc = run(agent.plugin, log, "ADD", config(), **env)
+    assert rc == 0, doc
+    assert answered_by(log, env["CNI_CONTAINERID"]) not in (None, agent.proc.pid)
+    agent.start()                                          # takes the socket over
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    assert answered_by(log, env["CNI_CONTAINERID"]) == agent.proc.pid
+    assert podrecord.all_records() == {}
+
+
+def test_a_stopped_agent_removes_its_socket(agent):
+    agent.stop()
+    assert not os.path.exists(cni_server.socket_path())
+    assert os.path.exists(paths.PIN_ROOT)                 # the datapath stays, as ever
+    agent.start()
