@@ -146,6 +146,34 @@ def test_with_the_agent_up_the_agent_answers(agent, pod_netns, tmp_path):
     assert "Traceback" not in open(log).read()
 
 
+def test_concurrent_requests_are_answered_on_threads_of_the_agent(agent, tmp_path):
+    """A burst of ADDs, then of DELs, at once: each answered by the agent, each pod
+    complete, nothing left (state files are written by several threads at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    log = str(tmp_path / "cni.log")
+    names = [f"icf{uuid.uuid4().hex[:8]}" for _ in range(16)]
+    for name in names:
+        pyr_netns.create(name)
+        subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+                       check=True)
+    envs = [container_env(f"/run/netns/{name}") for name in names]
+    try:
+        with ThreadPoolExecutor(len(envs)) as pool:
+            adds = list(pool.map(lambda ie: run(agent.plugin, log, "ADD", config(ip=f"10.66.2.{ie[0] + 2}"),
+                                                **ie[1]), enumerate(envs)))
+            assert all(rc == 0 for rc, _ in adds), adds
+            assert {answered_by(log, e["CNI_CONTAINERID"]) for e in envs} == {agent.proc.pid}
+            records = podrecord.all_records().values()
+            assert len(records) == len(envs) and all(r.complete for r in records)
+            dels = list(pool.map(lambda e: run(agent.plugin, log, "DEL", config(), **e), envs))
+            assert all(d == (0, None) for d in dels), dels
+        assert podrecord.all_records() == {}
+        assert not [n for n in os.listdir(paths.POD_STATE) if n.startswith(".")]   # no temporaries
+    finally:
+        for name in names:
+            pyr_netns.remove(name)
+
+
 def test_a_request_for_another_run_dir_is_left_to_the_plugin(agent, pod_netns, tmp_path):
     log = str(tmp_path / "cni.log")
     env = container_env(pod_netns)

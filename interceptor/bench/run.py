@@ -95,11 +95,12 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.
                                   f"{w['rps']:.0f} conn/s")
         loader.unload()
         if "xdp" in scenarios:
-            results["xdp"] = xdp_bench.run(runs, seconds, _progress)
+            results["xdp"] = xdp_bench.run(runs, seconds, _progress, paths_runs=1 if quick else None)
         if "cni" in scenarios:
             _progress("cni: plugin latency")
-            results["cni"] = cni_bench.run(sequential=30 if quick else 100, concurrent=20,
-                                           versions=20 if quick else 50, echo=lambda _: None)
+            results["cni"] = cni_bench.run(sequential=30 if quick else 100, concurrent=40,
+                                           versions=20 if quick else 50, rounds=runs,
+                                           echo=lambda _: None)
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         loader.unload()
