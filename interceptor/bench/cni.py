@@ -51,6 +51,8 @@ class _Agent:
         self.plugin = os.path.join(self.bin_dir, cni_install.PLUGIN_TYPE)
 
     def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return          # running already (the round before ended in this mode)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
