@@ -31,12 +31,18 @@ int getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
-	if (!pod_lookup(cookie))
+	if (cookie == HOST_NETNS_COOKIE)
 		return 1;
-	/* handed over by sock_ops when this (the proxy's accepted) socket was established */
+	/* handed over by sock_ops when this (the proxy's accepted) socket was established.
+	 * Answered even when the pod has been removed since (a DEL, an unload): the record
+	 * exists only on a socket sock_ops marked while the pod was enrolled, and a proxy
+	 * left without the answer connects to itself. Counted only for an enrolled pod:
+	 * a removed pod's counters must not come back. */
 	struct orig_dst *orig = proxy_orig.sk_storage_get(sk, 0, 0);
+	int enrolled = pod_lookup(cookie) != 0;
 	if (!orig) {
-		count(cookie, REASON_ORIG_DST_UNKNOWN, 0);
+		if (enrolled)
+			count(cookie, REASON_ORIG_DST_UNKNOWN, 0);
 		return 1;
 	}
 	struct addr16 *a = (struct addr16 *)orig->addr;
@@ -70,6 +76,7 @@ int getsockopt(struct bpf_sockopt *ctx)
 	/* the kernel may have failed (no conntrack) or "succeeded" with the un-NATed
 	 * tuple; either way this answer is the one that counts */
 	ctx->retval = 0;
-	count(cookie, REASON_ORIG_DST_ANSWERED, 0);
+	if (enrolled)
+		count(cookie, REASON_ORIG_DST_ANSWERED, 0);
 	return 1;
 }

@@ -244,12 +244,20 @@ def unload(log=lambda msg: None):
         _teardown(log)
 
 
+UNLOAD_GRACE_S = 0.2
+
+
 def _teardown(log=lambda msg: None):
     from . import enrollment, stubs
     cookies = set(podrecord.all_records()) | paths.pinned_pod_cookies()
     for cookie in sorted(cookies):
         enrollment.remove_pod(cookie, unloading=True)
         log(f"unenrolled netns cookie {cookie}")
+    if cookies and paths.listdir(paths.PIN_LINKS):
+        # capture is off for every pod now; a proxy that accepted a redirected connection
+        # just before still asks for its original destination (getsockopt answers from
+        # the socket's own record): a moment for it before the hooks go
+        time.sleep(UNLOAD_GRACE_S)
     for name in paths.listdir(paths.PIN_LINKS):
         libbpf.detach_link_pin(paths.link_pin(name))
     prog = _sk_msg_prog()
