@@ -12,7 +12,8 @@
  * agent had begun when it died is simply done again.
  *
  * Wire format (interceptor/cni_server.py is the other end), integers little-endian u32:
- *   request:  "ICNI1\n", count, count x (length, "NAME=value"), length, stdin
+ *   request:  "ICNI2\n", deadline (u64: CLOCK_MONOTONIC ns after which the front has
+ *             given up), count, count x (length, "NAME=value"), length, stdin
  *   reply:    status (0 answered, 1 not mine: run it yourself), exit code, length, stdout,
  *             length, stderr
  *
@@ -31,6 +32,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef INTERPRETER
@@ -40,7 +42,7 @@
 #define SOCKET_NAME "cni.sock"
 #endif
 #define DEFAULT_RUN_DIR "/run/interceptor"
-#define MAGIC "ICNI1\n"
+#define MAGIC "ICNI2\n"
 #define REPLY_TIMEOUT_S 20          /* an agent that stalls longer is passed over */
 #define MAX_REPLY_PART (16u << 20)
 
@@ -72,6 +74,11 @@ static int buf_u32(struct buf *b, uint32_t v)
 {
 	unsigned char le[4] = {v, v >> 8, v >> 16, v >> 24};
 	return buf_add(b, le, 4);
+}
+
+static int buf_u64(struct buf *b, uint64_t v)
+{
+	return buf_u32(b, (uint32_t)v) || buf_u32(b, (uint32_t)(v >> 32));
 }
 
 /* All of stdin; -1 when it cannot be read (the plugin then reads what is left itself). */
@@ -165,11 +172,22 @@ static int ask_agent(const struct buf *in, int *code, struct buf *out, struct bu
 	    sizeof(addr.sun_path))
 		return -1;
 
+	/* INTERCEPTOR_CNI_AGENT_TIMEOUT: seconds, for tests of a stalled agent */
+	const char *t = getenv("INTERCEPTOR_CNI_AGENT_TIMEOUT");
+	int timeout_s = t && atoi(t) > 0 ? atoi(t) : REPLY_TIMEOUT_S;
+	/* the agent drops a request whose deadline has passed: one queued while it was
+	 * stalled must not be carried out after the plugin has answered it itself (an ADD
+	 * done after the runtime's DEL would leave the pod enrolled) */
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	uint64_t deadline = (uint64_t)now.tv_sec * 1000000000ull + now.tv_nsec +
+			    (uint64_t)timeout_s * 1000000000ull;
+
 	struct buf req = {0};
 	uint32_t count = 0;
 	for (char **e = environ; *e; e++)
 		count += forwarded(*e);
-	int bad = buf_add(&req, MAGIC, strlen(MAGIC)) || buf_u32(&req, count);
+	int bad = buf_add(&req, MAGIC, strlen(MAGIC)) || buf_u64(&req, deadline) || buf_u32(&req, count);
 	for (char **e = environ; *e && !bad; e++)
 		if (forwarded(*e))
 			bad = buf_u32(&req, strlen(*e)) || buf_add(&req, *e, strlen(*e));
@@ -184,9 +202,7 @@ static int ask_agent(const struct buf *in, int *code, struct buf *out, struct bu
 		free(req.data);
 		return -1;
 	}
-	/* INTERCEPTOR_CNI_AGENT_TIMEOUT: seconds, for tests of a stalled agent */
-	const char *t = getenv("INTERCEPTOR_CNI_AGENT_TIMEOUT");
-	struct timeval tv = {.tv_sec = t && atoi(t) > 0 ? atoi(t) : REPLY_TIMEOUT_S};
+	struct timeval tv = {.tv_sec = timeout_s};
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	uint32_t status, exit_code;

@@ -15,11 +15,16 @@ import os
 import socket
 import struct
 import threading
+import time
 
 from . import cni, paths
 
 SOCKET_NAME = "cni.sock"              # cni/front.c is built with the same name
-MAGIC = b"ICNI1\n"
+MAGIC = b"ICNI2\n"
+# A request is begun only this long before the front's deadline at the latest: past it
+# the front runs the plugin itself, and a request carried out after that could undo
+# what the runtime did next (an ADD after its DEL).
+DEADLINE_MARGIN_NS = 500_000_000
 ANSWERED, NOT_MINE = 0, 1
 MAX_REQUEST = 64 << 20
 READ_TIMEOUT_S = 10                   # a front that sends half a request is dropped
@@ -35,7 +40,8 @@ class BadRequest(Exception):
 
 
 def decode(data):
-    """(environ, stdin bytes) from a request's bytes."""
+    """(deadline, environ, stdin bytes) from a request's bytes; deadline: CLOCK_MONOTONIC
+    ns after which the front no longer waits."""
     if not data.startswith(MAGIC):
         raise BadRequest("not a request of the plugin's front")
     off = len(MAGIC)
@@ -56,6 +62,7 @@ def decode(data):
         off += n
         return data[off - n:off]
 
+    deadline = u32() | u32() << 32
     environ = {}
     for _ in range(u32()):
         name, sep, value = chunk().decode("utf-8", "surrogateescape").partition("=")
@@ -64,7 +71,7 @@ def decode(data):
     stdin = chunk()
     if off != len(data):
         raise BadRequest("trailing bytes after the request")
-    return environ, stdin
+    return deadline, environ, stdin
 
 
 def encode_reply(status, code=0, stdout=b"", stderr=b""):
@@ -164,8 +171,11 @@ class CniServer:
                     return
                 conn.settimeout(READ_TIMEOUT_S)
                 data = _read_all(conn)
-                environ, stdin = decode(data)
+                deadline, environ, stdin = decode(data)
                 command = environ.get("CNI_COMMAND", "?") if environ.get("CNI_COMMAND") in cni.COMMANDS else "?"
+                if time.monotonic_ns() > deadline - DEADLINE_MARGIN_NS:
+                    self._count(command, "expired")     # the front answered it itself
+                    return
                 if not mine(environ, stdin):
                     conn.sendall(encode_reply(NOT_MINE))
                     self._count(command, "not_mine")

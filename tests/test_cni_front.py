@@ -200,6 +200,13 @@ def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_
     assert pid is not None and pid != agent.proc.pid
     assert took < 20, took          # the timeout, not the agent, ended the wait
     assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    # the ADD queued on the stalled agent's socket is dropped once it runs again, not
+    # carried out after the DEL (which would leave the pod enrolled)
+    deadline = time.monotonic() + 10
+    while agent.metric("ADD", "expired") < 1:
+        assert time.monotonic() < deadline, "the queued ADD was not dropped"
+        time.sleep(0.1)
+    time.sleep(0.3)
     assert podrecord.all_records() == {}
 
 
