@@ -188,7 +188,6 @@ def _detach_pins(pin_dir):
 def matching_cookies(netns_path=None, cookie=None, pod=None):
     """Cookies of our enrollments matching any of netns path, cookie or pod name (a
     namespace that is gone still matches its recorded path)."""
-    records = podrecord.all_records()
     cookies = set()
     if cookie is not None:
         cookies.add(int(cookie))
@@ -197,11 +196,12 @@ def matching_cookies(netns_path=None, cookie=None, pod=None):
             cookies.add(netns.cookie_of(netns_path))
         except OSError:
             pass    # namespace gone: match by the recorded path instead
-        cookies |= {c for c, r in records.items() if r.netns == str(netns_path)}
-    if pod is not None:
-        cookies |= {c for c, r in records.items() if r.pod == pod}
+    if netns_path is not None or pod is not None:
+        cookies |= set(podrecord.cookies_where(
+            lambda doc: (netns_path is not None and doc.get("netns") == str(netns_path)) or
+                        (pod is not None and doc.get("pod") == pod)))
     # only what is ours: a namespace that is not enrolled does not match
-    return sorted(cookies & (set(records) | paths.pinned_pod_cookies()))
+    return sorted(cookies & (podrecord.cookies() | paths.pinned_pod_cookies()))
 
 
 def unenroll(netns_path=None, cookie=None, pod=None):
@@ -215,13 +215,15 @@ def unenroll(netns_path=None, cookie=None, pod=None):
         return cookies
 
 
-def _container_matches(rec, container_id, ifname):
-    return rec.container_id == container_id and (not ifname or rec.ifname in (None, ifname))
+def _container_cookies(container_id, ifname):
+    return podrecord.cookies_where(lambda doc: doc.get("container_id") == container_id and
+                                   (not ifname or doc.get("ifname") in (None, ifname)))
 
 
 def find_container(container_id, ifname=None):
-    for rec in podrecord.all_records().values():
-        if _container_matches(rec, container_id, ifname):
+    for cookie in _container_cookies(container_id, ifname):
+        rec = podrecord.read(cookie)
+        if rec is not None:
             return rec
     return None
 
@@ -230,8 +232,7 @@ def unenroll_container(container_id, ifname=None):
     """CNI DEL: everything recorded for this container. Idempotent, and works when the
     namespace is already gone (the record has the cookie)."""
     with state.node_lock():
-        cookies = [c for c, rec in podrecord.all_records().items()
-                   if _container_matches(rec, container_id, ifname)]
+        cookies = _container_cookies(container_id, ifname)
         for c in cookies:
             remove_pod(c)
             opstats.record("unenroll", ok=True)

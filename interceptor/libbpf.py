@@ -73,6 +73,8 @@ def _declare(l):
         "bpf_map_update_elem": ([c_int, c_void_p, c_void_p, ctypes.c_uint64], c_int),
         "bpf_map_delete_elem": ([c_int, c_void_p], c_int),
         "bpf_map_get_next_key": ([c_int, c_void_p, c_void_p], c_int),
+        "bpf_map_lookup_batch": ([c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                  ctypes.POINTER(ctypes.c_uint32), c_void_p], c_int),
         "bpf_link_create": ([c_int, c_int, c_uint, c_void_p], c_int),
         "bpf_link_detach": ([c_int], c_int),
         "bpf_link_update": ([c_int, c_int, c_void_p], c_int),
@@ -147,6 +149,40 @@ def map_keys(fd, key_type):
         _check(ret, "map iterate")
         keys.append(nxt)
         prev = nxt
+
+
+class MapBatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+# Map types whose entries BPF_MAP_LOOKUP_BATCH reads (Linux 5.6): hashes, LRU included.
+BATCH_MAP_TYPES = frozenset({1, 5, 9, 10})   # HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH
+_BATCH = 4096
+
+
+def map_batches(fd, key_size, value_size):
+    """Every entry of a hash map as raw (keys, values, count) batches, thousands per
+    syscall where map_keys takes one per key (a pod's removal sweeps maps that grow with
+    pods and connections). value_size: the whole value (a per-CPU map's, times the
+    CPUs). A snapshot, like map_keys; OSError where the kernel has no batch operations."""
+    keys = ctypes.create_string_buffer(key_size * _BATCH)
+    values = ctypes.create_string_buffer(value_size * _BATCH)
+    token_in, token_out = ctypes.c_uint64(), ctypes.c_uint64()     # a hash's bucket number
+    opts = MapBatchOpts(sz=ctypes.sizeof(MapBatchOpts))
+    first = True
+    while True:
+        count = ctypes.c_uint32(_BATCH)
+        ret = lib().bpf_map_lookup_batch(fd, None if first else ctypes.byref(token_in),
+                                         ctypes.byref(token_out), keys, values, ctypes.byref(count),
+                                         ctypes.byref(opts))
+        err = -ret if ret < -1 else (ctypes.get_errno() if ret == -1 else 0)
+        if err and err != errno.ENOENT:
+            raise OSError(err, f"map batch lookup: {os.strerror(err)}")
+        if count.value:
+            yield keys.raw[:key_size * count.value], values.raw[:value_size * count.value], count.value
+        if err == errno.ENOENT:     # the last batch
+            return
+        token_in.value, first = token_out.value, False
 
 
 def num_possible_cpus():

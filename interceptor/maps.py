@@ -5,6 +5,8 @@ import os
 
 from . import abi, libbpf, paths
 
+ENOTSUPP = 524      # the kernel's own "not supported", which reaches userspace as is
+
 # name -> (key type, value type); per-CPU maps hold one value per possible CPU.
 LAYOUT = {
     "pods": (ctypes.c_uint64, abi.PodConfig),
@@ -60,6 +62,7 @@ class PinnedMap:
 
     def _check_layout(self):
         info = self.info()
+        self.map_type = info.type
         expected = [("key", ctypes.sizeof(self.key_type), info.key_size)]
         if self.value_type is not None:     # sockhash values are the kernel's own
             expected.append(("value", ctypes.sizeof(self.value_type), info.value_size))
@@ -98,11 +101,41 @@ class PinnedMap:
         return libbpf.map_delete(self.fd, key)
 
     def keys(self):
-        return libbpf.map_keys(self.fd, self.key_type)
+        return [self.key_type.from_buffer_copy(k) for k, _ in self._raw(values=False)]
 
-    def pod_keys(self, cookie):
-        """Keys of one pod's entries (maps keyed by a struct with netns_cookie)."""
-        return [k for k in self.keys() if k.netns_cookie == cookie]
+    def _raw(self, values=True):
+        """Every entry as raw (key bytes, value bytes): a few syscalls where the map type
+        has batch operations, one per key (and one per value, unless values is False:
+        then b"") elsewhere."""
+        whole = self.value_type * self.ncpus if self.percpu else self.value_type
+        if self.value_type is not None and self.map_type in libbpf.BATCH_MAP_TYPES:
+            ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(whole)
+            try:
+                return [(keys[i * ks:(i + 1) * ks], values[i * vs:(i + 1) * vs])
+                        for keys, values, n in libbpf.map_batches(self.fd, ks, vs) for i in range(n)]
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+                    raise           # else a kernel before batch operations
+        out = []
+        for key in libbpf.map_keys(self.fd, self.key_type):
+            if not values or self.value_type is None:
+                out.append((bytes(key), b""))
+                continue
+            value = self._value_buf()
+            if libbpf.map_lookup(self.fd, key, value):     # else gone meanwhile
+                out.append((bytes(key), bytes(value)))
+        return out
+
+    def pod_keys(self, cookie, in_value=False):
+        """Keys of one pod's entries: maps keyed by a struct with netns_cookie, or, with
+        in_value, whose value has one. Compared as bytes: objects are made only for the
+        pod's own entries, whatever the map holds."""
+        struct = self.value_type if in_value else self.key_type
+        off = struct.netns_cookie.offset
+        want = ctypes.c_uint64(cookie)
+        want = bytes(want)
+        return [self.key_type.from_buffer_copy(k) for k, v in self._raw(values=in_value)
+                if (v if in_value else k)[off:off + 8] == want]
 
     def delete_pod_keys(self, cookie, keep=frozenset()):
         """Delete one pod's entries; keep: keys (as bytes) to leave in place."""
@@ -111,10 +144,10 @@ class PinnedMap:
                 self.delete(key)
 
     def items(self):
-        for key in self.keys():
-            value = self.get(key)
-            if value is not None:
-                yield key, value
+        whole = self.value_type * self.ncpus if self.percpu else self.value_type
+        for k, v in self._raw():
+            value = whole.from_buffer_copy(v)
+            yield self.key_type.from_buffer_copy(k), list(value) if self.percpu else value
 
     def info(self):
         return libbpf.obj_info(self.fd, libbpf.MapInfo)
@@ -161,9 +194,8 @@ def forget_pod(maps, cookie):
     """The entries the datapath itself made for a pod (its counters, its connections'
     original destinations): removed with the pod, after every piece is gone."""
     maps.stats.delete_pod_keys(cookie)
-    for key, orig in list(maps.redirected.items()):
-        if orig.netns_cookie == cookie:
-            maps.redirected.delete(key)
+    for key in maps.redirected.pod_keys(cookie, in_value=True):
+        maps.redirected.delete(key)
 
 
 def addr16(ip):

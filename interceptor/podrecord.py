@@ -163,6 +163,27 @@ def remove(cookie):
     state.remove(paths.pod_state_file(cookie))
 
 
+def cookies():
+    """Cookies that have a record (a listing: nothing is read)."""
+    return {int(n[:-5]) for n in paths.listdir(paths.POD_STATE) if n.endswith(".json") and n[:-5].isdigit()}
+
+
+def cookies_where(match):
+    """Cookies of the records whose raw document (a dict) match(doc) accepts. Only the
+    JSON is parsed: a DEL on a node of hundreds of pods would otherwise validate every
+    record's settings to find one (~0.3 ms each). A record that does not parse matches
+    nothing, as it would not by its fields either."""
+    found = []
+    for cookie in cookies():
+        try:
+            doc = state.read_json(paths.pod_state_file(cookie))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and match(doc):
+            found.append(cookie)
+    return found
+
+
 def all_records():
     """{cookie: PodRecord} of every enrolled pod."""
     out = {}
