@@ -1,5 +1,6 @@
-"""A bare netlink dump (rtnetlink, sock_diag) in the current network namespace, without
-pyroute2: enroll and the CNI plugin need only a few messages and must start fast."""
+"""Bare netlink dumps and requests (rtnetlink, sock_diag) in the current network
+namespace, without pyroute2: enroll and the CNI plugin need only a few messages and
+must start fast."""
 import os
 import socket
 import struct
@@ -7,17 +8,18 @@ import struct
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
 NLM_F_DUMP = 0x300
 _HEADER = struct.Struct("=IHHII")     # nlmsghdr: len, type, flags, seq, pid
 
 
-def dump(protocol, msg_type, payload):
-    """Yield (type, message bytes after the header) for every message of the dump's
-    answer. An NLMSG_ERROR is raised as OSError with the kernel's errno: a failed dump
-    must not read as an empty one."""
+def _exchange(protocol, msg_type, flags, payload):
+    """Send one message; yield (type, body) of each message of the answer, up to and
+    including NLMSG_DONE or NLMSG_ERROR (body: the bytes after the header)."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as nl:
-        nl.send(_HEADER.pack(_HEADER.size + len(payload), msg_type, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                + payload)
+        nl.send(_HEADER.pack(_HEADER.size + len(payload), msg_type, NLM_F_REQUEST | flags, 1, 0) + payload)
         while True:
             data = nl.recv(65536)
             off = 0
@@ -25,14 +27,36 @@ def dump(protocol, msg_type, payload):
                 length, kind, _, _, _ = _HEADER.unpack_from(data, off)
                 if length < _HEADER.size:
                     raise OSError(f"netlink: malformed message of {length} bytes")
-                if kind == NLMSG_DONE:
-                    return
-                body = data[off + _HEADER.size:off + length]
-                if kind == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
-                    raise OSError(err, f"netlink dump {msg_type}: error {err}")
-                yield kind, body
+                yield kind, data[off + _HEADER.size:off + length]
                 off += (length + 3) & ~3
+
+
+def _errno(body):
+    return -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+
+
+def dump(protocol, msg_type, payload):
+    """Yield (type, message bytes after the header) for every message of the dump's
+    answer. An NLMSG_ERROR is raised as OSError with the kernel's errno: a failed dump
+    must not read as an empty one."""
+    for kind, body in _exchange(protocol, msg_type, NLM_F_DUMP, payload):
+        if kind == NLMSG_DONE:
+            return
+        if kind == NLMSG_ERROR:
+            err = _errno(body)
+            raise OSError(err, f"netlink dump {msg_type}: error {err}")
+        yield kind, body
+
+
+def request(protocol, msg_type, flags, payload):
+    """Send one request and wait for the kernel's acknowledgement; an error comes back
+    as OSError with the kernel's errno."""
+    for kind, body in _exchange(protocol, msg_type, NLM_F_ACK | flags, payload):
+        if kind == NLMSG_ERROR:
+            err = _errno(body)
+            if err:
+                raise OSError(err, f"netlink request {msg_type}: {os.strerror(err)}")
+            return
 
 
 def attributes(data, off=0):
@@ -45,34 +69,6 @@ def attributes(data, off=0):
         attrs[atype] = bytes(data[off + 4:off + alen])
         off += (alen + 3) & ~3
     return attrs
-
-
-NLM_F_ACK = 0x4
-NLM_F_REPLACE = 0x100
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-
-
-def request(protocol, msg_type, flags, payload):
-    """Send one request and wait for the kernel's acknowledgement; an error comes back
-    as OSError with the kernel's errno."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol) as nl:
-        nl.send(_HEADER.pack(_HEADER.size + len(payload), msg_type,
-                             NLM_F_REQUEST | NLM_F_ACK | flags, 1, 0) + payload)
-        while True:
-            data = nl.recv(65536)
-            off = 0
-            while off + _HEADER.size <= len(data):
-                length, kind, _, _, _ = _HEADER.unpack_from(data, off)
-                if length < _HEADER.size:
-                    raise OSError(f"netlink: malformed message of {length} bytes")
-                if kind == NLMSG_ERROR:
-                    body = data[off + _HEADER.size:off + length]
-                    err = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
-                    if err:
-                        raise OSError(err, f"netlink request {msg_type}: {os.strerror(err)}")
-                    return
-                off += (length + 3) & ~3
 
 
 def attribute(atype, payload):

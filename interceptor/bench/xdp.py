@@ -37,6 +37,7 @@ from .. import abi, counters, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
 from ..podspec import PodSettings
 from .tools import machine_ticks
+from .topology import APP         # HAProxy answering HTTP
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
 
@@ -48,18 +49,6 @@ IPERF_PORT = 5201
 # part two's measurements: key -> column title
 PATHS = {"stream_gbit_s": "node->pod RPS Gbit/s", "stream_norps_gbit_s": "node->pod Gbit/s",
          "pod_stream_gbit_s": "pod->pod Gbit/s", "pod_rr_rps": "pod->pod keep-alive req/s"}
-APP = """\
-global
-    nbthread 1
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend app
-    bind 0.0.0.0:{port}
-    http-request return status 200 content-type text/plain string ok
-"""
 SENDER_CPU = 1
 DROP_CPU = 0
 
@@ -219,7 +208,7 @@ def filter_cost(runs, seconds, progress, modes):
         pod, client = lab.add_pod("sink"), lab.add_pod("src")
         path = os.path.join(lab.workdir, "app.cfg")
         with open(path, "w") as f:
-            f.write(APP.format(port=APP_PORT))
+            f.write(APP.format(app_port=APP_PORT, app_port_last=APP_PORT))
         app = pod.spawn("haproxy", "-db", "-f", path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             labmod.wait_listening(pod, APP_PORT)
