@@ -45,6 +45,18 @@ def footprint(pods):
             "tc clsact qdiscs": tc_attached, "run dir": run_files}
 
 
+def settled_footprint(pods, expected, timeout=3):
+    """The footprint once it equals expected, or the last one after timeout: the kernel
+    frees a tc filter's program a grace period after the filter is deleted (RCU work),
+    so a DEL can return before bpftool stops listing it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = footprint(pods)
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+
+
 class SideLoad(Background):
     """What operators and monitoring do meanwhile: policy edits on the storm's pods,
     `status`, metrics scrapes, each in a loop until stopped. Records every outcome."""
@@ -124,11 +136,11 @@ def test_a_storm_of_adds_and_dels_with_live_edits_fails_nothing_and_leaves_nothi
                 for command in ("ADD", "DEL"):
                     rcs = list(pool.map(lambda pod: cni(command, pod, round_no), pods))
                     figures[f"{command}s"] += len(rcs)
-                now = footprint(pods)
+                now = settled_footprint(pods, baseline)
                 if now != baseline:
                     failures.append(("leftovers after round", round_no, _diff(baseline, now)))
         elapsed = time.monotonic() - started
-        after = footprint(pods)
+        after = settled_footprint(pods, baseline)
     figures.update(side.outcomes)
     print(f"storm: {PODS} pods x {ROUNDS} rounds in {elapsed:.1f}s: {dict(figures)}; "
           f"{len(failures)} failures, {len(side.problems)} side-load problems")
