@@ -335,6 +335,7 @@ def uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name=cni_chain.OWNED_NAME, log
     loader.unload(log)
     for path in (paths.LOCK, paths.OPSTATS, cni_server.socket_path()):
         state.remove(path)
+    cni_server.remove_stale_temporaries(everyone=True)
     try:
         os.rmdir(paths.RUN_DIR)
     except FileNotFoundError:

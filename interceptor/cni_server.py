@@ -35,6 +35,28 @@ def socket_path():
     return os.path.join(paths.RUN_DIR, SOCKET_NAME)
 
 
+def remove_stale_temporaries(everyone=False):
+    """Sockets an agent bound under its temporary name (cni.sock.<pid>) and was killed
+    before renaming: those of processes gone (everyone: all of them, for uninstall)."""
+    prefix = SOCKET_NAME + "."
+    for name in paths.listdir(paths.RUN_DIR):
+        if not (name.startswith(prefix) and name[len(prefix):].isdigit()):
+            continue
+        pid = int(name[len(prefix):])
+        if not everyone and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue            # its agent is still starting
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.unlink(os.path.join(paths.RUN_DIR, name))
+        except FileNotFoundError:
+            pass
+
+
 class BadRequest(Exception):
     pass
 
@@ -105,12 +127,9 @@ class CniServer:
         if self._sock is not None:
             return self
         os.makedirs(paths.RUN_DIR, mode=0o755, exist_ok=True)
+        remove_stale_temporaries()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         tmp = f"{self.path}.{os.getpid()}"
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         # bound under a temporary name with its mode set, then renamed into place: the
         # socket is never reachable with a wider mode, and a running peer's socket is
         # replaced in one step (a restarted agent takes over from the old one)

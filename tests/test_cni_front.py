@@ -219,7 +219,13 @@ def test_a_killed_agent_leaves_a_plugin_that_works_and_a_restart_takes_over(agen
     rc, doc = run(agent.plugin, log, "ADD", config(), **env)
     assert rc == 0, doc
     assert answered_by(log, env["CNI_CONTAINERID"]) not in (None, agent.proc.pid)
+    # an agent killed between binding its socket and renaming it into place left this
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"{cni_server.socket_path()}.{gone.pid}"
+    open(stale, "w").close()
     agent.start()                                          # takes the socket over
+    assert not os.path.exists(stale)
     assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
     assert answered_by(log, env["CNI_CONTAINERID"]) == agent.proc.pid
     assert podrecord.all_records() == {}
