@@ -166,7 +166,10 @@ class FilterXdp(_Filter):
 
     def remove(self, record, state, maps):
         xdp.detach_all(record.cookie)
-        if state is None:       # killed before it recorded anything: nothing of tc was made
+        if state is None:
+            # begun and never recorded, or a damaged record: our filter is found by its
+            # place and name on every interface (a clsact we might have made was always
+            # journalled first, so none can be ours here)
             tc.remove_from(record.netns)
         else:
             on_tc = [a for a in state.get("interfaces", []) if a.get("mode") == "tc"]
