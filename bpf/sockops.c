@@ -75,14 +75,39 @@ static __always_inline void register_listener(struct bpf_sock_ops *ops, __u64 co
 		count(cookie, REASON_LISTENER_RECORD_FAILED, 0);
 }
 
+/* The leg of a request this same-host pair is (POD_F_BYPASS_* bit), or 0 when its other
+ * end is not on this node. Both ends of a pair classify it alike: a pair inside one pod
+ * (loopback, or to the pod's own address, as some proxies reach their app) is the
+ * outbound leg when either port is the proxy's outbound port, else the inbound leg; a
+ * pair between two pods' addresses is the mesh leg. */
+static __always_inline __u32 bypass_leg(struct pod_config *cfg, __u64 cookie,
+					struct sock_tuple *t)
+{
+	int in_pod = addr_is_loopback(t->remote);
+	if (!in_pod) {
+		__u64 owner = pod_of_addr(t->remote);
+		if (!owner)
+			return 0;
+		in_pod = owner == cookie;
+	}
+	if (!in_pod)
+		return POD_F_BYPASS_MESH;
+	if (t->local_port == cfg->outbound_port || t->remote_port == cfg->outbound_port)
+		return POD_F_BYPASS_OUTBOUND;
+	return POD_F_BYPASS_INBOUND;
+}
+
 /* Returns 1 when the socket was put in bypass_socks. */
 static __always_inline int maybe_bypass(struct bpf_sock_ops *ops, __u64 cookie,
 					struct pod_config *cfg, struct sock_tuple *t)
 {
-	if (!(cfg->flags & POD_F_BYPASS) || !node_bypass_enabled())
+	if (!(cfg->flags & (POD_F_BYPASS | POD_F_BYPASS_OUTBOUND | POD_F_BYPASS_MESH |
+			    POD_F_BYPASS_INBOUND)) || !node_bypass_enabled())
 		return 0;
-	/* only pairs whose other end is a socket on this node can be short-circuited */
-	if (!addr_is_loopback(t->remote) && !pod_of_addr(t->remote))
+	/* only pairs whose other end is a socket on this node can be short-circuited, and
+	 * only on the legs the pod allows (POD_F_BYPASS: every leg) */
+	__u32 leg = bypass_leg(cfg, cookie, t);
+	if (!leg || !(cfg->flags & (POD_F_BYPASS | leg)))
 		return 0;
 	int err = bypass_socks.sock_hash_update(ops, t, BPF_ANY);
 	if (err)

@@ -49,9 +49,16 @@ MAP_CAPACITY = {
 
 # --- Pod flags (pod_config.flags) -----------------------------------------------------
 POD_F_PASSTHROUGH = 1 << 0        # proxy not listening: let the flow through (else reject)
-POD_F_BYPASS = 1 << 1             # same-host socket pairs skip the TCP/IP stack
+POD_F_BYPASS = 1 << 1             # same-host socket pairs skip the TCP/IP stack, every leg
 POD_F_OUT_PORTS_INCLUDE = 1 << 2  # an explicit outbound include-port list exists
 POD_F_IN_PORTS_INCLUDE = 1 << 3   # only listed inbound ports are steered (else all)
+# The bypass on some legs only (POD_F_BYPASS, which records written before legs existed
+# carry, stays "every leg"). A leg is told by the socket pair's addresses (sockops.c).
+POD_F_BYPASS_OUTBOUND = 1 << 4    # app <-> its outbound sidecar (loopback, outbound port)
+POD_F_BYPASS_MESH = 1 << 5        # between two pods of this node (sidecar <-> sidecar)
+POD_F_BYPASS_INBOUND = 1 << 6     # other loopback pairs: inbound sidecar <-> app
+BYPASS_LEGS = {"outbound": POD_F_BYPASS_OUTBOUND, "mesh": POD_F_BYPASS_MESH,
+               "inbound": POD_F_BYPASS_INBOUND}   # in a request's order
 
 # --- Node-wide settings (settings map, index 0) ---------------------------------------
 NODE_F_BYPASS = 1 << 0            # `interceptor load --no-bypass` clears it
@@ -295,6 +302,7 @@ CONSTANTS = {name: globals()[name] for name in (
     "MAX_PODS", "MAX_POD_ADDRS", "MAX_CIDRS", "MAX_PORT_RULES", "MAX_REDIRECTED_SOCKETS",
     "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS",
     "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",
+    "POD_F_BYPASS_OUTBOUND", "POD_F_BYPASS_MESH", "POD_F_BYPASS_INBOUND",
     "NODE_F_BYPASS", "CIDR_KEY_FIXED_BITS",
     "DIR_OUTBOUND", "DIR_INBOUND", "CONN_F_ESTABLISHED", "CONN_F_BYPASSED",
     "MAX_INGRESS_SOURCES", "MAX_INGRESS_RULES", "MAX_XDP_PODS",

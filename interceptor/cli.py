@@ -115,8 +115,11 @@ def _pod_setting_options(fn):
     from .podspec import FIELDS
     for field in reversed(FIELDS):
         if field.name == "bypass":
-            option = click.option("--bypass/--no-bypass", default=field.default,
-                                  show_default=True, help=field.help)
+            # `--bypass` alone, `--bypass mesh,inbound`, or `--no-bypass` (merged in enroll)
+            fn = click.option("--no-bypass", "no_bypass", is_flag=True,
+                              help="Same as --bypass false.")(fn)
+            option = click.option("--bypass", is_flag=False, flag_value="true", default="true",
+                                  metavar="[LEGS]", show_default=True, help=field.help)
         elif field.name == "ingress_policy":
             option = click.option(field.flag, field.name, multiple=True, metavar="RULE",
                                   help=field.help)
@@ -139,6 +142,8 @@ def enroll(netns_path, pod, **opts):
     """Intercept one network namespace's traffic (no compile: uses the pinned datapath)."""
     from .enrollment import EnrollError, enroll as do_enroll
     from .podspec import PodSettings, SettingError
+    if opts.pop("no_bypass"):
+        opts["bypass"] = "false"
     try:
         settings = PodSettings(**opts)
     except SettingError as exc:
@@ -432,10 +437,10 @@ def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
     selected = bench_modes.MODES
     if modes_:
         selected = tuple(m.strip() for m in modes_.split(",") if m.strip())
-        unknown = [m for m in selected if m not in bench_modes.MODES]
+        unknown = [m for m in selected if m not in bench_modes.ALL_MODES]
         if unknown or not selected:
             raise click.BadParameter(f"{', '.join(unknown) or modes_!r}: modes are "
-                                     f"{', '.join(bench_modes.MODES)}", param_hint="--modes")
+                                     f"{', '.join(bench_modes.ALL_MODES)}", param_hint="--modes")
     if serve and (peer or scenarios):
         raise click.UsageError("--serve takes no scenarios and no --peer")
     if peer and set(scenarios or ["xnode"]) != {"xnode"}:

@@ -23,6 +23,11 @@ def _split(values):
     return out
 
 
+def words(values):
+    """A list of names, from a list or a comma-separated string."""
+    return _split(values)
+
+
 def port(value):
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"{value!r} is not a port number")

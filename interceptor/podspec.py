@@ -49,6 +49,22 @@ def _bool(value):
     raise ValueError(f"{value!r} is not 'true' or 'false'")
 
 
+def _bypass_legs(value):
+    """The legs the same-host bypass may short-circuit, as a tuple in a request's order
+    (abi.BYPASS_LEGS; () = off): true/false (every leg or none), or a list of legs, as a
+    comma-separated string in a flag, a config key or an annotation."""
+    if isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false")):
+        return tuple(abi.BYPASS_LEGS) if _bool(value) else ()
+    try:
+        names = parsing.words(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not 'true', 'false' or a list of legs") from None
+    unknown = [n for n in names if n not in abi.BYPASS_LEGS]
+    if unknown or not names:
+        raise ValueError(f"{value!r}: legs are {', '.join(abi.BYPASS_LEGS)} (or true, false)")
+    return tuple(leg for leg in abi.BYPASS_LEGS if leg in names)
+
+
 def _choice(*allowed):
     def parse(value):
         if value not in allowed:
@@ -117,8 +133,11 @@ FIELDS = (
                f"{', '.join(map(str, abi.ALWAYS_EXCLUDED_INBOUND_PORTS))} and the proxy's own ports)."),
     Field("no_proxy", "reject", _choice("reject", "passthrough"), "noProxy",
           help="When the proxy is not listening yet."),
-    Field("bypass", True, _bool, "bypass", "interceptor.io/bypass",
-          help="Allow same-host bypass for this pod."),
+    Field("bypass", True, _bypass_legs, "bypass", "interceptor.io/bypass",
+          help="Allow the same-host bypass for this pod: true, false, or the legs it may "
+               "short-circuit (outbound: app to its sidecar; mesh: sidecar to a sidecar "
+               "on this node; inbound: sidecar to app). Takes effect when the node's "
+               "bypass is on (`load --bypass`)."),
     Field("ingress_filter", "auto", _choice(*INGRESS_FILTER_MODES), "ingressFilter",
           "interceptor.io/ingress-filter",
           help="Hook of the pod's ingress filter: tc, or XDP native or generic (auto: tc "
@@ -164,6 +183,9 @@ class PodSettings:
         out = {}
         for name in BY_NAME:
             value = getattr(self, name)
+            if name == "bypass":     # true/false as before legs existed, so older builds read it
+                out[name] = list(value) if 0 < len(value) < len(abi.BYPASS_LEGS) else bool(value)
+                continue
             out[name] = [str(n) for n in value] if BY_NAME[name].parse is parsing.cidrs else \
                 (list(value) if isinstance(value, (list, tuple)) else value)
         return out
@@ -180,8 +202,11 @@ class PodSettings:
         flags = 0
         if self.no_proxy == "passthrough":
             flags |= abi.POD_F_PASSTHROUGH
-        if self.bypass:
+        if len(self.bypass) == len(abi.BYPASS_LEGS):
             flags |= abi.POD_F_BYPASS
+        else:
+            for leg in self.bypass:
+                flags |= abi.BYPASS_LEGS[leg]
         if self.include_outbound_ports:
             flags |= abi.POD_F_OUT_PORTS_INCLUDE
         if not self.steers_all_inbound:

@@ -6,6 +6,7 @@
                                   sends N random bytes (default: b"hello"), half-closes,
                                   prints {peername, sent_sha256, reply} or {error}
     apps.py stream-checks PORT    see stream_checks(): FIONREAD, splice, half-close, RST
+    apps.py backpressure PORT LIMIT    see backpressure(): a receiver that does not read
     apps.py storm HOST PORT N --close fin|rst
                                   N connections, each closed as soon as it is connected
                                   (fin: close(); rst: SO_LINGER 0), as wrk's start-up
@@ -218,6 +219,42 @@ def stream_checks(port):
     return result
 
 
+def backpressure(port, limit):
+    """A loopback pair whose receiver does not read: how much a non-blocking sender can
+    queue before send() stops, and how it stops (over TCP: EAGAIN once the two socket
+    buffers are full). Drained after, so nothing stays queued."""
+    import errno
+    srv = _listen(port, socket.AF_INET, "127.0.0.1")
+    cli = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn, _ = srv.accept()
+    cli.setblocking(False)
+    chunk = b"q" * 65536
+    queued, stop = 0, "limit"
+    while queued < limit:
+        try:
+            queued += cli.send(chunk)
+        except BlockingIOError:
+            stop = "EAGAIN"
+            break
+        except OSError as exc:
+            stop = errno.errorcode.get(exc.errno, str(exc.errno))
+            break
+    conn.setblocking(False)
+    drained = 0
+    while True:
+        try:
+            data = conn.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        drained += len(data)
+    cli.close()
+    conn.close()
+    srv.close()
+    return {"queued": queued, "stop": stop, "drained": drained}
+
+
 def load(host, port, until):
     import time
     out = {"ok": 0, "failed": 0, "errors": {}, "sent_to": set()}
@@ -249,6 +286,9 @@ def main():
     p.add_argument("--gid", type=int)
     p = sub.add_parser("stream-checks")
     p.add_argument("port", type=int)
+    p = sub.add_parser("backpressure")
+    p.add_argument("port", type=int)
+    p.add_argument("limit", type=int)
     p = sub.add_parser("storm")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -265,6 +305,8 @@ def main():
         print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid)))
     elif args.cmd == "load":
         print(json.dumps(load(args.host, args.port, args.until)))
+    elif args.cmd == "backpressure":
+        print(json.dumps(backpressure(args.port, args.limit)))
     elif args.cmd == "storm":
         print(json.dumps(storm(args.host, args.port, args.n, args.close)))
     else:

@@ -258,7 +258,7 @@ def test_config_keys_and_annotations_set_the_pod(plugin, log, datapath, namespac
     assert s.exclude_outbound_ports == [5432, 6379]        # annotation overrides config
     assert [str(n) for n in s.exclude_outbound_cidrs] == ["192.0.2.0/24"]
     assert 15999 in s.exclude_inbound_ports
-    assert s.no_proxy == "passthrough" and s.bypass is False
+    assert s.no_proxy == "passthrough" and s.bypass == ()
     with Maps() as maps:
         ports = {(k.kind, k.port) for k in maps.port_rules.keys() if k.netns_cookie == cookie}
         cfg_entry = maps.pods.get(ctypes.c_uint64(cookie))

@@ -96,7 +96,35 @@ def test_a_record_reads_back_as_the_same_settings():
     s = PodSettings(exclude_outbound_cidrs="10.0.0.0/8,fd00::/8", include_inbound_ports="80,81",
                     ingress_policy=["deny from 10.0.0.0/8 tcp port 22"], bypass="false")
     assert PodSettings(**json.loads(json.dumps(s.to_dict()))).to_dict() == s.to_dict()
-    assert s.bypass is False and not s.steers_all_inbound
+    assert s.bypass == () and not s.steers_all_inbound
+
+
+@pytest.mark.parametrize("raw,legs,flags", [
+    (True, ("outbound", "mesh", "inbound"), abi.POD_F_BYPASS),
+    ("false", (), 0),
+    ("mesh", ("mesh",), abi.POD_F_BYPASS_MESH),
+    ("inbound, outbound", ("outbound", "inbound"), abi.POD_F_BYPASS_OUTBOUND | abi.POD_F_BYPASS_INBOUND),
+    (["inbound", "mesh", "outbound"], ("outbound", "mesh", "inbound"), abi.POD_F_BYPASS),
+])
+def test_bypass_legs(raw, legs, flags):
+    """true/false or a list of legs; every leg is the flag records from before legs carry,
+    and a record keeps true/false so an older build reads it."""
+    s = PodSettings(bypass=raw)
+    assert s.bypass == legs and s.flags() & 0b1110010 == flags
+    assert s.to_dict()["bypass"] == (list(legs) if 0 < len(legs) < 3 else bool(legs))
+    assert PodSettings(**s.to_dict()).bypass == legs
+
+
+@pytest.mark.parametrize("raw", ["", "sideways", "mesh,sideways", [True], {"mesh": 1}])
+def test_bypass_legs_refused(raw):
+    with pytest.raises(SettingError, match="^bypass: "):
+        PodSettings(bypass=raw)
+
+
+def test_enroll_refuses_an_unknown_bypass_leg_before_doing_anything():
+    result = CliRunner().invoke(main, ["enroll", "--netns", "/proc/self/ns/net", "--bypass",
+                                       "sideways"])
+    assert result.exit_code == 2 and "Invalid value for --bypass: 'sideways'" in result.output, result.output
 
 
 def test_cni_errors_name_the_key_or_annotation():
@@ -110,7 +138,7 @@ def test_cni_errors_name_the_key_or_annotation():
     ok = {"excludeInboundPorts": [9000], "runtimeConfig": {cni_config.ANNOTATIONS_CAPABILITY: {
         "status.sidecar.istio.io/port": "15020", "interceptor.io/bypass": "false"}}}
     s = cni_config.decide(ok, {}).settings
-    assert s.exclude_inbound_ports == [9000, 15020] and s.bypass is False
+    assert s.exclude_inbound_ports == [9000, 15020] and s.bypass == ()
 
 
 def test_star_is_both_families():

@@ -6,22 +6,30 @@ iptables       Istio-equivalent REDIRECT rules (iptables, no BPF)
 nftables       the same rules on nftables (no BPF)
 ebpf           the eBPF datapath with the same-host bypass
 ebpf-nobypass  the eBPF datapath without it
+ebpf-bypass-outbound, ebpf-bypass-mesh, ebpf-bypass-inbound
+               the bypass on one leg only (app -> sidecar, sidecar -> sidecar, sidecar ->
+               app); not in the default set: `--modes` picks them
 """
 import json
 import os
 import subprocess
 import sys
 
-from .. import enrollment, loader
+from .. import abi, enrollment, loader
 from ..podspec import PodSettings
 from .topology import APP_PORT, APP_PORTS, EXPLICIT_APP_PORT, EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT, NODE2_ENV
 
 MODES = ("direct", "explicit", "iptables", "nftables", "ebpf", "ebpf-nobypass")
-INTERCEPTED = ("iptables", "nftables", "ebpf", "ebpf-nobypass")
+LEG_MODES = tuple(f"ebpf-bypass-{leg}" for leg in abi.BYPASS_LEGS)
+ALL_MODES = MODES + LEG_MODES
+INTERCEPTED = ("iptables", "nftables", "ebpf", "ebpf-nobypass") + LEG_MODES
 
-# mode -> (load --mode, bypass); None: nothing loaded, nobody enrolled
-_LOAD = {"direct": None, "explicit": None, "iptables": ("iptables", False),
-         "nftables": ("nftables", False), "ebpf": ("ebpf", True), "ebpf-nobypass": ("ebpf", False)}
+# mode -> (load --mode, node bypass, the pods' bypass setting); None: nothing loaded,
+# nobody enrolled
+_LOAD = {"direct": None, "explicit": None, "iptables": ("iptables", False, True),
+         "nftables": ("nftables", False, True), "ebpf": ("ebpf", True, True),
+         "ebpf-nobypass": ("ebpf", False, True),
+         **{mode: ("ebpf", True, leg) for mode, leg in zip(LEG_MODES, abi.BYPASS_LEGS)}}
 
 
 def apply(mode, topo, client_settings=None):
@@ -37,16 +45,16 @@ def apply(mode, topo, client_settings=None):
         if node is not None:
             loader.unload()
         return
-    load_mode, bypass = want
+    load_mode, bypass, legs = want
     if node is None or node.get("requested_mode") != load_mode:
         loader.unload()
         loader.load(mode=load_mode, bypass=bypass)
     else:
         loader.load(mode=load_mode, bypass=bypass)      # only switches the bypass
-    enrollment.enroll(topo.client.netns_path, PodSettings(**(client_settings or {})),
-                      pod="bench/client")
+    enrollment.enroll(topo.client.netns_path,
+                      PodSettings(**dict(client_settings or {}, bypass=legs)), pod="bench/client")
     if topo.server_node is None:
-        enrollment.enroll(topo.server.netns_path, PodSettings(), pod="bench/server")
+        enrollment.enroll(topo.server.netns_path, PodSettings(bypass=legs), pod="bench/server")
 
 
 def _node2(*args):
@@ -69,11 +77,12 @@ class LocalNode2:
             if current:
                 _node2("unload")
             return
-        load_mode, bypass = want
+        load_mode, bypass, legs = want
         if current != load_mode:
             _node2("unload")
         _node2("load", "--mode", load_mode, "--bypass" if bypass else "--no-bypass")
-        _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server")
+        _node2("enroll", "--netns", topo.server.netns_path, "--pod", "bench/server",
+               "--bypass", "true" if legs is True else legs)
 
     def release(self, topo):
         if os.path.exists(os.path.join(NODE2_ENV["INTERCEPTOR_RUN_DIR"], "node.json")):
@@ -98,7 +107,7 @@ def unload_node2():
 def app_port(mode, slot=0):
     """The app port a mode's runs use (see topology.APP_PORTS); slot separates further
     (the rules scenario's list sizes)."""
-    port = APP_PORT + MODES.index(mode) + len(MODES) * slot
+    port = APP_PORT + ALL_MODES.index(mode) + len(ALL_MODES) * slot
     if port >= APP_PORT + APP_PORTS:
         raise ValueError(f"no app port left for {mode} slot {slot}")
     return port

@@ -274,12 +274,13 @@ class _Server:
             if want is None:
                 loader.unload()
             else:
-                load_mode, bypass = want
+                load_mode, bypass, legs = want
                 node = loader.node_state() if loader.is_loaded() else None
                 if node is None or node.get("requested_mode") != load_mode:
                     loader.unload()
                 loader.load(mode=load_mode, bypass=bypass)
-                enrollment.enroll(self.topo.server.netns_path, PodSettings(), pod="bench/server")
+                enrollment.enroll(self.topo.server.netns_path, PodSettings(bypass=legs),
+                                  pod="bench/server")
             self.log(f"bench peer: {msg['mode']}")
             return {"ok": True, "server": str(self.topo.server.ipv4)}
         if cmd == "cpu_start":

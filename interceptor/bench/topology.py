@@ -13,7 +13,7 @@ APP_PORT = 8080
 # a port of their own per mode (and exclusion-list size), so no run's new SYNs land on the
 # TIME_WAIT 4-tuples an earlier run left behind (60 s): without it, whichever mode runs
 # after the others loses a third of its rate to collisions, not to interception.
-APP_PORTS = 30
+APP_PORTS = 40
 EXPLICIT_APP_PORT = APP_PORT + 1     # = modes.app_port("explicit")
 IPERF_PORT = 5201
 EXPLICIT_OUT = 16001     # explicit mode: the app talks to its sidecar on this port...
