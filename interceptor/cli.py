@@ -412,6 +412,8 @@ def _address(value, param, default_host):
                 type=click.Choice(["rr", "crr", "stream", "xnode", "rules", "cni", "xdp"]))
 @click.option("--quick", is_flag=True, help="Short runs, one round (about two minutes; for CI).")
 @click.option("--runs", type=click.IntRange(1, 50), help="Rounds (default 3, or 1 with --quick).")
+@click.option("--seconds", type=click.IntRange(1, 600),
+              help="Seconds per sample of rr, crr and stream (default 5, or 1 with --quick).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where results.json, summary.txt and the plots go.")
 @click.option("--modes", "modes_", metavar="M1,M2", help="Only these modes (default: all).")
@@ -419,7 +421,7 @@ def _address(value, param, default_host):
               help="Run xnode with the server pod on another machine, which runs --serve.")
 @click.option("--serve", metavar="[ADDR:]PORT", callback=lambda c, p, v: _address(v, p, "0.0.0.0"),
               help="Be the server machine of one --peer run, then remove everything.")
-def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
+def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve):
     """Compare interception modes in one interleaved run; prints numbers and ratios.
 
     SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
@@ -451,7 +453,7 @@ def bench(scenarios, quick, runs, out_dir, modes_, peer, serve):
             bench_peer.serve(serve)
             return
         bench_run.run(scenarios=scenarios or (("xnode",) if peer else bench_run.SCENARIOS), quick=quick,
-                      runs=runs, out_dir=out_dir, modes_=selected, peer=peer)
+                      runs=runs, seconds=seconds, out_dir=out_dir, modes_=selected, peer=peer)
     except OSError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

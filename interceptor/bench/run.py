@@ -55,12 +55,13 @@ def _excluded(n):
     return {"exclude_outbound_cidrs": cidrs, "exclude_outbound_ports": ports}
 
 
-def run(scenarios=SCENARIOS, quick=False, runs=None, out_dir=None, modes_=modes.MODES, peer=None):
+def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None, modes_=modes.MODES,
+        peer=None):
     """peer: (host, port) of `interceptor bench --serve` on another machine; the x-node
     scenario then runs with the server pod there (scenarios other than xnode are refused
     by the CLI)."""
     runs = runs or (1 if quick else 3)
-    seconds = 1 if quick else 5
+    seconds = seconds or (1 if quick else 5)
     out_dir = out_dir or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
