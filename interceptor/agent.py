@@ -260,8 +260,8 @@ def _registry(agent):
             served = CounterMetricFamily("interceptor_agent_cni_requests",
                                          "CNI requests the plugin's front handed to the agent, by "
                                          "command and answer (answered; not_mine: another pin root "
-                                         "or run dir; expired: queued past the front's deadline, "
-                                         "dropped; failed: the front ran the plugin itself).",
+                                         "or run dir; expired: queued, or waiting for the node "
+                                         "lock, past the front's deadline, dropped; failed: the front ran the plugin itself).",
                                          labels=["command", "answer"])
             for (command, answer), n in sorted(agent.cni_server.snapshot().items()):
                 served.add_metric([command, answer], n)

@@ -271,11 +271,15 @@ def run(environ, stdin_text, err=None, fixed_locations=False):
             ok = True
             return 0, result
         finally:
-            from . import opstats
-            opstats.record(f"cni {req.command}", ok, time.monotonic() - started)
+            from . import opstats, state
+            if not isinstance(sys.exc_info()[1], state.DeadlinePassed):
+                opstats.record(f"cni {req.command}", ok, time.monotonic() - started)
     except CniError as exc:
         return 1, _error_doc(config, environ, err, version, exc)
     except Exception as exc:   # a bug: still answer in the spec's format, never a bare traceback
+        from .state import DeadlinePassed
+        if isinstance(exc, DeadlinePassed):
+            raise              # not done, and no answer: the sender has taken over (cni_server)
         from .maps import LayoutError
         if isinstance(exc, LayoutError):   # a datapath of another version: mid-upgrade
             return 1, _error_doc(config, environ, err, version, CniError(E_TRY_AGAIN, str(exc)))

@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 
-from . import cni, paths
+from . import cni, paths, state
 
 SOCKET_NAME = "cni.sock"              # cni/front.c is built with the same name
 MAGIC = b"ICNI2\n"
@@ -200,7 +200,12 @@ class CniServer:
                     self._count(command, "not_mine")
                     return
                 err = io.StringIO()
-                code, doc = cni.run(environ, stdin, err=err, fixed_locations=True)
+                try:
+                    with state.request_deadline(deadline - DEADLINE_MARGIN_NS):
+                        code, doc = cni.run(environ, stdin, err=err, fixed_locations=True)
+                except state.DeadlinePassed:
+                    self._count(command, "expired")     # stalled at the node lock
+                    return
                 out = (json.dumps(doc) + "\n").encode() if doc is not None else b""
                 conn.sendall(encode_reply(ANSWERED, code, out,
                                           err.getvalue().encode("utf-8", "backslashreplace")))

@@ -6,8 +6,29 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 
 from . import paths
+
+_request = _thread._local()     # per thread: the agent serves requests on several
+
+
+class DeadlinePassed(Exception):
+    """The node lock was got after the deadline of the request this thread serves."""
+
+
+@contextlib.contextmanager
+def request_deadline(deadline_ns):
+    """Work on this thread is for a request whose sender stops waiting at deadline_ns
+    (CLOCK_MONOTONIC) and then does it another way (the plugin's front runs the plugin
+    itself). node_lock() refuses to start past it: whoever took over holds the lock or
+    had it first, so doing the work now could undo what came after (an ADD after the
+    runtime's DEL). Work begun under the lock in time is safe: a takeover waits for it."""
+    _request.deadline_ns = deadline_ns
+    try:
+        yield
+    finally:
+        _request.deadline_ns = None
 
 
 @contextlib.contextmanager
@@ -16,6 +37,9 @@ def node_lock():
     fd = os.open(paths.LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline_ns = getattr(_request, "deadline_ns", None)
+        if deadline_ns is not None and time.monotonic_ns() > deadline_ns:
+            raise DeadlinePassed("the node lock came after the request's deadline")
         yield
     finally:
         os.close(fd)

@@ -17,7 +17,7 @@ import pytest
 from pyroute2 import netns as pyr_netns
 
 from cnihelper import config, container_env, run
-from interceptor import cni_install, cni_server, loader, netns, paths, podrecord
+from interceptor import cni_install, cni_server, loader, netns, paths, podrecord, state
 
 pytestmark = pytest.mark.kernel
 
@@ -206,6 +206,36 @@ def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_
     while agent.metric("ADD", "expired") < 1:
         assert time.monotonic() < deadline, "the queued ADD was not dropped"
         time.sleep(0.1)
+    time.sleep(0.3)
+    assert podrecord.all_records() == {}
+
+
+def test_a_request_waiting_for_the_node_lock_past_its_deadline_is_dropped(agent, pod_netns, tmp_path):
+    """The agent began the ADD in time, but the node lock was held past the front's
+    deadline (here by the test; in life, say, a long unenroll or the agent stalled): the
+    front runs the plugin itself, and the agent's ADD, once it gets the lock, is dropped,
+    not carried out after whatever the runtime did next."""
+    import threading
+    log = str(tmp_path / "cni.log")
+    env = container_env(pod_netns)
+    expired = agent.metric("ADD", "expired")
+    answered = agent.metric("ADD", "answered")
+    result = {}
+    with state.node_lock():
+        adder = threading.Thread(target=lambda: result.update(
+            out=run(agent.plugin, log, "ADD", config(), INTERCEPTOR_CNI_AGENT_TIMEOUT="1", **env)))
+        adder.start()
+        time.sleep(2.5)         # the front's deadline passes while the agent waits
+    adder.join(60)
+    rc, doc = result["out"]
+    assert rc == 0, doc
+    assert answered_by(log, env["CNI_CONTAINERID"]) not in (None, agent.proc.pid)
+    deadline = time.monotonic() + 10
+    while agent.metric("ADD", "expired") < expired + 1:
+        assert time.monotonic() < deadline, "the agent's ADD was not dropped"
+        time.sleep(0.1)
+    assert agent.metric("ADD", "answered") == answered
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
     time.sleep(0.3)
     assert podrecord.all_records() == {}
 
