@@ -38,3 +38,29 @@ def test_rules_table_and_plots(tmp_path):
     report.plots(RESULTS, tmp_path)
     assert (tmp_path / "latency.png").stat().st_size > 0
     assert (tmp_path / "rules.png").stat().st_size > 0
+
+
+def test_rules_ratios_to_the_smallest_list_pair_samples_of_one_round():
+    results = dict(RESULTS, rules={"ebpf": {"10": [sample(100, 0), sample(50, 1)],
+                                            "1000": [sample(40, 1), sample(90, 0)]}})
+    text = report.render(results).splitlines()
+    start = next(i for i, line in enumerate(text) if line.startswith("each mode at N vs at N=10"))
+    row = next(line for line in text[start:] if line.strip().startswith("1000"))
+    assert "0.85 (0.80-0.90)" in row           # 90/100 in round 0, 40/50 in round 1
+
+
+def test_conns_table_and_plot(tmp_path):
+    from interceptor.bench import conns
+
+    def row(mode, n, rps, rnd):
+        return dict(sample(rps, rnd), mode=mode, connections=n, held=n, failed=0, seconds=1.0,
+                    slab_per_conn=4096.0, tcp_mem_per_conn=0.0)
+    results = {"counts": [1000, 100000], "modes": ["iptables", "ebpf-nobypass"], "rows": [
+        row("iptables", 1000, 100, 0), row("iptables", 100000, 50, 0),
+        row("ebpf-nobypass", 1000, 120, 0), row("ebpf-nobypass", 100000, 114, 0)]}
+    text = conns.render(results)
+    last = next(line for line in text.splitlines() if line.strip().startswith("100000"))
+    assert "0.50" in last and "0.95" in last and last.endswith("2.28")   # 114/50 per round
+    assert "ebpf-nobypass: 4.0 + 0.0 KiB, 0 failed" in text
+    conns.plot(results, tmp_path)
+    assert (tmp_path / "conns.png").stat().st_size > 0

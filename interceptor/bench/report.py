@@ -1,5 +1,6 @@
 """Rendering benchmark results: a terminal table (medians, min-max, per-round ratios to
 iptables and to explicit), and PNG plots."""
+import collections
 import os
 import statistics
 
@@ -66,7 +67,7 @@ def render(results):
         digits = 2 if key == "gbit_s" else 0
         latency = key == "rps"
         lines.append(f"== {scenario}")
-        head = f"{'mode':<14}{unit + ' median':>16}{'min-max':>22}"
+        head = f"{'mode':<22}{unit + ' median':>16}{'min-max':>22}"
         if latency:
             head += f"{'p50 ms':>9}{'p99 ms':>9}"
         head += f"{cpu_unit + ' sidecars':>20}{'total':>8}{'vs iptables':>20}{'vs explicit':>20}"
@@ -74,7 +75,7 @@ def render(results):
         for mode, runs in samples.items():
             values = [r[key] for r in runs]
             lo, hi = _range(values)
-            row = f"{mode:<14}{_fmt(_median(values), digits):>16}{_fmt(lo, digits) + ' - ' + _fmt(hi, digits):>22}"
+            row = f"{mode:<22}{_fmt(_median(values), digits):>16}{_fmt(lo, digits) + ' - ' + _fmt(hi, digits):>22}"
             if latency:
                 row += f"{_fmt(_median([r['p50_ms'] for r in runs]), 2):>9}{_fmt(_median([r['p99_ms'] for r in runs]), 2):>9}"
             row += (f"{_fmt(_median([r['sidecars_ms'] for r in runs]), 1):>20}"
@@ -85,9 +86,14 @@ def render(results):
         for mode, runs in samples.items():
             errors = sum(r.get("socket_errors", 0) + r.get("bad_responses", 0) for r in runs)
             failed = [r["error"] for r in runs if r.get("error")]
-            if errors:
+            if errors or _kind(scenario) == "crr":   # failed requests, zero included
+                kinds = collections.Counter()
+                for r in runs:
+                    kinds.update(r.get("socket_error_kinds", {}))
+                what = ", ".join(f"{k} {n}" for k, n in kinds.items() if n)
                 lines.append(f"  {mode}: {errors} socket errors or non-2xx responses in "
-                             f"{sum(r.get('requests', 0) for r in runs):,} requests")
+                             f"{sum(r.get('requests', 0) for r in runs):,} requests"
+                             + (f" ({what})" if what else ""))
             if failed:
                 lines.append(f"  {mode}: {len(failed)} of {len(runs)} runs failed ({failed[0]})")
         lines.append("")
@@ -102,6 +108,16 @@ def render(results):
             ebpf_mode = "ebpf-nobypass" if "ebpf-nobypass" in med else "ebpf"
             ratio = (med[ebpf_mode] / med["iptables"]) if med.get(ebpf_mode) and med.get("iptables") else None
             lines.append(f"{n:>8}" + "".join(f"{_fmt(med[m]):>14}" for m in rules) + f"{_fmt(ratio, 2):>16}")
+        lines.append(f"each mode at N vs at N={sizes[0]}, per round: median (min-max)")
+        lines.append(f"{'N':>8}" + "".join(f"{m:>22}" for m in rules))
+        for n in sizes[1:]:
+            cells = []
+            for m in rules:
+                base = {r.get("round"): r["rps"] for r in rules[m].get(str(sizes[0]), [])}
+                ratios = [r["rps"] / base[r.get("round")] for r in rules[m].get(str(n), [])
+                          if base.get(r.get("round"))]
+                cells.append(_ratio_cell(ratios))
+            lines.append(f"{n:>8}" + "".join(f"{c:>22}" for c in cells))
         lines.append("")
     if results.get("xdp"):
         from .xdp import render as render_xdp

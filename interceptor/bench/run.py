@@ -82,18 +82,20 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
             modes.unload_node2()
         if "rules" in scenarios:
             sizes = RULE_SIZES_QUICK if quick else RULE_SIZES
+            runs_of_round = [(slot, size, mode) for slot, size in enumerate(sizes) for mode in RULE_MODES]
             for r in range(runs):
-                for slot, size in enumerate(sizes):
-                    for mode in RULE_MODES:
-                        with _fresh(Topology()) as topo:
-                            modes.apply(mode, topo, client_settings=_excluded(size))
-                            url = modes.http_target(mode, topo, slot=slot)
-                            with topo.cpu_meter() as cpu:
-                                w = tools.wrk(topo.client, url, 8, seconds, close=True)
-                        w.update(cpu.per(w["requests"] / 1000))
-                        results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
-                        _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
-                                  f"{w['rps']:.0f} conn/s")
+                # each round starts with the next size, so no size is always measured last
+                k = r * len(RULE_MODES) % len(runs_of_round)
+                for slot, size, mode in runs_of_round[k:] + runs_of_round[:k]:
+                    with _fresh(Topology()) as topo:
+                        modes.apply(mode, topo, client_settings=_excluded(size))
+                        url = modes.http_target(mode, topo, slot=slot)
+                        with topo.cpu_meter() as cpu:
+                            w = tools.wrk(topo.client, url, 8, seconds, close=True)
+                    w.update(cpu.per(w["requests"] / 1000), round=r)
+                    results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
+                    _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
+                              f"{w['rps']:.0f} conn/s")
         loader.unload()
         if "xdp" in scenarios:
             results["xdp"] = xdp_bench.run(runs, seconds, _progress, paths_runs=1 if quick else None)

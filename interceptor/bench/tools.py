@@ -25,7 +25,9 @@ def wrk(pod, url, connections, seconds, close=False):
         m = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
         result[f"p{pct}_ms"] = _ms(m.group(1)) if m else None
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    result["socket_errors"] = sum(map(int, m.groups())) if m else 0
+    kinds = dict(zip(("connect", "read", "write", "timeout"), map(int, m.groups()))) if m else {}
+    result["socket_errors"] = sum(kinds.values())
+    result["socket_error_kinds"] = kinds
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["bad_responses"] = int(m.group(1)) if m else 0
     return result
