@@ -21,16 +21,19 @@ EXPLICIT_IN = 16006      # ...which talks to the server's sidecar on this one
 EXPLICIT_OUT_IPERF = 16002
 EXPLICIT_IN_IPERF = 16007
 
+# maxconn and the idle timeouts: small for the benches that open a few connections at a
+# time; the concurrent-connections bench (bench/conns.py) holds many idle ones
 SIDECAR = """\
 global
     uid {uid}
     gid {gid}
     nbthread 1
+    maxconn {maxconn}
 defaults
     mode tcp
     timeout connect 5s
-    timeout client 60s
-    timeout server 60s
+    timeout client {idle}
+    timeout server {idle}
 frontend outbound
     bind 0.0.0.0:{outbound}
     default_backend original_dst
@@ -65,15 +68,19 @@ backend local_iperf
 APP = """\
 global
     nbthread 1
+    maxconn {maxconn}
 defaults
     mode http
     timeout connect 5s
-    timeout client 60s
-    timeout server 60s
+    timeout client {idle}
+    timeout server {idle}
 frontend app
     bind 0.0.0.0:{app_port}-{app_port_last}
     http-request return status 200 content-type text/plain string ok
 """
+
+MAXCONN = 4096
+IDLE = "60s"
 
 # Namespaced sysctls applied in both pods, reported with the results: connection-per-
 # request runs otherwise hit TIME_WAIT 4-tuple collisions that look like latency spikes.
@@ -156,15 +163,15 @@ class Topology:
 
     def _start_server_apps(self, pod):
         self._write_and_spawn(pod, "app", APP.format(
-            app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1))
+            app_port=APP_PORT, app_port_last=APP_PORT + APP_PORTS - 1, maxconn=MAXCONN, idle=IDLE))
         self.pids["iperf3"] = pod.spawn("iperf3", "-s", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL).pid
         labmod.wait_listening(pod, APP_PORT)
         labmod.wait_listening(pod, IPERF_PORT)
 
-    def _start_sidecar(self, pod, peer):
+    def _start_sidecar(self, pod, peer, maxconn=MAXCONN, idle=IDLE):
         self._write_and_spawn(pod, "sidecar", SIDECAR.format(
-            uid=abi.PROXY_UID, gid=abi.PROXY_GID, outbound=abi.OUTBOUND_PORT,
+            maxconn=maxconn, idle=idle, uid=abi.PROXY_UID, gid=abi.PROXY_GID, outbound=abi.OUTBOUND_PORT,
             inbound=abi.INBOUND_PORT, explicit_out=EXPLICIT_OUT, explicit_in=EXPLICIT_IN,
             peer=peer, app_port=EXPLICIT_APP_PORT, explicit_out_iperf=EXPLICIT_OUT_IPERF,
             explicit_in_iperf=EXPLICIT_IN_IPERF, iperf_port=IPERF_PORT))

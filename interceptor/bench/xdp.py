@@ -37,7 +37,7 @@ from .. import abi, counters, enrollment, ingress_nft, lab as labmod, loader
 from ..maps import Maps
 from ..podspec import PodSettings
 from .tools import machine_ticks
-from .topology import APP         # HAProxy answering HTTP
+from .topology import APP, IDLE, MAXCONN         # HAProxy answering HTTP
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
 
@@ -208,7 +208,7 @@ def filter_cost(runs, seconds, progress, modes):
         pod, client = lab.add_pod("sink"), lab.add_pod("src")
         path = os.path.join(lab.workdir, "app.cfg")
         with open(path, "w") as f:
-            f.write(APP.format(app_port=APP_PORT, app_port_last=APP_PORT))
+            f.write(APP.format(app_port=APP_PORT, app_port_last=APP_PORT, maxconn=MAXCONN, idle=IDLE))
         app = pod.spawn("haproxy", "-db", "-f", path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             labmod.wait_listening(pod, APP_PORT)
