@@ -61,9 +61,10 @@ def doctor(output):
 @click.option("--cgroup", type=click.Path(file_okay=False),
               help="Attach at this cgroup2 directory instead of the cgroup2 root.")
 @click.option("--bypass/--no-bypass", default=False, show_default=True,
-              help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg). Off by "
-                   "default: see the README for what it changes (faster keep-alive and bulk, "
-                   "slower connection churn, kernel limits).")
+              help="Same-host socket pairs skip the TCP/IP stack (sock_ops + sk_msg), on the "
+                   "legs each pod allows (enroll --bypass). Off by default: the kernel gives "
+                   "it no backpressure (a receiver that stops reading lets its sender fill "
+                   "the node's TCP memory), and splice and blocking recv break; see README.")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF for each capability the kernel offers, "
               "REDIRECT rules for the rest; nftables/iptables: rules only (no BPF).")

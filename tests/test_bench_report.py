@@ -64,3 +64,13 @@ def test_conns_table_and_plot(tmp_path):
     assert "ebpf-nobypass: 4.0 + 0.0 KiB, 0 failed" in text
     conns.plot(results, tmp_path)
     assert (tmp_path / "conns.png").stat().st_size > 0
+
+
+def test_connect_cost_table_gives_per_round_differences_to_the_smallest_lists():
+    from interceptor.bench import connect_cost
+    results = {"connects_per_block": 100, "samples": {
+        "0": [9000.0, 9100.0], "10": [10000.0, 11000.0], "10000": [10500.0, 11300.0]}}
+    lines = connect_cost.render(results).splitlines()
+    assert lines[2].split()[:2] == ["not", "enrolled"]
+    last = lines[-1].split()
+    assert last[0] == "10000" and last[1] == "10.90" and last[-2] == "+0.40"   # (500 + 300) / 2 ns

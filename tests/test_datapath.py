@@ -410,6 +410,14 @@ def test_large_transfer_through_both_sidecars(pods, datapath, bypass):
             loader.load(bypass=True, mode=loader.node_state()["requested_mode"])
 
 
+def bypassed_client(pods, datapath):
+    """The client pod, enrolled with the bypass on every leg (skips modes without it)."""
+    lab, a, b = pods
+    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
+    enroll(a)
+    return a
+
+
 def stream_checks(pod):
     return json.loads(pod.run(sys.executable, APPS, "stream-checks", "9191").stdout)
 
@@ -417,9 +425,7 @@ def stream_checks(pod):
 def test_stream_semantics_on_a_bypassed_pair(pods, datapath):
     """FIONREAD, half-close and RST on a loopback pair in an enrolled pod, which the
     bypass short-circuits (the counter proves the path was taken)."""
-    lab, a, b = pods
-    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
-    enroll(a)
+    a = bypassed_client(pods, datapath)
     result = stream_checks(a)
     assert result["fionread"] == 1000
     assert result["half_close_data"] == "last words"
@@ -448,9 +454,7 @@ class KernelLimit(Exception):
     "whose app or proxy splices from sockets must be enrolled with --no-bypass. Strict: "
     "a kernel that fixes it fails this test, to be noticed."))
 def test_splice_on_a_bypassed_socket(pods, datapath):
-    lab, a, b = pods
-    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
-    enroll(a)
+    a = bypassed_client(pods, datapath)
     result = stream_checks(a)
     assert pod_counters(a)["bypass_msg_redirected"] >= 3
     if not (result["splice"] == 4096 and result["splice_data_ok"]):
@@ -489,9 +493,7 @@ def test_a_receiver_that_does_not_read_stops_the_sender(pods):
     "fails with ENOMEM instead of blocking. Why the bypass is not the default. Strict: a "
     "kernel that bounds it fails this test, to be noticed."))
 def test_a_receiver_that_does_not_read_stops_a_bypassed_sender(pods, datapath):
-    lab, a, b = pods
-    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
-    enroll(a)
+    a = bypassed_client(pods, datapath)
     out, bound = backpressure(a)
     assert pod_counters(a)["bypass_msg_redirected"] > 0
     if not (out["stop"] == "EAGAIN" and out["queued"] <= bound):
@@ -599,9 +601,7 @@ def test_proxy_listening_on_custom_ports(pods):
     "non-blocking apps retry, blocking apps see an error. A race (some runs pass), so not "
     "strict; kept to notice a kernel fix."))
 def test_blocking_recv_on_a_bypassed_socket(pods, datapath):
-    lab, a, b = pods
-    needs_ebpf(datapath, "outbound", "inbound", why="no bypass")
-    enroll(a)
+    a = bypassed_client(pods, datapath)
     # Blocking reads on both ends of a bypassed loopback pair; an error (the kernel's
     # EAGAIN) is counted, never allowed to end a thread, so a run always finishes.
     script = (
