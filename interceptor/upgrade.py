@@ -24,7 +24,7 @@ import errno
 import os
 import time
 
-from . import libbpf, paths, state
+from . import libbpf, libc, paths, state
 from .bpf_source import compile_flags, datapath_version
 from .insns import map_refs, set_imm64
 from .maps import LAYOUT
@@ -172,6 +172,10 @@ def _swap(node, plan, version, sizes, log):
                 os.unlink(staged)
             libbpf.obj_pin(fd, staged)
             os.replace(staged, paths.prog_pin(prog.name))
+        # a program run that began before its swap still writes the old maps: wait it out,
+        # or what it counts after catch_up() reads them is lost
+        if migrations:
+            libc.wait_for_running_bpf_programs()
         for m in migrations:
             os.replace(_staged_pin(m.name), paths.map_pin(m.name))
             m.catch_up()
