@@ -74,3 +74,15 @@ def test_connect_cost_table_gives_per_round_differences_to_the_smallest_lists():
     assert lines[2].split()[:2] == ["not", "enrolled"]
     last = lines[-1].split()
     assert last[0] == "10000" and last[1] == "10.90" and last[-2] == "+0.40"   # (500 + 300) / 2 ns
+
+
+def test_filter_cost_subtracts_the_bare_pass_of_the_same_hook_and_round():
+    from interceptor.bench import filter_cost
+    results = {"repeat": 10, "packet_bytes": 1514, "samples": {
+        "tc pass only": [10, 12], "tc filter, default": [50, 54],
+        "xdp pass only": [5, 5], "xdp filter, default": [25, 35]}}
+    lines = filter_cost.render(results).splitlines()
+    tc = next(line for line in lines if line.startswith("tc filter"))
+    xdp = next(line for line in lines if line.startswith("xdp filter"))
+    assert "41 (40-42)" in tc and "25 (20-30)" in xdp
+    assert "3.42%" in tc        # 41 ns x 833,333 packets/s of 1500 B at 10 Gbit/s
