@@ -10,7 +10,6 @@ once over loopback. Blocks of connects alternate between list sizes (and a pod n
 enrolled, where the hook only looks the pod up), one block per size per round, so drift
 cancels out; the difference between sizes is the lists' cost per connect.
 """
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ if __name__ == "__main__":
 
 from .. import abi, enrollment, lab as labmod, loader
 from ..podspec import PodSettings
+from . import report
 from .run import _excluded
 
 SIZES = (10, 100, 1000, 10_000)
@@ -96,14 +96,8 @@ def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     out_dir = sys.argv[2] if len(sys.argv) > 2 else os.path.join("bench-results", "connect-cost")
     sizes = tuple(int(s) for s in sys.argv[3].split(",")) if len(sys.argv) > 3 else SIZES
-    os.makedirs(out_dir, exist_ok=True)
     results = run(rounds, sizes)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = render(results)
-    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    report.save(out_dir, results, render(results))
 
 
 if __name__ == "__main__":

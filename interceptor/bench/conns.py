@@ -220,15 +220,9 @@ def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     out_dir = sys.argv[2] if len(sys.argv) > 2 else os.path.join("bench-results", "conns")
     counts = tuple(int(c) for c in sys.argv[3].split(",")) if len(sys.argv) > 3 else COUNTS
-    os.makedirs(out_dir, exist_ok=True)
     results = run(rounds, lambda line: print(line, flush=True), counts)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = render(results)
-    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
-        f.write(text + "\n")
+    report.save(out_dir, results, render(results))
     plot(results, out_dir)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ What that costs a flow depends on packets per second, so the report also gives t
 as a share of one core at 10 Gbit/s of full-size segments (GRO/TSO off: every segment
 is a packet) and of 64 KiB aggregates (GRO/TSO on, the default between local veths).
 """
-import json
 import os
 import statistics
 import struct
@@ -28,6 +27,7 @@ if __name__ == "__main__":
 from .. import ingress, libbpf, loader, stubs
 from ..maps import Maps
 from ..podspec import PodSettings
+from . import report
 
 REPEAT = 1_000_000
 COOKIE = 0x7E57C0DE00000002      # a pod that exists only in the maps
@@ -119,14 +119,8 @@ def render(results):
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     out_dir = sys.argv[2] if len(sys.argv) > 2 else os.path.join("bench-results", "filter-cost")
-    os.makedirs(out_dir, exist_ok=True)
     results = run(rounds)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    text = render(results)
-    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    report.save(out_dir, results, render(results))
 
 
 if __name__ == "__main__":

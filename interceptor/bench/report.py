@@ -129,6 +129,17 @@ def render(results):
     return "\n".join(lines)
 
 
+def save(out_dir, results, text):
+    """A bench module's results.json and summary.txt in out_dir; the summary is printed."""
+    import json
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
 def plots(results, out_dir):
     """latency.png (rr percentiles per mode) and rules.png (the scaling curve)."""
     import matplotlib
