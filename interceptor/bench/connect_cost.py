@@ -22,7 +22,7 @@ if __name__ == "__main__":
 from .. import abi, enrollment, lab as labmod, loader
 from ..podspec import PodSettings
 from . import report
-from .run import _excluded
+from .run import excluded_lists
 
 SIZES = (10, 100, 1000, 10_000)
 CONNECTS = 20_000             # per block
@@ -49,7 +49,7 @@ def _block(pod, size):
         enrollment.unenroll(netns_path=pod.netns_path)
         destination = ("127.0.0.1", abi.OUTBOUND_PORT)
     else:
-        enrollment.enroll(pod.netns_path, PodSettings(**_excluded(size)), pod="bench/connect-cost")
+        enrollment.enroll(pod.netns_path, PodSettings(**excluded_lists(size)), pod="bench/connect-cost")
     out = pod.run(sys.executable, "-c", _CONNECTS, str(CONNECTS), *map(str, destination), timeout=300)
     return float(out.stdout)
 

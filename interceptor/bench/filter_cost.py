@@ -53,9 +53,9 @@ def _segment():
     return eth + ipv4 + tcp + b"x" * PAYLOAD
 
 
-def _programs():
-    """{name: fd}: the pod's stub on each hook with each policy, and a bare "pass" per hook."""
-    fds = {}
+def _programs(fds):
+    """Fill fds ({name: fd}, the caller closes them, also after a failure half-way): the
+    pod's stub on each hook with each policy, and a bare "pass" per hook."""
     for hook, (kind, prog_type, passed, _) in HOOKS.items():
         fds[f"{hook} pass only"] = libbpf.load_trivial_prog(prog_type, 0, passed)
         for label, policy in (("default", ()), ("10 rules", POLICY)):
@@ -63,7 +63,6 @@ def _programs():
             with Maps() as maps:
                 ingress.write_entries(maps, cookie, PodSettings(ingress_policy=list(policy)), 32768)
             fds[f"{hook} filter, {label}"] = stubs.load_for_pod(kind, cookie)
-    return fds
 
 
 def run(rounds, progress=print):
@@ -73,7 +72,7 @@ def run(rounds, progress=print):
     samples = {}
     fds = {}
     try:
-        fds = _programs()
+        _programs(fds)
         names = list(fds)
         for r in range(rounds):
             k = r % len(names)

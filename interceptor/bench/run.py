@@ -48,7 +48,7 @@ def environment():
             "pod_sysctls": POD_SYSCTLS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _excluded(n):
+def excluded_lists(n):
     """n CIDRs and n ports the traffic never matches, so every one of them is evaluated."""
     cidrs = [f"100.{64 + i // 65536}.{(i // 256) % 256}.{i % 256}/32" for i in range(n)]
     ports = [20000 + i for i in range(min(n, 40000))]
@@ -88,7 +88,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
                 k = r * len(RULE_MODES) % len(runs_of_round)
                 for slot, size, mode in runs_of_round[k:] + runs_of_round[:k]:
                     with _fresh(Topology()) as topo:
-                        modes.apply(mode, topo, client_settings=_excluded(size))
+                        modes.apply(mode, topo, client_settings=excluded_lists(size))
                         url = modes.http_target(mode, topo, slot=slot)
                         with topo.cpu_meter() as cpu:
                             w = tools.wrk(topo.client, url, 8, seconds, close=True)
