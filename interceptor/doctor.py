@@ -6,6 +6,7 @@ removes it. Nothing here compiles except the BCC probe, so doctor also works whe
 cannot run. INTERCEPTOR_DISABLE_FEATURES=a,b makes probes report features absent, to
 exercise fallbacks on a kernel that has them.
 """
+import errno
 import os
 import platform
 from contextlib import nullcontext
@@ -186,10 +187,26 @@ class _scratch_cgroup:
                 pass
 
 
+def _load_with_netns_cookie(prog_type, attach_type, return_value):
+    """A probe program that calls bpf_get_netns_cookie, as every hook of the datapath
+    does (it is how a hook knows the pod): a kernel that has the program type but not
+    the helper for it (sock_ops and sk_msg before 5.15, sockopt before 5.14) cannot run
+    the datapath's program, and says so here."""
+    try:
+        return libbpf.load_helper_probe_prog(prog_type, attach_type, return_value,
+                                             libbpf.HELPER_GET_NETNS_COOKIE)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        os.close(libbpf.load_trivial_prog(prog_type, attach_type, return_value))  # the type alone?
+        raise OSError(errno.EINVAL, "the program type loads, but without bpf_get_netns_cookie "
+                                    "(which the datapath's program needs)") from None
+
+
 def _probe_cgroup_hook(cgroup, prog_type, attach_type):
     if cgroup is None:
         raise OSError(0, "no cgroup2 hierarchy to attach to")
-    prog = libbpf.load_trivial_prog(prog_type, attach_type, 1)
+    prog = _load_with_netns_cookie(prog_type, attach_type, 1)
     try:
         cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -205,7 +222,7 @@ def _probe_cgroup_hook(cgroup, prog_type, attach_type):
 def _probe_sockmap():
     m = libbpf.map_create(MapType.SOCKHASH, 4, 4, 1)
     try:
-        prog = libbpf.load_trivial_prog(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, 1)
+        prog = _load_with_netns_cookie(ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, 1)
         try:
             libbpf.prog_attach(prog, m, AttachType.SK_MSG_VERDICT)
             libbpf.prog_detach(prog, m, AttachType.SK_MSG_VERDICT)
@@ -251,7 +268,7 @@ def _probe_sk_lookup():
 def _probe_netns_cookie():
     from . import netns
     cookie = netns.current_cookie()
-    return f"SO_NETNS_COOKIE works (this namespace: {cookie})"
+    return f"from {netns.cookie_source()} (this namespace: {cookie})"
 
 
 def _probe_xdp(native):

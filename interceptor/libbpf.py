@@ -367,6 +367,22 @@ def load_trivial_prog(prog_type, expected_attach_type, return_value):
                                       ctypes.byref(opts)), "load probe program")
 
 
+HELPER_GET_NETNS_COOKIE = 122
+
+
+def load_helper_probe_prog(prog_type, expected_attach_type, return_value, helper):
+    """Load `call helper(ctx); r0 = return_value; exit`: does this program type get
+    that helper on this kernel? (Helpers reach program types one kernel at a time.)"""
+    insns = (ctypes.c_uint64 * 3)(
+        0x85 | (helper << 32),         # BPF_JMP | BPF_CALL, r1 is still the context
+        0xb7 | (return_value << 32),
+        0x95,
+    )
+    opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type)
+    return _check(lib().bpf_prog_load(prog_type, b"ic_probe", b"GPL", insns, 3,
+                                      ctypes.byref(opts)), "load probe program")
+
+
 def pinned_info(pin, info_type):
     """The info of a pinned object, or None when there is no such pin."""
     try:

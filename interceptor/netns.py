@@ -48,8 +48,28 @@ def entered(path):
 
 
 def current_cookie():
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    """The cookie of the calling thread's network namespace: SO_NETNS_COOKIE (5.14+),
+    else asked through a BPF connect hook (netns_cookie_bpf: kernels 5.7 to 5.13)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+    from . import netns_cookie_bpf
+    return netns_cookie_bpf.current_cookie()
+
+
+def cookie_source():
+    """How current_cookie() learns cookies on this kernel (for doctor)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        return "SO_NETNS_COOKIE"
+    except OSError as exc:
+        if exc.errno != errno.ENOPROTOOPT:
+            raise
+        return "a BPF connect hook (no SO_NETNS_COOKIE before Linux 5.14)"
 
 
 def cookie_of(path):
