@@ -97,6 +97,20 @@ def upgrade(map_sizes):
 
 
 @main.command()
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+              show_default=True, help="The mode to load the datapath in, as `load --mode`.")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def selfcheck(mode, output):
+    """Load, run two pods with HAProxy sidecars through capture and the ingress filter,
+    check status, unload: exit 0 when every step worked. Refuses a loaded node."""
+    from . import selfcheck as check
+    result = check.run(mode=mode, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(result.to_json(), indent=2) if output == "json" else result.render())
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
 def unload():
     """Unenroll every pod, detach and unpin everything (idempotent)."""
     from . import loader

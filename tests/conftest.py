@@ -192,29 +192,8 @@ class Background:
 
 
 # --- what the kernel and the node hold, counted outside our own bookkeeping -----------
-def bpftool(*args):
-    return json.loads(subprocess.run(["bpftool", "-j", *args], check=True,
-                                     capture_output=True, text=True).stdout.strip() or "[]")
-
-
-def live_objects():
-    """Our programs and their links still known to the kernel (freeing is deferred a
-    little after the last reference goes, so callers poll: wait_gone)."""
-    from interceptor.programs import PROGRAMS
-    ours = {p.name for p in PROGRAMS}
-    progs = [p for p in bpftool("prog", "show") if p.get("name") in ours]
-    prog_ids = {p["id"] for p in progs}
-    links = [link for link in bpftool("link", "show") if link.get("prog_id") in prog_ids]
-    return progs, links
-
-
-def wait_gone(timeout=5):
-    deadline = time.monotonic() + timeout
-    while True:
-        progs, links = live_objects()
-        if not progs and not links or time.monotonic() > deadline:
-            return progs, links
-        time.sleep(0.1)
+# bpftool, live_objects, wait_gone: interceptor.residue (selfcheck uses them too)
+from interceptor.residue import bpftool, live_objects, wait_gone  # noqa: E402,F401
 
 
 def node_fingerprint(*other_dirs):

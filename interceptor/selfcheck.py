@@ -1,0 +1,196 @@
+"""`interceptor selfcheck`: the behavioural core on this node, end to end, with real parts.
+
+Loads the datapath (in the mode asked for; `auto` takes what doctor finds), makes two pods
+in network namespaces with HAProxy sidecars (uid 1337), enrolls them, and checks what an
+operator relies on: the client's request reaches the server through both sidecars, each
+sidecar learns the original destination, the server's ingress filter drops a connection
+to its proxy's capture port, `status` calls the node healthy, and unload leaves nothing.
+The kernel matrix (vm/matrix.py) runs it on each kernel; on a node it is a smoke test
+before enrolling real pods. It refuses to run on a node where the datapath is loaded:
+it would unload it.
+"""
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import abi, enrollment, lab as labmod, loader, residue, status
+from .podspec import PodSettings
+
+SERVICE_PORT = 8080
+LAB_NET = 79                     # 10.79.0.0/24: the lab's own bridge, inside its own netns
+SIDECAR_LOG_WAIT_S = 10
+# the steps of a full run, in order (a run that stops early adds "unexpected" before unload)
+STEPS = ("load", "enroll", "request", "outbound capture", "inbound capture", "ingress filter",
+         "status", "unload")          # emulated guests (the kernel matrix) are ~8x slower
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Result:
+    requested_mode: str
+    kernel: str
+    plan: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+
+    @property
+    def ok(self):
+        return bool(self.steps) and all(s.ok for s in self.steps)
+
+    def to_json(self):
+        return {"requested_mode": self.requested_mode, "kernel": self.kernel, "ok": self.ok,
+                "plan": self.plan, "steps": [asdict(s) for s in self.steps]}
+
+    def render(self):
+        lines = [f"selfcheck, --mode {self.requested_mode}, kernel {self.kernel}"]
+        if self.plan:
+            lines.append(f"  plan: {describe_plan(self.plan)}")
+        lines += [f"  {'ok  ' if s.ok else 'FAIL'}  {s.name:<18}{s.detail}" for s in self.steps]
+        lines.append("  => " + ("all checks passed" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def describe_plan(plan):
+    return (f"{plan.get('mode')}: outbound {plan.get('outbound')}, inbound {plan.get('inbound')}, "
+            f"ingress filter {plan.get('ingress') or 'off'}")
+
+
+@dataclass
+class _Pod:
+    """A lab pod with its sidecar's log and its enrollment."""
+    pod: labmod.Pod
+    sidecar_log: str
+    cookie: int = 0
+
+
+class _Stop(Exception):
+    """A step failed that later steps depend on."""
+
+
+def run(mode="auto", log=lambda msg: None):
+    import platform
+    result = Result(requested_mode=mode, kernel=platform.release())
+
+    def step(name, ok, detail, fatal=False):
+        result.steps.append(Step(name, bool(ok), detail))
+        log(f"{'ok' if ok else 'FAIL'}: {name}: {detail}")
+        if fatal and not ok:
+            raise _Stop(name)
+
+    if loader.is_loaded():
+        step("load", False, "the datapath is already loaded on this node: selfcheck loads and "
+                            "unloads its own, run it on a node without pods", fatal=False)
+        return result
+    lab = None
+    try:
+        try:
+            started = time.monotonic()
+            loader.load(mode=mode, log=log)
+        except loader.LoadError as exc:
+            step("load", False, str(exc), fatal=True)
+        result.plan = {k: v for k, v in loader.node_plan().items() if k != "pieces"}
+        step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
+        lab = labmod.Lab(prefix="icself", net=LAB_NET)
+        client, server = _pods(lab, step)
+        _capture(client, server, lab, step)
+        _ingress_drop(client, server, step)
+        _status(step)
+    except _Stop:
+        pass
+    except Exception as exc:        # report it as the failing step, then clean up
+        step("unexpected", False, f"{type(exc).__name__}: {exc}")
+    finally:
+        _unload(lab, step)
+    return result
+
+
+def _pods(lab, step):
+    client, server = lab.add_pod("client"), lab.add_pod("server")
+    server.spawn(sys.executable, "-m", "http.server", "--bind", "0.0.0.0", str(SERVICE_PORT),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    labmod.wait_listening(server, SERVICE_PORT, timeout=30)
+    pods = [_Pod(p, lab.start_haproxy(p)[1]) for p in (client, server)]
+    for p in pods:
+        rec = enrollment.enroll(p.pod.netns_path, PodSettings(), pod=f"selfcheck/{p.pod.name}")
+        p.cookie = rec.cookie
+    step("enroll", True, f"two pods with HAProxy sidecars, pieces {[e.piece for e in rec.journal]}")
+    return pods
+
+
+def _sidecar_entry(pod, frontend):
+    """The sidecar's first log line for that frontend: {client, dst, server} or None."""
+    deadline = time.monotonic() + SIDECAR_LOG_WAIT_S
+    pattern = re.compile(rf"frontend={frontend} client=(\S+) dst=(\S+) server=(\S+)")
+    while True:
+        with open(pod.sidecar_log) as f:
+            for line in f:
+                m = pattern.search(line)
+                if m:
+                    return dict(zip(("client", "dst", "server"), m.groups()))
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _capture(client, server, lab, step):
+    target = f"{server.pod.ipv4}:{SERVICE_PORT}"
+    out = client.pod.run("curl", "-sS", "-o", "/dev/null", "-m", "20", "-w", "%{http_code}",
+                     f"http://{target}/", check=False, timeout=40)
+    step("request", out.returncode == 0 and out.stdout.strip() == "200",
+         f"client app -> {target}: " + (f"HTTP {out.stdout.strip()}" if out.returncode == 0
+                                        else out.stderr.strip()))
+    for name, pod, frontend in (("outbound capture", client, "outbound"),
+                                ("inbound capture", server, "inbound")):
+        entry = _sidecar_entry(pod, frontend)
+        if entry is None:
+            step(name, False, f"{pod.pod.name}'s sidecar saw no {frontend} connection")
+            continue
+        # the outbound sidecar saw the app's original destination; the inbound one
+        # accepted on the pod's address and port, which it forwards to
+        port = abi.OUTBOUND_PORT if frontend == "outbound" else abi.INBOUND_PORT
+        step(name, entry["dst"] == target,
+             f"{pod.pod.name}'s sidecar (:{port}) got original destination {entry['dst']}, "
+             f"forwarded to {entry['server']}")
+
+
+def _ingress_drop(client, server, step):
+    # as the proxy uid, so the client's own capture leaves it alone: straight to the server
+    probe = client.pod.run("setpriv", f"--reuid={abi.PROXY_UID}", f"--regid={abi.PROXY_GID}",
+                       "--clear-groups", "curl", "-sS", "-o", "/dev/null", "-m", "3",
+                       f"http://{server.pod.ipv4}:{abi.OUTBOUND_PORT}/", check=False)
+    pod = next((p for p in status.collect()["pods"] if p["cookie"] == server.cookie), {})
+    dropped = pod.get("counters", {}).get("ingress_dropped_protected_port", 0)
+    filt = (pod.get("ingress") or {}).get("mechanism")
+    step("ingress filter", probe.returncode != 0 and dropped > 0,
+         f"{server.pod.ipv4}:{abi.OUTBOUND_PORT} from the client: "
+         f"{'not reachable' if probe.returncode else 'REACHABLE'}, {dropped} packet(s) dropped"
+         + (f" ({filt})" if filt else ""))
+
+
+def _status(step):
+    report = status.collect()
+    names = sorted(p["pod"] for p in report["pods"])
+    healthy = report["node"]["loaded"] and not report["errors"] and \
+        names == ["selfcheck/client", "selfcheck/server"]
+    step("status", healthy, "healthy, pods " + ", ".join(names) if healthy else
+         "; ".join(report["errors"]) or f"pods {names}")
+
+
+def _unload(lab, step):
+    try:
+        if lab is not None:
+            for pod in lab.pods.values():
+                enrollment.unenroll(netns_path=pod.netns_path)
+            lab.close()
+        loader.unload()
+        left = residue.after_unload()
+        step("unload", left.empty, left.describe())
+    except Exception as exc:
+        step("unload", False, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,54 @@
+"""What keeps older kernels (the VM matrix's 5.10, vm/matrix.py) working, checked on this
+one: the netns cookie learned through a BPF connect hook where SO_NETNS_COOKIE is missing
+(before 5.14), and the selfcheck the matrix runs in each guest."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from interceptor import netns, netns_cookie_bpf, selfcheck
+from conftest import bpftool
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def scratch_netns():
+    name = f"icck{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_the_bpf_cookie_probe_gives_the_kernels_cookie(scratch_netns):
+    """Same answer as SO_NETNS_COOKIE, in the host's namespace and in a fresh one whose
+    loopback is down (its connect fails, after the hook ran)."""
+    assert netns_cookie_bpf.current_cookie() == netns.current_cookie()
+    with netns.entered(scratch_netns):
+        inside = netns.current_cookie()
+        assert netns_cookie_bpf.current_cookie() == inside
+    assert inside != netns.current_cookie()
+
+
+def test_the_bpf_cookie_probe_leaves_nothing_attached():
+    for _ in range(3):
+        netns_cookie_bpf.current_cookie()
+    assert [p for p in bpftool("prog", "show") if p.get("name") == "ic_netns_cookie"] == []
+
+
+def test_selfcheck_passes_on_this_kernel_in_each_mode():
+    """The matrix's check, run here: every step of the behavioural core ok, and unload
+    leaves nothing (its last step)."""
+    from interceptor import loader
+    loader.unload()          # selfcheck refuses a loaded node
+    for mode in ("auto", "nftables"):
+        p = subprocess.run([sys.executable, "-m", "interceptor.cli", "selfcheck", "--mode", mode,
+                            "-o", "json"], capture_output=True, text=True, timeout=300)
+        result = json.loads(p.stdout)
+        assert p.returncode == 0, result
+        assert tuple(s["name"] for s in result["steps"]) == selfcheck.STEPS
+        assert result["ok"] and result["plan"]["mode"] == ("ebpf" if mode == "auto" else mode)
