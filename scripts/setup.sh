@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" -ne 0 ]; then
+if [ "$(id -u)" -ne 0 ] && [ "${1:-}" != --packages ]; then
     echo "setup: run as root (it installs packages and loads BPF programs)" >&2
     exit 1
 fi
@@ -23,17 +23,29 @@ fi
 # node1) ships headers for the running kernel, and bpftool in linux-tools.
 . /etc/os-release
 if [ "${ID:-}" = ubuntu ]; then
-    HEADERS="linux-headers-$(uname -r)"
+    HEADERS=("linux-headers-$(uname -r)")
     BPFTOOL="linux-tools-$(uname -r)"
     VAGRANT=()          # a VM of the Vagrant set-up has no use for vagrant itself
 else
-    HEADERS=linux-headers-amd64
+    HEADERS=(linux-headers-amd64)
     BPFTOOL=bpftool
     VAGRANT=(vagrant)
 fi
-PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "$HEADERS" haproxy curl
+if [ -e /etc/interceptor-vm-image ]; then
+    # the project's own guest image (vm/build-image.sh): VMs are made outside it, and it
+    # carries every kernel's headers tree; Python packages come from its wheelhouse
+    VAGRANT=()
+    HEADERS=()
+fi
+PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "${HEADERS[@]}" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
           nftables iptables wrk iperf3 netsniff-ng containerd gcc libc6-dev mmdebstrap "${VAGRANT[@]}")
+
+# `setup.sh --packages`: the list alone (the VM image installs the same set: vm/build-image.sh)
+if [ "${1:-}" = --packages ]; then
+    echo "${PACKAGES[@]}"
+    exit 0
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
