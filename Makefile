@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up what is missing first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test abi doctor image reliability vm-image vm-test vm-check
+.PHONY: setup demo test abi doctor image reliability vm-image vm-test vm-check vm-bench
 
 setup:
 	@bash scripts/setup.sh
@@ -51,3 +51,9 @@ vm-test: vm-image
 # CI's reduced matrix: the oldest kernel's core check, eBPF where it can, as chosen.
 vm-check:
 	$(MAKE) vm-test VM_KERNELS=5.10 VM_MODES=auto
+
+# Two VMs by Vagrant (vagrant-libvirt; the box from vm-image) and the cross-node benchmark
+# between them, iptables and eBPF interleaved; everything removed after (build/vm-bench).
+# Under emulation about 30 minutes; not part of `make test` or CI.
+vm-bench: setup
+	bash vagrant/run-bench.sh

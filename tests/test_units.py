@@ -257,7 +257,7 @@ def test_policy_command_rejects_a_bad_rule_as_usage_error():
 
 def test_vagrantfile_validates():
     """`vagrant validate` works offline once provider-specific blocks are ignored (no
-    VirtualBox or libvirt on this machine kind, and no boxes are downloaded)."""
+    daemon, no box needed); `make vm-bench` runs the real two-VM flow."""
     import shutil
     if not shutil.which("vagrant"):
         pytest.skip("vagrant is not installed (scripts/setup.sh installs it)")

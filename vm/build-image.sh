@@ -152,7 +152,9 @@ mkdir -p "$OUT/root.new$WHEELS"
 .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: \
     -d "$OUT/root.new$WHEELS" "interceptor[test,bench] @ file://$wheel" setuptools wheel
 cp "$wheel" "$OUT/root.new$WHEELS/"
-printf '[global]\nno-index = true\nfind-links = %s\n' "$WHEELS" > "$OUT/root.new/etc/pip.conf"
+# no-compile: byte-compiling numpy and matplotlib at install is most of a guest's set-up
+# time under emulation; Python compiles what it imports instead
+printf '[global]\nno-index = true\nfind-links = %s\nno-compile = true\n' "$WHEELS" > "$OUT/root.new/etc/pip.conf"
 # (a clean environment: the host's PIP_* variables would override the guest's pip.conf)
 in_image() { chroot "$OUT/root.new" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 in_image /usr/bin/python3 -m venv --system-site-packages /opt/interceptor
