@@ -434,3 +434,36 @@ def test_every_map_layout_round_trips_through_the_node_state():
         key = migrate.Layout.from_json(json.loads(json.dumps(doc["key"])))
         assert key.size == migrate.Layout.of(LAYOUT[name][0]).size
         assert migrate.Conversion(name, key, key.size, migrate.Layout.of(LAYOUT[name][0]), is_key=True).identity
+
+
+def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_steps():
+    """vm/matrix.py's table from two guests' reports: a kernel missing a hook shows NO
+    for it, the plan each mode chose, and a failed step with its detail below."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "matrix", bpf_source.BPF_DIR.parent / "vm" / "matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    steps = [{"name": n, "ok": True, "detail": ""} for n in matrix.STEPS]
+    old = matrix.KernelRun("5.10.0-32", "tcg", 120.0, doctor={
+        "checks": [{"name": "sock_ops", "ok": False}, {"name": "sk_lookup", "ok": True}],
+        "plan": {"mode": "nftables", "outbound": "rules", "inbound": "rules", "ingress": "nftables"}},
+        selfchecks=[{"mode": "auto", "exit": 0, "seconds": 50, "result": {
+            "ok": True, "steps": steps,
+            "plan": {"mode": "nftables", "outbound": "rules", "inbound": "rules", "ingress": "nftables"}}}])
+    failed = [dict(s) for s in steps]
+    failed[2] = {"name": "request", "ok": False, "detail": "HTTP 502"}
+    new = matrix.KernelRun("6.1.0-56", "tcg", 90.0, doctor={
+        "checks": [{"name": "sock_ops", "ok": True}, {"name": "sk_lookup", "ok": True}],
+        "plan": {"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "ingress": "xdp"}},
+        selfchecks=[{"mode": "auto", "exit": 1, "seconds": 40, "result": {
+            "ok": False, "steps": failed,
+            "plan": {"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "ingress": "xdp"}}}])
+    assert old.ok and not new.ok
+    rows = {line.strip().split("  ")[0]: line.split() for line in matrix.table([old, new]).splitlines()}
+    assert rows["sock_ops"][-2:] == ["NO", "yes"]
+    assert rows["selfcheck --mode auto"][-8:] == ["nftables:", "rules,", "rules,", "nftables",
+                                                  "ebpf:", "ebpf,", "ebpf,", "xdp"]
+    assert rows["request"][-2:] == ["ok", "FAIL"]
+    assert [w for w in rows["result"] if w in ("PASS", "FAIL")] == ["PASS", "FAIL"]
+    assert "6.1.0-56 --mode auto request: HTTP 502" in matrix.table([old, new])
