@@ -13,7 +13,7 @@
 #      setting and the iptables chains libvirt added restored/removed.
 #
 # Environment: VM_BENCH_ARGS (extra `bench xnode` options, default "--runs 3"),
-# VM_BENCH_MODES (default direct,iptables,ebpf-nobypass: the datapath as loaded by default), INTERCEPTOR_VM_ACCEL (kvm|qemu:
+# VM_BENCH_MODES (default iptables,ebpf-nobypass: the datapath as loaded by default), INTERCEPTOR_VM_ACCEL (kvm|qemu:
 # skip the trial).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -147,11 +147,14 @@ step "vagrant up (two VMs, provisioned)" vagrant up --provider libvirt
 
 # --- 4. the benchmark ----------------------------------------------------------------------
 PEER=$(sed -n 's/^ *"node2" => "\([0-9.]*\)".*/\1/p' vagrant/Vagrantfile)
-MODES=${VM_BENCH_MODES:-direct,iptables,ebpf-nobypass}
+MODES=${VM_BENCH_MODES:-iptables,ebpf-nobypass}
 ARGS=${VM_BENCH_ARGS:---runs 3}
 vagrant ssh node2 -c "sudo /interceptor/.venv/bin/interceptor bench --serve 15599" > "$OUT/node2.log" 2>&1 &
 server=$!
-sleep 5
+for _ in $(seq 60); do    # its listener, as seen from node2 (a guest takes seconds to start it)
+    vagrant ssh node2 -c "ss -Hltn 'sport = :15599'" 2>/dev/null | grep -q LISTEN && break
+    sleep 2
+done
 bench() {
     vagrant ssh node1 -c "sudo rm -rf /tmp/bench-x-vm && sudo /interceptor/.venv/bin/interceptor bench xnode \
         --peer $PEER:15599 --modes $MODES $ARGS --out /tmp/bench-x-vm" 2>&1 | tee "$OUT/node1.log"
