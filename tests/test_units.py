@@ -444,21 +444,19 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
         "matrix", bpf_source.BPF_DIR.parent / "vm" / "matrix.py")
     matrix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(matrix)
-    steps = [{"name": n, "ok": True, "detail": ""} for n in matrix.STEPS]
-    old = matrix.KernelRun("5.10.0-32", "tcg", 120.0, doctor={
-        "checks": [{"name": "sock_ops", "ok": False}, {"name": "sk_lookup", "ok": True}],
-        "plan": {"mode": "nftables", "outbound": "rules", "inbound": "rules", "ingress": "nftables"}},
-        selfchecks=[{"mode": "auto", "exit": 0, "seconds": 50, "result": {
-            "ok": True, "steps": steps,
-            "plan": {"mode": "nftables", "outbound": "rules", "inbound": "rules", "ingress": "nftables"}}}])
-    failed = [dict(s) for s in steps]
-    failed[2] = {"name": "request", "ok": False, "detail": "HTTP 502"}
-    new = matrix.KernelRun("6.1.0-56", "tcg", 90.0, doctor={
-        "checks": [{"name": "sock_ops", "ok": True}, {"name": "sk_lookup", "ok": True}],
-        "plan": {"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "ingress": "xdp"}},
-        selfchecks=[{"mode": "auto", "exit": 1, "seconds": 40, "result": {
-            "ok": False, "steps": failed,
-            "plan": {"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "ingress": "xdp"}}}])
+    def guest(release, sock_ops, plan, failed_step=None):
+        """A guest's report: doctor (sock_ops as given), one `auto` selfcheck."""
+        plan = dict(zip(("mode", "outbound", "inbound", "ingress"), plan))
+        steps = [{"name": n, "ok": n != failed_step, "detail": "HTTP 502" if n == failed_step else ""}
+                 for n in matrix.STEPS]
+        ok = failed_step is None
+        return matrix.KernelRun(release, "tcg", 90.0, doctor={
+            "checks": [{"name": "sock_ops", "ok": sock_ops}, {"name": "sk_lookup", "ok": True}],
+            "plan": plan}, selfchecks=[{"mode": "auto", "exit": 0 if ok else 1, "seconds": 40,
+                                        "result": {"ok": ok, "steps": steps, "plan": plan}}])
+
+    old = guest("5.10.0-32", False, ("nftables", "rules", "rules", "nftables"))
+    new = guest("6.1.0-56", True, ("ebpf", "ebpf", "ebpf", "xdp"), failed_step="request")
     assert old.ok and not new.ok
     rows = {line.strip().split("  ")[0]: line.split() for line in matrix.table([old, new]).splitlines()}
     assert rows["sock_ops"][-2:] == ["NO", "yes"]
