@@ -147,8 +147,8 @@ class Lab:
             for proc in pod.procs:
                 stop_process(proc)
         for pod in self.pods.values():
-            _delete_netns(pod.netns)
-        _delete_netns(self.node_ns)
+            delete_netns(pod.netns)
+        delete_netns(self.node_ns)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self):
@@ -171,7 +171,7 @@ def _poll(fetch, what, timeout=5):
         time.sleep(0.02)
 
 
-def _delete_netns(name):
+def delete_netns(name):
     try:
         pyr_netns.remove(name)
     except OSError:

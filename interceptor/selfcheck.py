@@ -9,17 +9,21 @@ The kernel matrix (vm/matrix.py) runs it on each kernel; on a node it is a smoke
 before enrolling real pods. It refuses to run on a node where the datapath is loaded:
 it would unload it.
 """
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from . import abi, enrollment, lab as labmod, loader, residue, status
+from . import abi, enrollment, lab as labmod, loader, podrecord, residue, status
 from .podspec import PodSettings
 
 SERVICE_PORT = 8080
 LAB_NET = 79                     # 10.79.0.0/24: the lab's own bridge, inside its own netns
+LAB_PREFIX = "icself"            # its namespaces: icself-node, icself-client, icself-server
+POD_NAMESPACE = "selfcheck"      # its pods' names: selfcheck/client, selfcheck/server
 SIDECAR_LOG_WAIT_S = 10
 # the steps of a full run, in order (a run that stops early adds "unexpected" before unload)
 STEPS = ("load", "enroll", "request", "outbound capture", "inbound capture", "ingress filter",
@@ -84,6 +88,7 @@ def run(mode="auto", log=lambda msg: None):
         if fatal and not ok:
             raise _Stop(name)
 
+    _remove_leftovers(log)
     if loader.is_loaded():
         step("load", False, "the datapath is already loaded on this node: selfcheck loads and "
                             "unloads its own, run it on a node without pods", fatal=False)
@@ -97,7 +102,7 @@ def run(mode="auto", log=lambda msg: None):
             step("load", False, str(exc), fatal=True)
         result.plan = {k: v for k, v in loader.node_plan().items() if k != "pieces"}
         step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
-        lab = labmod.Lab(prefix="icself", net=LAB_NET)
+        lab = labmod.Lab(prefix=LAB_PREFIX, net=LAB_NET)
         client, server = _pods(lab, step)
         _capture(client, server, lab, step)
         _ingress_drop(client, server, step)
@@ -111,6 +116,28 @@ def run(mode="auto", log=lambda msg: None):
     return result
 
 
+def _remove_leftovers(log):
+    """What a selfcheck killed half-way left: its lab's namespaces (and the processes
+    still in them, found by namespace and ended by PID), and a datapath serving nothing
+    but its pods. A datapath with any other pod, or none, is the operator's: left alone."""
+    for name in sorted(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
+        if not name.startswith(f"{LAB_PREFIX}-"):
+            continue
+        ino = os.stat(f"/run/netns/{name}").st_ino
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                continue          # gone meanwhile, or a kernel thread
+        labmod.delete_netns(name)
+        log(f"removed {name}, left by an interrupted selfcheck")
+    pods = [rec.name for rec in podrecord.all_records().values()]
+    if loader.is_loaded() and pods and all(p.startswith(f"{POD_NAMESPACE}/") for p in pods):
+        log("unloading the datapath an interrupted selfcheck left")
+        loader.unload()
+
+
 def _pods(lab, step):
     client, server = lab.add_pod("client"), lab.add_pod("server")
     server.spawn(sys.executable, "-m", "http.server", "--bind", "0.0.0.0", str(SERVICE_PORT),
@@ -118,7 +145,7 @@ def _pods(lab, step):
     labmod.wait_listening(server, SERVICE_PORT, timeout=30)
     pods = [_Pod(p, lab.start_haproxy(p)[1]) for p in (client, server)]
     for p in pods:
-        rec = enrollment.enroll(p.pod.netns_path, PodSettings(), pod=f"selfcheck/{p.pod.name}")
+        rec = enrollment.enroll(p.pod.netns_path, PodSettings(), pod=f"{POD_NAMESPACE}/{p.pod.name}")
         p.cookie = rec.cookie
     step("enroll", True, f"two pods with HAProxy sidecars, pieces {[e.piece for e in rec.journal]}")
     return pods
@@ -178,7 +205,7 @@ def _status(step):
     report = status.collect()
     names = sorted(p["pod"] for p in report["pods"])
     healthy = report["node"]["loaded"] and not report["errors"] and \
-        names == ["selfcheck/client", "selfcheck/server"]
+        names == [f"{POD_NAMESPACE}/client", f"{POD_NAMESPACE}/server"]
     step("status", healthy, "healthy, pods " + ", ".join(names) if healthy else
          "; ".join(report["errors"]) or f"pods {names}")
 

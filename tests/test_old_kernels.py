@@ -52,3 +52,25 @@ def test_selfcheck_passes_on_this_kernel_in_each_mode():
         assert p.returncode == 0, result
         assert tuple(s["name"] for s in result["steps"]) == selfcheck.STEPS
         assert result["ok"] and result["plan"]["mode"] == ("ebpf" if mode == "auto" else mode)
+
+
+def test_a_selfcheck_killed_half_way_is_cleaned_up_by_the_next():
+    """SIGKILL once its pods are enrolled: the next selfcheck removes the lab it left
+    (namespaces, sidecars, the datapath serving only its pods), then passes."""
+    import signal
+    import time
+    from interceptor import loader, podrecord, residue
+    loader.unload()
+    cli = [sys.executable, "-m", "interceptor.cli", "selfcheck", "-o", "json"]
+    victim = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(podrecord.all_records()) < 2 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert loader.is_loaded() and os.path.exists(f"/run/netns/{selfcheck.LAB_PREFIX}-server")
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "interrupted selfcheck" in p.stderr
+    assert [n for n in os.listdir("/run/netns") if n.startswith(selfcheck.LAB_PREFIX)] == []
+    assert residue.after_unload().empty
