@@ -176,7 +176,7 @@ python3 - "$OUT/results.json" "$MODES" <<'PY'
 import json, sys
 samples = json.load(open(sys.argv[1]))["samples"]
 modes = sys.argv[2].split(",")
-xnode = {k: v for k, v in samples.items() if k.startswith("x-node")}
+xnode = {k: v for k, v in samples.items() if k.startswith("x-machine")}   # bench xnode --peer's
 missing = [f"{k}: {m}" for k, v in xnode.items() for m in modes if not v.get(m)]
 if not xnode or missing:
     sys.exit("vm-bench: FAILED, no cross-node samples for " + (", ".join(missing) or "any scenario"))
