@@ -70,7 +70,7 @@ def render(results):
         head = f"{'mode':<22}{unit + ' median':>16}{'min-max':>22}"
         if latency:
             head += f"{'p50 ms':>9}{'p99 ms':>9}"
-        head += f"{cpu_unit + ' sidecars':>20}{'total':>8}{'vs iptables':>20}{'vs explicit':>20}"
+        head += f"{cpu_unit + ' sidecars':>20}{'total':>11}{'vs iptables':>20}{'vs explicit':>20}"
         lines.append(head)
         for mode, runs in samples.items():
             values = [r[key] for r in runs]
@@ -79,7 +79,7 @@ def render(results):
             if latency:
                 row += f"{_fmt(_median([r['p50_ms'] for r in runs]), 2):>9}{_fmt(_median([r['p99_ms'] for r in runs]), 2):>9}"
             row += (f"{_fmt(_median([r['sidecars_ms'] for r in runs]), 1):>20}"
-                    f"{_fmt(_median([r['total_ms'] for r in runs]), 1):>8}"
+                    f"{_fmt(_median([r['total_ms'] for r in runs]), 1):>11}"
                     f"{_ratio_cell(_ratios(samples, mode, 'iptables', key)):>20}"
                     f"{_ratio_cell(_ratios(samples, mode, 'explicit', key)):>20}")
             lines.append(row)
