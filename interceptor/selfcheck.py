@@ -104,7 +104,7 @@ def run(mode="auto", log=lambda msg: None):
         step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
         lab = labmod.Lab(prefix=LAB_PREFIX, net=LAB_NET)
         client, server = _pods(lab, step)
-        _capture(client, server, lab, step)
+        _capture(client, server, step)
         _ingress_drop(client, server, step)
         _status(step)
     except _Stop:
@@ -166,7 +166,7 @@ def _sidecar_entry(pod, frontend):
         time.sleep(0.1)
 
 
-def _capture(client, server, lab, step):
+def _capture(client, server, step):
     target = f"{server.pod.ipv4}:{SERVICE_PORT}"
     out = client.pod.run("curl", "-sS", "-o", "/dev/null", "-m", "20", "-w", "%{http_code}",
                      f"http://{target}/", check=False, timeout=40)
