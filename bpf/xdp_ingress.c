@@ -11,8 +11,9 @@
  * across namespaces, so the program cannot tell by itself whose interface it runs on.
  * Each pod gets a stub of its own, xdp_pod or tc_pod, loaded by enroll from a saved copy
  * with the pod's cookie in place of XDP_COOKIE_PLACEHOLDER (interceptor/xdp.py); the stub
- * puts the cookie in the XDP metadata or skb->cb and tail-calls the hook's filter, which
- * the loader verified once. (A full copy per pod took the verifier ~45 ms at every pod
+ * puts the cookie in a per-CPU slot (xdp_cookie_slot) or skb->cb and tail-calls the
+ * hook's filter, which the loader verified once. Not the XDP metadata: some kernel
+ * builds refuse bpf_xdp_adjust_meta to every XDP program. (A full copy per pod took the verifier ~45 ms at every pod
  * start; the stub takes well under one.)
  *
  * Verdicts, in order:
@@ -284,29 +285,27 @@ static __always_inline int judge(__u64 cookie, struct xdp_pod_config *cfg, int p
 
 int xdp_pod(struct xdp_md *ctx)
 {
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(__u64)))
+	__u32 zero = 0;
+	__u64 *slot = xdp_cookie_slot.lookup(&zero);
+	if (!slot)
 		return XDP_PASS;
-	void *meta = (void *)(long)ctx->data_meta;
-	void *data = (void *)(long)ctx->data;
-	if (meta + sizeof(__u64) > data)
-		return XDP_PASS;
-	*(__u64 *)meta = XDP_COOKIE_PLACEHOLDER;
+	*slot = XDP_COOKIE_PLACEHOLDER;
 	xdp_main.call(ctx, 0);
 	/* only while the loader replaces xdp_ingress: pass, as without a filter */
-	bpf_xdp_adjust_meta(ctx, (int)sizeof(__u64));
+	*slot = 0;
 	return XDP_PASS;
 }
 
 int xdp_ingress(struct xdp_md *ctx)
 {
-	void *meta = (void *)(long)ctx->data_meta;
-	void *data = (void *)(long)ctx->data;
-	if (meta + sizeof(__u64) > data)
-		return XDP_PASS;	/* not reached through a pod's stub */
-	__u64 cookie = *(__u64 *)meta;
-	/* the metadata was for us only: the stack gets the frame as it came */
-	if (bpf_xdp_adjust_meta(ctx, (int)sizeof(__u64)))
+	__u32 zero = 0;
+	__u64 *slot = xdp_cookie_slot.lookup(&zero);
+	if (!slot)
 		return XDP_PASS;
+	__u64 cookie = *slot;
+	*slot = 0;	/* read once: a frame not handed on by a stub finds no cookie */
+	if (!cookie)
+		return XDP_PASS;	/* not reached through a pod's stub */
 	struct xdp_pod_config *cfg = xdp_pods.lookup(&cookie);
 	if (!cfg)
 		return XDP_PASS;	/* being removed: no counters re-created */

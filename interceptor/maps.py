@@ -22,14 +22,15 @@ LAYOUT = {
     "settings": (ctypes.c_uint32, abi.NodeSettings),
     "xdp_main": (ctypes.c_uint32, ctypes.c_uint32),    # prog array: key -> program fd
     "tc_main": (ctypes.c_uint32, ctypes.c_uint32),     # likewise
+    "xdp_cookie_slot": (ctypes.c_uint32, ctypes.c_uint64),   # per CPU: stub -> filter
     "xdp_pods": (ctypes.c_uint64, abi.XdpPodConfig),
     "ingress_sources": (abi.CidrKey, ctypes.c_uint32),
     "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),
 }
-PERCPU = {"stats"}
+PERCPU = {"stats", "xdp_cookie_slot"}
 COUNTERS = {"stats"}                          # values are counts: a migration adds them up
 SK_STORAGE = ("connect_orig", "proxy_orig")   # per-socket: no keys to list or count
-SINGLE_SLOT = ("settings", "xdp_main", "tc_main")     # one entry by design
+SINGLE_SLOT = ("settings", "xdp_main", "tc_main", "xdp_cookie_slot")     # one entry by design
 # Maps whose fill level status and metrics report (entries / capacity).
 REPORTED = tuple(name for name in LAYOUT if name not in SK_STORAGE + SINGLE_SLOT)
 

@@ -59,9 +59,16 @@ BPF_PERCPU_HASH(stats, struct stat_key, struct stat_value, MAX_STAT_KEYS);
 
 /* The ingress filter, entry 0, one array per hook (a program array holds programs of
  * one type). Writer: loader. Readers: each pod's stub, xdp_pod or tc_pod, which
- * tail-calls it with the pod's netns cookie (in the XDP metadata, in skb->cb). */
+ * tail-calls it with the pod's netns cookie (in xdp_cookie_slot, in skb->cb). */
 BPF_PROG_ARRAY(xdp_main, 1);
 BPF_PROG_ARRAY(tc_main, 1);
+
+/* The pod's netns cookie on its way from an XDP stub to xdp_ingress, index 0, one slot
+ * per CPU: the stub writes it and tail-calls at once, the filter reads and clears it, on
+ * the same CPU with nothing in between. (XDP metadata did this before; some kernel
+ * builds refuse bpf_xdp_adjust_meta, and a map lookup every XDP program may use.)
+ * Writer: xdp_pod. Reader: xdp_ingress. */
+BPF_PERCPU_ARRAY(xdp_cookie_slot, __u64, 1);
 
 /* Ingress filter settings per pod. Writer: enroll, `interceptor policy`.
  * Reader: the pod's XDP program. */
