@@ -41,7 +41,7 @@ def main():
             ingress_filter = ", ".join(pieces.filter_label(piece.mechanism, a)
                                        for a in piece.describe(applied)[0]) if piece else "off"
             say(f"   enrolled demo/{pod.name} (netns cookie {rec.cookie}; ingress filter {ingress_filter})")
-        server_cookie, server_filter = rec.cookie, ingress_filter     # the server went last
+        server_filter = ingress_filter     # the server went last (rec is its record)
 
         say(f"\n== curl http://{server.ipv4}:{SERVICE_PORT}/ from the client app")
         out = client.run("curl", "-sS", "-o", "/dev/null", "-m", "10", "-w",
@@ -60,9 +60,7 @@ def main():
         probe = client.run("setpriv", f"--reuid={abi.PROXY_UID}", f"--regid={abi.PROXY_GID}", "--clear-groups",
                            "curl", "-sS", "-o", "/dev/null", "-m", "2",
                            f"http://{server.ipv4}:{abi.OUTBOUND_PORT}/", check=False)
-        with Maps() as maps:
-            dropped = counters.from_maps(maps).get(server_cookie, {}).get(
-                "ingress_dropped_protected_port", {}).get("count", 0)
+        dropped = _pod_counters(rec).get("ingress_dropped_protected_port", {}).get("count", 0)
         blocked = probe.returncode != 0 and dropped > 0
         say(f"   {'not reachable' if probe.returncode else 'REACHABLE'}: the server's ingress filter "
             f"({server_filter}) dropped {dropped} packet(s) to it")
@@ -84,6 +82,16 @@ def main():
         if loaded_here:
             loader.unload()
         say("== Cleaned up: pods, sidecars" + (" and the datapath" if loaded_here else ""))
+
+
+def _pod_counters(rec):
+    """The pod's counters by reason, wherever its pieces keep them (the datapath's stats
+    map, or the nftables filter's named counters)."""
+    try:
+        with Maps() as maps:
+            return counters.by_pod(maps, {rec.cookie: rec}).get(rec.cookie, {})
+    except OSError:     # a node without BPF: the pieces' own counters
+        return counters.by_pod(None, {rec.cookie: rec}).get(rec.cookie, {})
 
 
 if __name__ == "__main__":
