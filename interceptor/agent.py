@@ -24,6 +24,7 @@ import time
 from . import (cni_chain, cni_config, cni_install, cni_server, enrollment, loader, netns, paths,
                podrecord, state)
 from .bpf_source import datapath_version
+from .capabilities import fallbacks
 
 @dataclasses.dataclass
 class AgentConfig:
@@ -285,7 +286,9 @@ def serve_http(agent, host, port):
                 self._reply(200 if ok else 503, "ok\n" if ok else "main loop stalled\n")
             elif self.path == "/readyz":
                 ready, reasons = agent.readiness()
-                self._reply(200 if ready else 503, "ready\n" if ready else "\n".join(reasons) + "\n")
+                # ready on a fallback still says which program the kernel refused, and why
+                notes = "".join(f"fallback: {line}\n" for line in fallbacks(state.node_plan() or {}))
+                self._reply(200 if ready else 503, ("ready\n" if ready else "\n".join(reasons) + "\n") + notes)
             elif self.path == "/metrics":
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:

@@ -49,7 +49,7 @@ def main():
 def doctor(output):
     """Probe each kernel capability the datapath needs; exit 0 when eBPF mode works."""
     from . import doctor as doc
-    report = doc.run()
+    report = doc.run(judge_programs=True)
     if output == "json":
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

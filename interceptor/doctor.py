@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 
-from . import libbpf, libc, mounts
+from . import capabilities, libbpf, libc, mounts
 from .libbpf import AttachType, MapType, ProgType
 
 DISABLE_ENV = "INTERCEPTOR_DISABLE_FEATURES"
@@ -33,6 +33,10 @@ class Check:
 class Report:
     kernel: str
     checks: list
+    # {program: the kernel's reason} for the datapath's programs the verifier refused;
+    # None when they were not judged (judged only by `doctor` itself, needing BCC)
+    refused: dict = None
+    programs_note: str = ""
 
     @property
     def by_name(self):
@@ -47,7 +51,7 @@ class Report:
     def plan(self):
         from .capabilities import plan
         try:
-            return plan("auto", self)
+            return plan("auto", self, self.refused)
         except ValueError as exc:
             return {"mode": f"unavailable ({exc})"}
 
@@ -58,7 +62,16 @@ class Report:
     def to_json(self):
         return {"kernel": self.kernel, "mode": self.mode, "ebpf_usable": self.ebpf_usable,
                 "plan": self.plan, "bypass": self.plan.get("sockmap", False),
-                "checks": [asdict(c) for c in self.checks]}
+                "checks": [asdict(c) for c in self.checks], "programs": self._programs()}
+
+    def _programs(self):
+        """[{name, accepted, reason}] of the datapath's programs, as the verifier judged
+        them ([] when not judged)."""
+        from .programs import PROGRAMS
+        if self.refused is None:
+            return []
+        return [{"name": p.name, "accepted": p.name not in self.refused,
+                 "reason": self.refused.get(p.name, "")} for p in PROGRAMS]
 
     def render(self):
         lines = [f"{'Kernel:':<16}{self.kernel}", ""]
@@ -67,28 +80,42 @@ class Report:
             lines.append(f"{c.name:<16}{state:<9}{c.detail}")
             if c.warning:
                 lines.append(f"{'':<25}warning: {c.warning}")
+        lines += ["", "Programs (the datapath as compiled, judged by this kernel's verifier):"]
+        if self.refused is None:
+            lines.append(f"  not judged: {self.programs_note or 'BCC cannot compile here'}")
+        else:
+            for p in self._programs():
+                lines.append(f"  {p['name']:<14}{'OK' if p['accepted'] else 'refused':<9}{p['reason']}")
         plan = self.plan
         lines += ["", f"{'Mode:':<16}{plan['mode']}"]
         if "outbound" in plan:
             lines += [f"{'Outbound:':<16}{plan['outbound']}", f"{'Inbound:':<16}{plan['inbound']}",
                       f"{'Bypass:':<16}{'ebpf' if plan['bypass'] else 'off'}",
-                      f"{'Ingress filter:':<16}{_ingress_text(plan.get('ingress'))}",
+                      f"{'Ingress filter:':<16}{_ingress_text(plan)}",
                       f"{'Rules backend:':<16}{plan['rules_backend'] or '-'}"]
+            fallbacks = capabilities.fallbacks(plan)
+            if fallbacks:
+                lines += ["", "Fallbacks:"] + [f"  {line}" for line in fallbacks]
         return "\n".join(lines)
 
 
-def _ingress_text(ingress):
-    if ingress == "xdp":
-        return "xdp (generic on veth, native on other drivers)"
-    return ingress or "off (neither XDP nor nftables)"
+def _ingress_text(plan):
+    hooks = capabilities.filter_hooks(plan)
+    if hooks == ["tc", "xdp"]:
+        return "tc on veth, XDP (native, else generic) on other drivers"
+    if hooks:
+        return f"{hooks[0]} on every interface"
+    return plan.get("ingress") or "off (no BPF filter, no nftables)"
 
 
 def disabled_features():
     return {f.strip() for f in os.environ.get(DISABLE_ENV, "").split(",") if f.strip()}
 
 
-def run(only=None):
-    """Every probe, or only those named in `only`."""
+def run(only=None, judge_programs=False):
+    """Every probe, or only those named in `only`; with judge_programs, the datapath is
+    compiled and each of its programs loaded, so the plan shown is the one `load` would
+    choose (the loader judges its own build itself)."""
     disabled = disabled_features()
     checks = []
 
@@ -131,7 +158,26 @@ def run(only=None):
     probe("bcc_compile", _probe_bcc)
     probe("nftables", _probe_nftables)
     probe("iptables", _probe_iptables)
-    return Report(kernel=platform.release(), checks=checks)
+    report = Report(kernel=platform.release(), checks=checks)
+    if judge_programs:
+        _judge_programs(report)
+    return report
+
+
+def _judge_programs(report):
+    """Compile the datapath and load each program (build.py): the verifier's verdicts."""
+    ok = {c.name: c.ok for c in report.checks}
+    if not ok.get("bcc_compile"):
+        report.programs_note = "BCC cannot compile here (see bcc_compile)"
+        return
+    from . import netns
+    from .build import BuildError, judge
+    try:
+        report.refused = judge(netns.host_cookie())
+    except BuildError as exc:
+        report.programs_note = str(exc)
+    except OSError as exc:
+        report.programs_note = f"cannot load programs: {exc.strerror or exc}"
 
 
 # --- probes ---------------------------------------------------------------------------

@@ -335,8 +335,31 @@ def prog_name_by_id(prog_id):
         os.close(fd)
 
 
+class VerifierRejection(OSError):
+    """The kernel refused a program: errno, the log's tail (str) and `reason`, the
+    verifier's own words in one line ("program of this type cannot use helper ...")."""
+
+    def __init__(self, err, name, log):
+        lines = [line for line in log.splitlines() if line.strip()]
+        self.reason = verifier_reason(lines) or os.strerror(err)
+        super().__init__(err, f"load {name}: {os.strerror(err)}\n" + "\n".join(lines[-8:]))
+
+
+def verifier_reason(lines):
+    """The line of a verifier log that says why: the last one that is neither an
+    instruction (`12: (85) call ...`), register state, nor the closing statistics."""
+    import re
+    skip = re.compile(r"^(\d+: |; |processed \d+ insns|verification time|stack depth|"
+                      r"from \d+ to \d+|\s*R\d|last_idx|regs=|mark_precise|func#|\.\.\.)")
+    for line in reversed(lines):
+        line = line.strip()
+        if line and not skip.match(line):
+            return line
+    return ""
+
+
 def prog_load(prog_type, name, insns, expected_attach_type=0):
-    """Load raw instructions; on a verifier rejection the error carries its log tail."""
+    """Load raw instructions; a verifier rejection raises VerifierRejection."""
     buf = (ctypes.c_uint64 * (len(insns) // 8)).from_buffer_copy(insns)
     opts = ProgLoadOpts(sz=ctypes.sizeof(ProgLoadOpts), expected_attach_type=expected_attach_type)
     ret = lib().bpf_prog_load(prog_type, name.encode(), b"GPL", buf, len(insns) // 8,
@@ -350,9 +373,7 @@ def prog_load(prog_type, name, insns, expected_attach_type=0):
                               ctypes.byref(opts))
     if ret >= 0:
         return ret
-    tail = "\n".join(log.value.decode(errors="replace").splitlines()[-8:])
-    err = -ret
-    raise OSError(err, f"load {name}: {os.strerror(err)}\n{tail}")
+    raise VerifierRejection(-ret, name, log.value.decode(errors="replace"))
 
 
 def load_trivial_prog(prog_type, expected_attach_type, return_value):

@@ -13,7 +13,8 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, pieces, podrecord, state
-from .capabilities import has_sockmap, plan as make_plan, probes_for, uses_bpf
+from .capabilities import (captures_with_bpf, fallbacks, filter_hooks, has_sockmap,
+                           plan as make_plan, probes_for, uses_bpf)
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
@@ -74,20 +75,49 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
         if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
             log("removing leftovers of an incomplete load")
             _teardown()
+        report = doctor.run(only=probes_for(mode))
+        build = None
         try:
-            plan = make_plan(mode, doctor.run(only=probes_for(mode)))
+            plan = make_plan(mode, report)
+            if uses_bpf(plan):
+                # the kernel judges the programs that will run: compiled once, each
+                # loaded; what it refuses goes to the next mechanism down (build.py)
+                build = _build(map_sizes or {}, log)
+                plan = make_plan(mode, report, build.refused)
         except ValueError as exc:
+            if build is not None:
+                build.close()
             raise LoadError(str(exc)) from None
         plan["bypass"] = plan["bypass"] and bypass
         plan["pieces"] = pieces.for_plan(plan)
         log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
-            f"bypass {'on' if plan['bypass'] else 'off'}")
+            f"bypass {'on' if plan['bypass'] else 'off'}, ingress filter {_filter_text(plan)}")
+        for line in fallbacks(plan):
+            log(line)
         try:
-            _load(plan, mode, cgroup, map_sizes or {}, log)
+            _load(plan, mode, cgroup, map_sizes or {}, build, log)
         except BaseException:
             _teardown()
             raise
+        finally:
+            if build is not None:
+                build.close()
         return "loaded"
+
+
+def _build(map_sizes, log):
+    from .build import Build, BuildError
+    try:
+        build = Build(netns.host_cookie(), map_sizes)
+    except BuildError as exc:
+        raise LoadError(str(exc)) from None
+    log(f"compiled datapath in {build.compile_seconds:.2f}s")
+    return build.load()
+
+
+def _filter_text(plan):
+    hooks = filter_hooks(plan)
+    return "/".join(hooks) if hooks else (plan.get("ingress") or "off")
 
 
 def _repaired_in_place(mode, map_sizes, log):
@@ -107,7 +137,7 @@ def _repaired_in_place(mode, map_sizes, log):
     return is_loaded()
 
 
-def _load(plan, mode, cgroup, map_sizes, log):
+def _load(plan, mode, cgroup, map_sizes, build, log):
     from .bpf_source import datapath_version
     from .migrate import layouts
     node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
@@ -120,81 +150,65 @@ def _load(plan, mode, cgroup, map_sizes, log):
             if not os.path.isdir(cgroup):
                 raise LoadError(f"--cgroup {cgroup}: no such directory")
             node["cgroup"] = cgroup
-        else:
+        elif captures_with_bpf(plan):
             node["cgroup"], _ = mounts.ensure_cgroup2()
         state.write_json(paths.NODE_STATE, node)
-        node.update(_load_bpf(plan, node["cgroup"], map_sizes, log))
+        node.update(_load_bpf(plan, node["cgroup"], build))
     node["complete"] = True
     node["loaded_at"] = time.time()
     state.write_json(paths.NODE_STATE, node)
 
 
-def _load_bpf(plan, cg_path, map_sizes, log):
-    from bcc import BPF, lib as bcclib    # only here: compiling is the loader's job
-    from .bpf_source import assemble, compile_flags
-    host_cookie = netns.host_cookie()
-    started = time.monotonic()
-    bpf = BPF(text=assemble().encode(), cflags=compile_flags(host_cookie, map_sizes))
-    compile_s = time.monotonic() - started
-    log(f"compiled datapath in {compile_s:.2f}s")
-
+def _load_bpf(plan, cg_path, build):
+    """Pin the build's maps and the programs the plan uses (the kernel accepted each of
+    them when the plan was made), save the per-pod stubs' templates, attach."""
     for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
         os.makedirs(d, exist_ok=True)
-    # BCC's own fds are used throughout (bpf.cleanup() closes them at the end): nothing
-    # is reopened from its pin here
-    map_fds = {}
-    for name in LAYOUT:
-        fd = bcclib.bpf_table_fd(bpf.module, name.encode())
-        if fd < 0:
-            raise LoadError(f"map {name} missing from the compiled datapath")
+    # the build's own fds are used throughout (its close() releases them): nothing is
+    # reopened from its pin here
+    map_fds = build.map_fds
+    for name, fd in map_fds.items():
         libbpf.obj_pin(fd, paths.map_pin(name))
-        map_fds[name] = fd
-    prog_fds = {}
     for prog in PROGRAMS:
         if prog.scope == POD_COPY and prog.needed(plan):
-            save_pod_template(bpf, prog, {fd: name for name, fd in map_fds.items()})
+            save_pod_template(build, prog)
         if not prog.loaded(plan):
             continue
-        # tail-called programs keep expected_attach_type 0, as the stubs that call them
-        attach_type = -1 if prog.scope == TAIL else prog.attach_type
-        fn = bpf.load_func(prog.name.encode(), prog.prog_type, attach_type=attach_type)
-        prog_fds[prog.name] = fn.fd
-        libbpf.obj_pin(fn.fd, paths.prog_pin(prog.name))
+        fd = build.fd(prog.name)
+        libbpf.obj_pin(fd, paths.prog_pin(prog.name))
         if prog.scope == TAIL:
-            libbpf.map_update(map_fds[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fn.fd))
+            libbpf.map_update(map_fds[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
     libbpf.map_update(map_fds["settings"], ctypes.c_uint32(0),
                       abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
 
     # Links, not legacy attachments: they coexist with other programs on the same hook
     # (multi-attach) and go away with their pin, which is what makes unload clean.
-    cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for prog in PROGRAMS:
-            if prog.scope != CGROUP or not prog.needed(plan):
-                continue
-            link = libbpf.link_create(prog_fds[prog.name], cg_fd, prog.attach_type)
-            try:
-                libbpf.obj_pin(link, paths.link_pin(prog.name))
-            finally:
-                os.close(link)
-    finally:
-        os.close(cg_fd)
+    if captures_with_bpf(plan):
+        cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for prog in PROGRAMS:
+                if prog.scope != CGROUP or not prog.needed(plan):
+                    continue
+                link = libbpf.link_create(build.fd(prog.name), cg_fd, prog.attach_type)
+                try:
+                    libbpf.obj_pin(link, paths.link_pin(prog.name))
+                finally:
+                    os.close(link)
+        finally:
+            os.close(cg_fd)
     if plan["bypass"]:
-        _attach_sk_msg(True, prog_fds[_sk_msg_prog().name], map_fds[BYPASS_MAP])
-    bpf.cleanup()   # our fds only; pins and links keep everything alive
-    return {"host_netns_cookie": host_cookie, "compile_seconds": round(compile_s, 3)}
+        _attach_sk_msg(True, build.fd(_sk_msg_prog().name), map_fds[BYPASS_MAP])
+    return {"host_netns_cookie": netns.host_cookie(), "compile_seconds": round(build.compile_seconds, 3)}
 
 
-def save_pod_template(bpf, prog, map_names_by_fd):
-    """Per-pod programs (the filter's stubs) are loaded by enroll from a saved copy; one
-    trial load here makes a verifier rejection fail `load`, not every pod start."""
+def save_pod_template(build, prog):
+    """Per-pod programs (the filter's stubs) are loaded by enroll from a saved copy of
+    the build's instructions, with each map reference recorded by name. (The build has
+    loaded this one for trial already: a verifier rejection changed the plan, not every
+    pod start.)"""
     from . import stubs
-    kind = stubs.BY_PROG[prog.name]
-    stubs.save_template(kind, bpf.dump_func(prog.name.encode()), map_names_by_fd)
-    try:
-        os.close(stubs.load_for_pod(kind, 0))
-    except OSError as exc:
-        raise LoadError(f"the {prog.name} program does not verify: {exc}") from None
+    stubs.save_template(stubs.BY_PROG[prog.name], build.insns(prog.name),
+                        {fd: name for name, fd in build.map_fds.items()})
 
 
 def _sk_msg_prog():

@@ -51,6 +51,7 @@ class DatapathCollector:
         yield from self._ops()
         if not loaded:
             return
+        yield self._refused(node_plan())
         records = podrecord.all_records()
         families = {}
 
@@ -107,6 +108,19 @@ class DatapathCollector:
             capacity.add_metric([name], cap)
         yield entries
         yield capacity
+
+    @staticmethod
+    def _refused(plan):
+        """1 per program of the datapath the kernel refused at load, with the verifier's
+        reason (bounded: a dozen programs, one reason each)."""
+        from .programs import BY_NAME
+        refused = GaugeMetricFamily("interceptor_datapath_program_refused",
+                                    "1 per datapath program this kernel's verifier refused at load "
+                                    "(its capability runs on the next mechanism down).",
+                                    labels=["program", "capability", "reason"])
+        for name, reason in sorted(((plan or {}).get("refused") or {}).items()):
+            refused.add_metric([name, BY_NAME[name].serves if name in BY_NAME else "", reason], 1)
+        return refused
 
     @staticmethod
     def _ingress_filters(records):

@@ -28,7 +28,7 @@ import os
 import shutil
 
 from . import abi, ingress, libbpf, listeners, paths, stubs, tc, xdp
-from .capabilities import EBPF, RULES, XDP
+from .capabilities import EBPF, RULES, XDP, filter_hooks
 from .maps import addr16, cidr_key, port_key
 from .problems import Kind, Problem
 from .programs import BY_NAME as PROGRAMS, SK_LOOKUP_PROG
@@ -118,7 +118,7 @@ class FilterXdp(_Filter):
         for iface in view.interfaces:
             entry = {"ifname": iface.name, "ifindex": iface.index, "driver": iface.driver}
             try:
-                if xdp.hook_for(s.ingress_filter, iface.driver) == "tc":
+                if xdp.hook_for(s.ingress_filter, iface.driver, filter_hooks(target.plan)) == "tc":
                     # journalled before a qdisc may be made: what is on so far, this
                     # interface (its clsact possibly ours), and what an earlier enroll put
                     # on the interfaces not yet reached

@@ -35,12 +35,13 @@ class Program:
         return self.needed(plan)
 
     def needed(self, plan):
+        from .capabilities import captures_with_bpf, filter_hooks
         if self.serves == CORE:
-            return True
+            return captures_with_bpf(plan)
         if self.serves == BYPASS:
             return plan["bypass"]
         if self.serves == INGRESS:
-            return plan.get("ingress") == "xdp"
+            return FILTER_HOOK_OF[self.name] in filter_hooks(plan)
         return plan[self.serves] == "ebpf"
 
 
@@ -63,6 +64,14 @@ PROGRAMS = (
 )
 
 BY_NAME = {p.name: p for p in PROGRAMS}
+# The ingress filter's hooks and the programs each needs (its filter and the per-pod stub).
+FILTER_HOOKS = {"tc": ("tc_ingress", "tc_pod"), "xdp": ("xdp_ingress", "xdp_pod")}
+FILTER_HOOK_OF = {name: hook for hook, names in FILTER_HOOKS.items() for name in names}
+
+
+def serving(capability):
+    """The names of the programs that serve a capability (OUTBOUND, INBOUND, ...)."""
+    return [p.name for p in PROGRAMS if p.serves == capability]
 BYPASS_MAP = "bypass_socks"
 SK_LOOKUP_PROG = "steer_inbound"
 # The program array each tail-called program sits in (entry 0).

@@ -62,8 +62,11 @@ class Result:
 
 
 def describe_plan(plan):
-    return (f"{plan.get('mode')}: outbound {plan.get('outbound')}, inbound {plan.get('inbound')}, "
-            f"ingress filter {plan.get('ingress') or 'off'}")
+    from .capabilities import fallbacks, filter_hooks
+    hooks = filter_hooks(plan)
+    text = (f"{plan.get('mode')}: outbound {plan.get('outbound')}, inbound {plan.get('inbound')}, "
+            f"ingress filter {'/'.join(hooks) if hooks else plan.get('ingress') or 'off'}")
+    return "; ".join([text] + fallbacks(plan))
 
 
 @dataclass

@@ -99,7 +99,8 @@ _NODE_FIELDS = {
     "migrating_maps": list, "loaded_at": (int, float), "upgraded_at": (int, float),
 }
 _PLAN_FIELDS = {"mode": str, "outbound": str, "inbound": str, "bypass": bool, "sockmap": bool,
-                "ingress": (str, _OPTIONAL), "rules_backend": (str, _OPTIONAL), "pieces": list}
+                "ingress": (str, _OPTIONAL), "rules_backend": (str, _OPTIONAL), "pieces": list,
+                "filter_hooks": list, "refused": dict}
 
 
 def _fits(value, types):

@@ -11,10 +11,10 @@ import textwrap
 import time
 
 from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
-from .capabilities import uses_bpf
+from .capabilities import fallbacks, filter_hooks, uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import REPORTED, LayoutError, Maps
-from .programs import CGROUP, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
+from .programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8
@@ -55,7 +55,7 @@ def _programs(node, plan):
         elif p.scope == SOCKHASH:
             entry["attached"] = "bypass_socks" if node.get("bypass") else None
         elif p.scope == TAIL:
-            entry["attached"] = "per pod, via xdp_pod" if p.needed(plan) else None
+            entry["attached"] = f"per pod, via {p.name.replace('_ingress', '_pod')}" if p.needed(plan) else None
         else:
             entry["attached"] = "per pod netns" if p.needed(plan) else None
         out.append(entry)
@@ -107,8 +107,10 @@ def _capabilities(plan):
 
     def direction(d):
         return "ebpf" if plan[d] == "ebpf" else plan["rules_backend"]
+    hooks = filter_hooks(plan)
     return {"outbound": direction("outbound"), "inbound": direction("inbound"),
-            "bypass": "ebpf" if plan["bypass"] else "off", "ingress": plan.get("ingress") or "off"}
+            "bypass": "ebpf" if plan["bypass"] else "off",
+            "ingress": "/".join(hooks) if hooks else (plan.get("ingress") or "off")}
 
 
 INGRESS_DROP_LABELS = [name.lower() for name, _ in abi.Reason.items()
@@ -155,6 +157,8 @@ def collect(pod_filter=None):
             "bypass": node.get("bypass"),
             "headers": _headers(),
             "programs": [],
+            # {program: the kernel's reason} for what the verifier refused at load
+            "refused": dict(plan.get("refused") or {}) if plan else {},
             "pins_missing": [],
             "pods_enrolled": 0,
         },
@@ -168,6 +172,8 @@ def collect(pod_filter=None):
                                 "restart the agent)")
     if report["node"]["headers"]["warning"]:
         report["warnings"].append(report["node"]["headers"]["warning"])
+    if plan:
+        report["warnings"] += fallbacks(plan)
     missing = [p for p in expected_pins() if not os.path.exists(p)]
     report["node"]["pins_missing"] = missing
     if not loaded:
@@ -188,7 +194,7 @@ def collect(pod_filter=None):
         with maps:
             enrolled, listener_keys, sockets = _from_maps(report, maps, records)
             stats = counters.by_pod(maps, records)
-            for array in (TAIL_MAPS.values() if plan.get("ingress") == "xdp" else ()):
+            for array in (TAIL_MAPS[FILTER_HOOKS[hook][0]] for hook in filter_hooks(plan)):
                 if getattr(maps, array).get(ctypes.c_uint32(0)) is None:
                     report["errors"].append(f"the ingress filter program is missing from {array}: "
                                             "pods' stubs on that hook pass every packet unfiltered "

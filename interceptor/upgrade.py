@@ -25,12 +25,11 @@ import os
 import time
 
 from . import libbpf, libc, paths, state
-from .bpf_source import compile_flags, datapath_version
-from .insns import map_refs, set_imm64
+from .bpf_source import datapath_version
 from .maps import LAYOUT
 from .migrate import MapMigration, MigrationError, layouts
 from .pieces import SK_LOOKUP_LINK
-from .capabilities import uses_bpf
+from .capabilities import filter_hooks, uses_bpf
 from .programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 
@@ -106,41 +105,32 @@ def _finish_migration(node):
 
 
 def _swap(node, plan, version, sizes, log):
-    from bcc import BPF, lib as bcclib
-    from .bpf_source import assemble
+    from .build import Build, BuildError
     from .loader import save_pod_template
     try:
-        bpf = BPF(text=assemble().encode(), cflags=compile_flags(node["host_netns_cookie"], sizes))
-    except Exception as exc:      # BCC raises a bare Exception; the compiler's errors went to stderr
-        raise UpgradeError(f"the new datapath does not compile: {exc}") from None
+        build = Build(node["host_netns_cookie"], sizes)
+    except BuildError as exc:
+        raise UpgradeError(f"the new datapath: {exc}") from None
     pinned, new = {}, {}
     try:
-        compiled = {}
+        compiled = build.map_fds
         for name in LAYOUT:
-            fd = bcclib.bpf_table_fd(bpf.module, name.encode())
-            if fd < 0:
-                raise UpgradeError(f"map {name} missing from the compiled datapath")
-            compiled[name] = fd
             if not os.path.exists(paths.map_pin(name)):
                 # a map this build adds (the loaded programs cannot be using it): the
                 # compiled one, empty, is pinned as it is
-                libbpf.obj_pin(fd, paths.map_pin(name))
+                libbpf.obj_pin(compiled[name], paths.map_pin(name))
             pinned[name] = libbpf.obj_get(paths.map_pin(name))
         migrations = _migrations(node, compiled, pinned)
         # the maps the new programs use: the kept pinned ones and the migrated new ones
         using = dict(pinned, **{m.name: m.new_fd for m in migrations})
-        name_by_fd = {fd: name for name, fd in compiled.items()}
-        for prog in PROGRAMS:
-            if not prog.loaded(plan) or prog.scope == POD_COPY:
-                continue
-            insns = bytearray(bpf.dump_func(prog.name.encode()))
-            for i, fd in map_refs(insns).items():
-                set_imm64(insns, i, using[name_by_fd[fd]])
-            attach = 0 if prog.scope == TAIL else prog.attach_type
-            try:
-                new[prog.name] = libbpf.prog_load(prog.prog_type, prog.name, bytes(insns), attach)
-            except OSError as exc:
-                raise UpgradeError(f"{prog.name} of the new datapath does not load: {exc}") from None
+        # every program the loaded plan uses, the stubs' too, judged by the kernel before
+        # anything is swapped: one it refuses leaves the loaded datapath as it is
+        build.load([p for p in PROGRAMS if p.loaded(plan) or (p.scope == POD_COPY and p.needed(plan))], using)
+        if build.refused:
+            name, reason = sorted(build.refused.items())[0]
+            raise UpgradeError(f"this kernel refuses {name} of the new datapath ({reason}); the loaded "
+                               "datapath stays as it is, its pods captured")
+        new = {name: fd for name, fd in build.programs.items() if fd is not None}
         for m in migrations:
             libbpf.obj_pin(m.new_fd, _staged_pin(m.name))
         # everything verified: swap. Journalled first: killed half-way, the links hold
@@ -181,14 +171,37 @@ def _swap(node, plan, version, sizes, log):
             m.catch_up()
         for prog in PROGRAMS:
             if prog.scope == POD_COPY and prog.needed(plan):
-                save_pod_template(bpf, prog, {fd: name for name, fd in compiled.items()})
+                save_pod_template(build, prog)
+        swapped += _restub_xdp_pods(plan)
         moved = "".join(f"; migrated {m.describe()}" for m in migrations)
         log(f"replaced {len(new)} programs, {swapped} attachments{moved}")
         return f"{len(new)} programs, {swapped} attachments{moved}"
     finally:
-        for fd in list(pinned.values()) + list(new.values()):
+        for fd in pinned.values():
             os.close(fd)
-        bpf.cleanup()
+        build.close()
+
+
+def _restub_xdp_pods(plan):
+    """Each pod's XDP stub is loaded from the template of the build that enrolled it, and
+    hands its cookie to the filter the way that build's filter reads it: the pods' XDP
+    links get this build's stub (bpf_link_update; the tc stub's contract, skb->cb, has
+    not changed). Returns how many links were updated."""
+    from . import stubs, xdp
+    if "xdp" not in filter_hooks(plan):
+        return 0
+    updated = 0
+    for cookie in sorted(paths.pinned_pod_cookies()):
+        links = [n for n in paths.listdir(paths.pod_pin_dir(cookie)) if n.startswith(xdp.LINK_PREFIX)]
+        if not links:
+            continue
+        fd = stubs.load_for_pod(stubs.XDP, cookie)
+        try:
+            for name in links:
+                updated += _update_link(os.path.join(paths.pod_pin_dir(cookie), name), fd)
+        finally:
+            os.close(fd)
+    return updated
 
 
 def _migrations(node, compiled, pinned):

@@ -24,11 +24,14 @@ MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 SKB_BACKED_DRIVERS = ("veth",)
 
 
-def hook_for(mode, driver):
-    """"tc" or "xdp": the hook that serves an interface, for the pod's ingress_filter."""
-    if mode == "tc" or (mode == "auto" and driver in SKB_BACKED_DRIVERS):
-        return "tc"
-    return "xdp"
+def hook_for(mode, driver, hooks=("tc", "xdp")):
+    """"tc" or "xdp": the hook that serves an interface, for the pod's ingress_filter,
+    among the hooks whose programs this kernel accepted (the plan's filter_hooks): a pod
+    that asks for a refused one gets the other, which judges alike."""
+    wanted = "tc" if mode == "tc" or (mode == "auto" and driver in SKB_BACKED_DRIVERS) else "xdp"
+    if wanted in hooks or not hooks:
+        return wanted
+    return hooks[0]
 
 
 
@@ -61,6 +64,8 @@ def attach(cookie, netns_path, iface, mode="auto", on_conflict="refuse"):
     when skipped because another program is there. Idempotent: an existing attachment
     of ours is kept."""
     ifname, ifindex = iface.name, iface.index
+    if mode not in MODE_FLAGS:
+        mode = "auto"       # "tc" asked on a node whose kernel refused the tc filter
     pin = link_pin(cookie, ifindex)
     current = iface.xdp_prog_id
     if os.path.exists(pin):

@@ -35,26 +35,30 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs root and the real kernel"))
 
 
-def load_without(disabled="", **load_args):
-    """loader.load with doctor told that these features (comma-separated) are absent, to
+def load_without(disabled="", refused="", **load_args):
+    """loader.load with doctor told that these features (comma-separated) are absent,
+    and the kernel's verifier answer for these programs turned into a refusal, to
     exercise a fallback on a kernel that has them."""
-    old = os.environ.get(doctor.DISABLE_ENV)
+    from interceptor.build import REFUSE_ENV
+    old = {env: os.environ.get(env) for env in (doctor.DISABLE_ENV, REFUSE_ENV)}
     os.environ[doctor.DISABLE_ENV] = disabled
+    os.environ[REFUSE_ENV] = refused
     try:
         return loader.load(**load_args)
     finally:
-        if old is None:
-            del os.environ[doctor.DISABLE_ENV]
-        else:
-            os.environ[doctor.DISABLE_ENV] = old
+        for env, value in old.items():
+            if value is None:
+                del os.environ[env]
+            else:
+                os.environ[env] = value
 
 
 @contextlib.contextmanager
-def loaded(disabled="", **load_args):
-    """The datapath loaded afresh (features in disabled reported absent), unloaded after,
-    and checked gone."""
+def loaded(disabled="", refused="", **load_args):
+    """The datapath loaded afresh (features in disabled reported absent, programs in
+    refused refused), unloaded after, and checked gone."""
     loader.unload()
-    load_without(disabled, **load_args)
+    load_without(disabled, refused, **load_args)
     yield loader.node_plan()
     loader.unload()
     assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"

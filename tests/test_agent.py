@@ -370,6 +370,59 @@ def test_a_datapath_whose_maps_cannot_be_migrated_is_left_in_place_and_not_ready
     agent.wait_ready()
 
 
+def test_an_upgrade_the_kernel_refuses_part_of_keeps_the_pods_and_says_why_it_is_not_ready(node, tmp_path):
+    """A new build whose xdp_ingress this kernel refuses (the loaded plan uses it): the
+    loaded datapath stays, its pods captured, and /readyz names the program and why."""
+    from interceptor import status
+    from interceptor.build import REFUSE_ENV
+    runtime, _, agent, ids = node
+    agent.ensure_running().wait_ready()
+    version = status.collect()["node"]["datapath_version"]
+    agent.stop()
+    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "code"), REFUSE_ENV: "xdp_ingress"})
+    try:
+        agent.wait_ready(False, timeout=60, saying=f"refuses xdp_ingress of the new datapath (named in {REFUSE_ENV})")
+        assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
+        rec = record_of(ids["early"])
+        assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured
+        assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
+    finally:
+        agent.stop()
+    agent.start()
+    agent.wait_ready()
+
+
+def test_an_agent_on_a_kernel_that_refuses_a_program_loads_the_fallback_and_says_so(node):
+    """sk_lookup's program refused at the agent's first load: inbound capture runs on
+    rules, the agent is ready and says which program fell back and why (readiness body,
+    metrics), and a pod started now is captured by the fallback."""
+    from interceptor.build import REFUSE_ENV
+    runtime, rt, agent, ids = node
+    agent.ensure_running().wait_ready()
+    agent.stop()
+    loader.unload()
+    agent.start(env={REFUSE_ENV: "steer_inbound"})
+    try:
+        agent.wait_ready(timeout=60, saying=f"fallback: the kernel refused steer_inbound (named in {REFUSE_ENV}): "
+                                            "inbound capture on nftables rules")
+        assert loader.node_plan()["inbound"] == "rules"
+        assert agent.metric("interceptor_datapath_program_refused", capability="inbound",
+                            program="steer_inbound", reason=f"named in {REFUSE_ENV}") == 1
+        sid = rt.run_sandbox("shop", "fallback", "uid-fallback")
+        rec = record_of(sid)
+        assert rec.complete and not enrollment.verify(rec, rec.netns)
+        assert "capture-rules" in [e.piece for e in rec.journal]
+        rt.stop_sandbox(sid)
+        rt.remove_sandbox(sid)
+    finally:
+        # whatever happened: the module's agent back as the other tests know it
+        agent.stop()
+        loader.unload()
+        agent.start()
+    agent.wait_ready(timeout=60)
+    assert _wait_for(lambda: record_of(ids["early"]) is not None, timeout=10)     # reconcile enrolls it again
+
+
 def test_a_pod_whose_namespace_vanished_without_a_del_is_removed_by_reconcile(node):
     """A runtime that lost a DEL (crashed, or a node restored from a snapshot): the
     record's namespace is gone, and reconcile takes what is left of the pod away."""

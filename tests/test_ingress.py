@@ -43,19 +43,20 @@ POLICY = [
     f"deny from 10.{NET}.0.0/24 udp port {UDP_DENIED_PORT}",
 ]
 
-# mechanism -> (load env disabling features, the pod's ingress_filter setting)
+# mechanism -> (programs the kernel is made to refuse, the pod's ingress_filter setting).
+# nftables is where the kernel refuses both BPF filters (the chain XDP -> tc -> nftables).
 MECHANISMS = {
     "tc": ("", "tc"),
     "native": ("", "native"),
     "generic": ("", "generic"),
-    "nftables": ("xdp_native,xdp_generic", "auto"),
+    "nftables": ("tc_ingress,xdp_ingress", "auto"),
 }
 
 
 @pytest.fixture(scope="module", params=list(MECHANISMS))
 def mechanism(request):
-    disabled, _ = MECHANISMS[request.param]
-    with loaded(disabled) as plan:
+    refused, _ = MECHANISMS[request.param]
+    with loaded(refused=refused) as plan:
         assert plan["ingress"] == ("nftables" if request.param == "nftables" else "xdp")
         yield request.param
 
@@ -578,7 +579,7 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
     assert xdp_attached(pod) is None and not nft_table_present(pod)
     assert not tc_attached(pod) and not clsact_present(pod)
     loader.unload()
-    load_without(MECHANISMS[mechanism][0])
+    load_without(refused=MECHANISMS[mechanism][0])
 
 
 def _attach_foreign_xdp(pod):
@@ -674,7 +675,7 @@ def test_status_and_metrics_show_the_filter(flab, mechanism):
     from interceptor import metrics, status
     report = status.collect(pod_filter="test/target")
     ing = report["pods"][0]["ingress"]
-    assert report["node"]["capabilities"]["ingress"] == ("nftables" if mechanism == "nftables" else "xdp")
+    assert report["node"]["capabilities"]["ingress"] == ("nftables" if mechanism == "nftables" else "tc/xdp")
     assert ing["interfaces"] == [{"ifname": "eth0", "mode": mechanism}]
     assert ing["dropped_by_reason"]["protected_port"] >= 1 and ing["protected_ports"] == [15000, 15001]
     text = status.render(report, wide=True)
