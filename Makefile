@@ -45,10 +45,12 @@ vm-image: setup
 # (build/vm-test/matrix.txt and .json). Under emulation about 10 minutes.
 VM_KERNELS ?= 5.10,6.1,6.12
 VM_MODES ?= auto,nftables,iptables
+VM_HOST ?= --host          # and this machine's own kernel, as a column (no VM)
 vm-test: vm-image
-	$(PY) vm/matrix.py --kernels $(VM_KERNELS) --modes $(VM_MODES) --out build/vm-test
+	$(PY) vm/matrix.py --kernels $(VM_KERNELS) --modes $(VM_MODES) $(VM_HOST) --out build/vm-test
 
-# CI's reduced matrix: the oldest kernel's core check, eBPF where it can, as chosen.
+# CI's reduced matrix: the oldest kernel's core check, eBPF where it can, as chosen, and
+# this machine's kernel beside it.
 vm-check:
 	$(MAKE) vm-test VM_KERNELS=5.10 VM_MODES=auto
 

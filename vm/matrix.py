@@ -161,8 +161,10 @@ def table(runs):
     for name in capabilities:
         rows.append((name, [_capability(r, name) for r in runs]))
     rows.append(("", ["" for _ in runs]))
-    for key in ("mode", "outbound", "inbound", "ingress", "sockmap"):
-        rows.append((f"plan: {key}", [str(r.doctor.get("plan", {}).get(key, "-")) for r in runs]))
+    rows.append(("programs refused", [_refused(r) for r in runs]))
+    rows.append(("", ["" for _ in runs]))
+    for key in ("mode", "outbound", "inbound", "ingress", "filter_hooks", "sockmap"):
+        rows.append((f"plan: {key}", [_plan_value(r.doctor.get("plan", {}), key) for r in runs]))
     modes = []
     for r in runs:
         for s in r.selfchecks:
@@ -198,6 +200,41 @@ def table(runs):
     return "\n".join(out)
 
 
+def host_run(modes, log):
+    """The machine's own kernel, as a column beside the guests' (no VM: doctor and
+    selfcheck run here; its kernel build is the one this machine kind boots)."""
+    import platform
+    cli = [sys.executable, "-m", "interceptor.cli"]
+    run = KernelRun(release=platform.release(), accel="host")
+    started = time.monotonic()
+    p = subprocess.run(cli + ["doctor", "-o", "json"], capture_output=True, text=True)
+    try:
+        run.doctor = json.loads(p.stdout)
+    except ValueError:
+        run.error = f"doctor printed no report: {p.stderr.strip()[-300:]}"
+    for mode in modes:
+        t = time.monotonic()
+        p = subprocess.run(cli + ["selfcheck", "--mode", mode, "-o", "json"], capture_output=True,
+                           text=True, timeout=GUEST_TIMEOUT_S)
+        try:
+            result = json.loads(p.stdout)
+        except ValueError:
+            result = {"ok": False, "steps": []}
+            run.error = f"selfcheck --mode {mode} printed no report: {p.stderr.strip()[-300:]}"
+        run.selfchecks.append({"mode": mode, "exit": p.returncode, "seconds": round(time.monotonic() - t, 1),
+                               "result": result})
+    run.seconds = round(time.monotonic() - started, 1)
+    log(f"vm-test: {run.release} (this machine's kernel) {'ok' if run.ok else 'FAILED'} in {run.seconds:.0f} s")
+    return run
+
+
+def _refused(run):
+    names = [p["name"] for p in run.doctor.get("programs", []) if not p["accepted"]]
+    if not run.doctor.get("programs"):
+        return "-"
+    return ", ".join(names) if names else "none"
+
+
 def _capability(run, name):
     for c in run.doctor.get("checks", []):
         if c["name"] == name:
@@ -213,7 +250,14 @@ def _chosen(run, mode):
     plan = _selfcheck(run, mode).get("plan") or {}
     if not plan:
         return "-"
-    return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {plan.get('ingress') or 'off'}"
+    hooks = plan.get("filter_hooks")
+    ingress = "/".join(hooks) if hooks else plan.get("ingress") or "off"
+    return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {ingress}"
+
+
+def _plan_value(plan, key):
+    value = plan.get(key, "-")
+    return "/".join(value) or "none" if isinstance(value, list) else str(value)
 
 
 def _step(run, mode, name):
@@ -233,6 +277,8 @@ def main(argv=None):
     ap.add_argument("--out", help="directory for matrix.json, matrix.txt and the guests' "
                                   "console logs (default: a temporary directory, kept)")
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    ap.add_argument("--host", action="store_true",
+                    help="also this machine's own kernel, as a column (doctor and selfcheck here)")
     ap.add_argument("--probe-accel", action="store_true",
                     help="only say which accelerator works here: kvm or tcg (vagrant/run-bench.sh)")
     args = ap.parse_args(argv)
@@ -263,6 +309,8 @@ def main(argv=None):
         log(f"vm-test: {'KVM works' if accel == 'kvm' else 'no usable KVM: TCG (emulation, ~8x slower)'}")
     runs = [boot(release, kernel, initrd, accel, modes, out, disk, log)
             for release, (kernel, initrd) in chosen.items()]
+    if args.host:
+        runs.append(host_run(modes, log))
     text = table(runs)
     print(text)
     with open(os.path.join(out, "matrix.json"), "w") as f:
