@@ -237,9 +237,15 @@ def run(runs, seconds, progress, paths_runs=None, modes=STREAM_MODES):
     loader.unload()
     loader.load()
     modes = list(modes)
-    if loader.node_plan().get("ingress") != "xdp":
+    from ..capabilities import filter_hooks
+    hooks = filter_hooks(loader.node_plan())
+    if not hooks:
         progress("xdp: this node has no BPF ingress filter; only the rule-based modes are measured")
         modes = [m for m in modes if not _enrolled(m)]
+    elif "xdp" not in hooks or "tc" not in hooks:
+        # a pod asking for a hook the kernel refused gets the other: measure only what runs
+        progress(f"xdp: this kernel refused the {'xdp' if 'xdp' not in hooks else 'tc'} filter; its modes are skipped")
+        modes = [m for m in modes if not _enrolled(m) or m.split("-")[0] in hooks]
     drops, paths = {}, {}
     try:
         for r in range(runs):
