@@ -46,6 +46,7 @@ class Build:
         except Exception as exc:     # BCC raises a bare Exception; the compiler wrote to stderr
             raise BuildError(f"the datapath does not compile: {exc}") from None
         self.compile_seconds = time.monotonic() - started
+        self.host_netns_cookie = host_netns_cookie     # the cookie no hook ever acts on
         self.map_fds = {}
         for name in LAYOUT:
             fd = bcclib.bpf_table_fd(self.bpf.module, name.encode())

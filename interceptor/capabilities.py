@@ -115,6 +115,13 @@ def filter_hooks(p):
     return p.get("filter_hooks", ["tc", "xdp"])
 
 
+def filter_text(p):
+    """The plan's ingress filter in a word: its BPF hooks ("tc/xdp", "tc"), else
+    "nftables", else "off" (status, load's log, selfcheck, the kernel matrix)."""
+    hooks = filter_hooks(p)
+    return "/".join(hooks) if hooks else (p.get("ingress") or "off")
+
+
 def captures_with_bpf(p):
     """Does a direction or the bypass run on the cgroup/sock_ops programs?"""
     return EBPF in (p["outbound"], p["inbound"]) or p["bypass"]

@@ -13,7 +13,7 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, pieces, podrecord, state
-from .capabilities import (captures_with_bpf, fallbacks, filter_hooks, has_sockmap,
+from .capabilities import (captures_with_bpf, fallbacks, filter_text, has_sockmap,
                            plan as make_plan, probes_for, uses_bpf)
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
@@ -91,7 +91,7 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
         plan["bypass"] = plan["bypass"] and bypass
         plan["pieces"] = pieces.for_plan(plan)
         log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
-            f"bypass {'on' if plan['bypass'] else 'off'}, ingress filter {_filter_text(plan)}")
+            f"bypass {'on' if plan['bypass'] else 'off'}, ingress filter {filter_text(plan)}")
         for line in fallbacks(plan):
             log(line)
         try:
@@ -108,16 +108,11 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
 def _build(map_sizes, log):
     from .build import Build, BuildError
     try:
-        build = Build(netns.host_cookie(), map_sizes)
+        build = Build(netns.host_cookie(), map_sizes)       # compiled into every program
     except BuildError as exc:
         raise LoadError(str(exc)) from None
     log(f"compiled datapath in {build.compile_seconds:.2f}s")
     return build.load()
-
-
-def _filter_text(plan):
-    hooks = filter_hooks(plan)
-    return "/".join(hooks) if hooks else (plan.get("ingress") or "off")
 
 
 def _repaired_in_place(mode, map_sizes, log):
@@ -198,7 +193,7 @@ def _load_bpf(plan, cg_path, build):
             os.close(cg_fd)
     if plan["bypass"]:
         _attach_sk_msg(True, build.fd(_sk_msg_prog().name), map_fds[BYPASS_MAP])
-    return {"host_netns_cookie": netns.host_cookie(), "compile_seconds": round(build.compile_seconds, 3)}
+    return {"host_netns_cookie": build.host_netns_cookie, "compile_seconds": round(build.compile_seconds, 3)}
 
 
 def save_pod_template(build, prog):

@@ -62,10 +62,9 @@ class Result:
 
 
 def describe_plan(plan):
-    from .capabilities import fallbacks, filter_hooks
-    hooks = filter_hooks(plan)
+    from .capabilities import fallbacks, filter_text
     text = (f"{plan.get('mode')}: outbound {plan.get('outbound')}, inbound {plan.get('inbound')}, "
-            f"ingress filter {'/'.join(hooks) if hooks else plan.get('ingress') or 'off'}")
+            f"ingress filter {filter_text(plan)}")
     return "; ".join([text] + fallbacks(plan))
 
 

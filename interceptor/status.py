@@ -11,7 +11,7 @@ import textwrap
 import time
 
 from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
-from .capabilities import fallbacks, filter_hooks, uses_bpf
+from .capabilities import fallbacks, filter_hooks, filter_text, uses_bpf
 from .loader import expected_pins, is_loaded
 from .maps import REPORTED, LayoutError, Maps
 from .programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
@@ -107,10 +107,8 @@ def _capabilities(plan):
 
     def direction(d):
         return "ebpf" if plan[d] == "ebpf" else plan["rules_backend"]
-    hooks = filter_hooks(plan)
     return {"outbound": direction("outbound"), "inbound": direction("inbound"),
-            "bypass": "ebpf" if plan["bypass"] else "off",
-            "ingress": "/".join(hooks) if hooks else (plan.get("ingress") or "off")}
+            "bypass": "ebpf" if plan["bypass"] else "off", "ingress": filter_text(plan)}
 
 
 INGRESS_DROP_LABELS = [name.lower() for name, _ in abi.Reason.items()

@@ -352,44 +352,41 @@ def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tm
 
 
 def test_a_datapath_whose_maps_cannot_be_migrated_is_left_in_place_and_not_ready(node, tmp_path):
-    runtime, _, agent, ids = node
-    agent.wait_ready()
+    _, _, agent, ids = node
+    agent.ensure_running().wait_ready()
+    assert_upgrade_refused_in_place(agent, ids, {"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "sockets")},
+                                    saying="map inbound_listeners holds sockets")
+
+
+def assert_upgrade_refused_in_place(agent, ids, env, saying):
+    """An agent started with env (a build it cannot swap in): not ready saying why, the
+    loaded datapath's version unchanged, the early pod still captured, the refusal
+    counted; then the module's agent is started again as the other tests know it."""
     from interceptor import status
     version = status.collect()["node"]["datapath_version"]
     agent.stop()
-    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "sockets")})
+    agent.start(env=env)
     try:
-        agent.wait_ready(False, timeout=60, saying="map inbound_listeners holds sockets")
+        agent.wait_ready(False, timeout=60, saying=saying)
         assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
         rec = record_of(ids["early"])
         assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured
         assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
     finally:
         agent.stop()
-    agent.start()
+        agent.start()
     agent.wait_ready()
 
 
 def test_an_upgrade_the_kernel_refuses_part_of_keeps_the_pods_and_says_why_it_is_not_ready(node, tmp_path):
     """A new build whose xdp_ingress this kernel refuses (the loaded plan uses it): the
     loaded datapath stays, its pods captured, and /readyz names the program and why."""
-    from interceptor import status
     from interceptor.build import REFUSE_ENV
-    runtime, _, agent, ids = node
+    _, _, agent, ids = node
     agent.ensure_running().wait_ready()
-    version = status.collect()["node"]["datapath_version"]
-    agent.stop()
-    agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "code"), REFUSE_ENV: "xdp_ingress"})
-    try:
-        agent.wait_ready(False, timeout=60, saying=f"refuses xdp_ingress of the new datapath (named in {REFUSE_ENV})")
-        assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
-        rec = record_of(ids["early"])
-        assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured
-        assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
-    finally:
-        agent.stop()
-    agent.start()
-    agent.wait_ready()
+    assert_upgrade_refused_in_place(
+        agent, ids, {"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "code"), REFUSE_ENV: "xdp_ingress"},
+        saying=f"refuses xdp_ingress of the new datapath (named in {REFUSE_ENV})")
 
 
 def test_an_agent_on_a_kernel_that_refuses_a_program_loads_the_fallback_and_says_so(node):

@@ -460,8 +460,9 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
     assert old.ok and not new.ok
     rows = {line.strip().split("  ")[0]: line.split() for line in matrix.table([old, new]).splitlines()}
     assert rows["sock_ops"][-2:] == ["NO", "yes"]
+    # a plan of the BPF filter recorded without filter_hooks had both hooks
     assert rows["selfcheck --mode auto"][-8:] == ["nftables:", "rules,", "rules,", "nftables",
-                                                  "ebpf:", "ebpf,", "ebpf,", "xdp"]
+                                                  "ebpf:", "ebpf,", "ebpf,", "tc/xdp"]
     assert rows["request"][-2:] == ["ok", "FAIL"]
     assert [w for w in rows["result"] if w in ("PASS", "FAIL")] == ["PASS", "FAIL"]
     assert "6.1.0-56 --mode auto request: HTTP 502" in matrix.table([old, new])

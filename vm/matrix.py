@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from interceptor.capabilities import filter_text  # noqa: E402
 from interceptor.selfcheck import STEPS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -250,9 +251,7 @@ def _chosen(run, mode):
     plan = _selfcheck(run, mode).get("plan") or {}
     if not plan:
         return "-"
-    hooks = plan.get("filter_hooks")
-    ingress = "/".join(hooks) if hooks else plan.get("ingress") or "off"
-    return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {ingress}"
+    return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {filter_text(plan)}"
 
 
 def _plan_value(plan, key):
