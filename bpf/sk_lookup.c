@@ -77,11 +77,11 @@ int steer_inbound(struct bpf_sk_lookup *ctx)
 	else
 		addr_set_v6(&src, CTX_LOAD32(ctx->remote_ip6[0]), CTX_LOAD32(ctx->remote_ip6[1]),
 			    CTX_LOAD32(ctx->remote_ip6[2]), CTX_LOAD32(ctx->remote_ip6[3]));
-	/* Made inside the pod: the app itself, or the proxy forwarding to the app. Judged by
-	 * the source address: ingress_ifindex of a connection to the pod's own address is
-	 * not reliably the loopback's. */
+	/* Made inside the pod: the app itself, or the proxy forwarding to the app (from
+	 * its inbound source, ::6 included). Judged by the source address: ingress_ifindex
+	 * of a connection to the pod's own address is not reliably the loopback's. */
 	if (ctx->ingress_ifindex == IC_LOOPBACK_IFINDEX || addr_is_loopback(&src) ||
-	    pod_of_addr(&src) == cookie) {
+	    addr_is_inbound_source(&src) || pod_of_addr(&src) == cookie) {
 		count(cookie, REASON_IN_SKIP_LOCAL, 0);
 		return SK_PASS;
 	}

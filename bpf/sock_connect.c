@@ -1,34 +1,80 @@
 /* Outbound capture: cgroup connect4/connect6 send an enrolled pod's TCP connects to its
- * proxy's outbound port on loopback, and getpeername4/6 show the app the destination
+ * proxy's outbound port on loopback (and the proxy's own connections to its pod over lo
+ * to its inbound port, as Istio does), and getpeername4/6 show the app the destination
  * it asked for. Attached once at the cgroup2 root; they act only on enrolled netns. */
 #include "lib/helpers.h"
 
 #define OUT_SKIP 0
 #define OUT_REDIRECT 1
 #define OUT_REFUSE 2
+#define OUT_TO_INBOUND 3        /* the proxy's self-call, to its own inbound port */
 
 /* A proxy that found no original destination for an accepted connection falls back to
  * the socket's own address (HAProxy, and Envoy's original-dst cluster, do), which is its
  * own capture port: connecting there would make it accept the connection again and do
  * the same, without end. No redirect ever needs that connection, so it is refused. */
-static __always_inline int is_proxy_loop(__u64 cookie, struct pod_config *cfg,
-					 const struct addr16 *dst, __u16 dst_port)
+static __always_inline int is_proxy_loop(struct pod_config *cfg, int over_lo, __u16 dst_port)
 {
-	if (dst_port != cfg->outbound_port && dst_port != cfg->inbound_port)
-		return 0;
+	return over_lo && (dst_port == cfg->outbound_port || dst_port == cfg->inbound_port);
+}
+
+/* Over lo (Istio: `-o lo`): to a loopback address or one of the pod's own. */
+static __always_inline int goes_over_lo(__u64 cookie, const struct addr16 *dst)
+{
 	return addr_is_loopback(dst) || pod_of_addr(dst) == cookie;
 }
 
-/* Istio's order: excluded port, explicitly included port, excluded CIDR, included CIDR. */
-static __always_inline int outbound_verdict(__u64 cookie, struct pod_config *cfg,
-					    const struct addr16 *dst, __u16 dst_port)
+/* The proxy's connection to its own pod over lo (a self-call through its outbound
+ * cluster): Istio sends it to the inbound port unless it goes to 127.0.0.1 / ::1 (the
+ * proxy's admin and agent traffic) or to HBONE's port. */
+static __always_inline int is_self_call(const struct addr16 *dst, __u16 dst_port)
+{
+	if (dst_port == HBONE_PORT)
+		return 0;
+	if (addr_is_v4mapped(dst))
+		return dst->w[3] != bpf_htonl(0x7f000001);
+	return !(dst->w[0] == 0 && dst->w[1] == 0 && dst->w[2] == 0 && dst->w[3] == bpf_htonl(1));
+}
+
+/* Is the socket bound to the proxy's inbound source (127.0.0.6, ::6, or v4-mapped
+ * 127.0.0.6)? That is the inbound hop to the app, which Istio never redirects. */
+static __always_inline int from_inbound_source(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	struct addr16 src;
+	if (sk->family == IC_AF_INET)
+		addr_set_v4(&src, sk->src_ip4);
+	else
+		addr_set_v6(&src, CTX_LOAD32(sk->src_ip6[0]), CTX_LOAD32(sk->src_ip6[1]),
+			    CTX_LOAD32(sk->src_ip6[2]), CTX_LOAD32(sk->src_ip6[3]));
+	return addr_is_inbound_source(&src);
+}
+
+/* Istio's order (istio-iptables' ISTIO_OUTPUT): from the inbound source over lo; the
+ * proxy's uid over lo to its inbound port; the proxy's uid and gid; loopback; the pod
+ * itself; excluded port, explicitly included port, excluded CIDR, included CIDR. The
+ * proxy's loop to its own capture port is refused before all of them. */
+static __always_inline int outbound_verdict(struct bpf_sock_addr *ctx, __u64 cookie,
+					    struct pod_config *cfg, const struct addr16 *dst,
+					    __u16 dst_port)
 {
 	__u64 gids = bpf_get_current_uid_gid();
-	if ((__u32)gids == cfg->proxy_uid || (__u32)(gids >> 32) == cfg->proxy_gid) {
-		if (is_proxy_loop(cookie, cfg, dst, dst_port)) {
-			count(cookie, REASON_OUT_REFUSED_PROXY_LOOP, 0);
-			return OUT_REFUSE;
-		}
+	int proxy_uid = (__u32)gids == cfg->proxy_uid;
+	int proxy = proxy_uid || (__u32)(gids >> 32) == cfg->proxy_gid;
+	int over_lo = goes_over_lo(cookie, dst);
+	if (proxy && is_proxy_loop(cfg, over_lo, dst_port)) {
+		count(cookie, REASON_OUT_REFUSED_PROXY_LOOP, 0);
+		return OUT_REFUSE;
+	}
+	if (over_lo && from_inbound_source(ctx)) {
+		count(cookie, REASON_OUT_SKIP_INBOUND_SOURCE, 0);
+		return OUT_SKIP;
+	}
+	if (proxy_uid && over_lo && is_self_call(dst, dst_port))
+		return OUT_TO_INBOUND;
+	if (proxy) {
 		count(cookie, REASON_OUT_SKIP_PROXY_OWNER, 0);
 		return OUT_SKIP;
 	}
@@ -101,14 +147,16 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr
 		connect_orig.sk_storage_delete(ctx->sk);
 
 	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
-	int verdict = outbound_verdict(cookie, cfg, dst, dst_port);
+	int verdict = outbound_verdict(ctx, cookie, cfg, dst, dst_port);
 	if (verdict == OUT_REFUSE)
 		return 0;
-	if (verdict != OUT_REDIRECT)
+	if (verdict != OUT_REDIRECT && verdict != OUT_TO_INBOUND)
 		return 1;
+	int self_call = verdict == OUT_TO_INBOUND;
+	__u16 proxy_port = self_call ? cfg->inbound_port : cfg->outbound_port;
 
 	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);
-	if (!proxy_listening(ctx, lands_v6, cfg->outbound_port)) {
+	if (!proxy_listening(ctx, lands_v6, proxy_port)) {
 		if (cfg->flags & POD_F_PASSTHROUGH) {
 			count(cookie, REASON_OUT_PASSTHROUGH_NO_PROXY, 0);
 			return 1;
@@ -127,12 +175,19 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr
 	__builtin_memcpy(orig->addr, dst, 16);
 	orig->port = dst_port;
 	orig->family = user_family;
-	orig->direction = DIR_OUTBOUND;
+	orig->direction = self_call ? DIR_INBOUND : DIR_OUTBOUND;
 	orig->flags = 0;
-	orig->proxy_port = cfg->outbound_port;
+	orig->proxy_port = proxy_port;
 	orig->netns_cookie = cookie;
 	orig->created_ns = bpf_ktime_get_boot_ns();
 
+	if (self_call) {
+		/* the same address (the pod's own, or loopback), the inbound port: the proxy's
+		 * inbound listener (a wildcard address) accepts it, as Istio's REDIRECT does */
+		ctx->user_port = bpf_htons(proxy_port);
+		count(cookie, REASON_OUT_SELF_TO_INBOUND, 0);
+		return 1;
+	}
 	if (user_family == IC_AF_INET) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 	} else if (lands_v6) {

@@ -1,7 +1,8 @@
 /* sock_ops at the cgroup2 root, for sockets of enrolled pods:
  * - on connect: publish the app socket's original destination by tuple (redirected);
  *   remove it on close;
- * - on the proxy's side of that connection becoming established: copy the record onto
+ * - on the proxy's side of that connection becoming established (its outbound port, or
+ *   its inbound port for its own self-call): copy the record onto
  *   the proxy's accepted socket (proxy_orig), where getsockopt(SO_ORIGINAL_DST) reads
  *   it for as long as that socket lives, whenever the app closes;
  * - on listen: register the proxy's inbound listener for sk_lookup to steer to;
@@ -36,14 +37,19 @@ static __always_inline void forget_redirect(struct bpf_sock_ops *ops, __u64 cook
 	redirected.delete(&t);
 }
 
-/* The proxy's accepted socket on its outbound capture port: the connection's other end
- * is the app's redirected socket, whose record sock_ops published on connect. This runs
- * (softirq, on the handshake's last ACK) before the app can see its own FIN acknowledged,
- * so a client that connects and closes at once cannot take the record with it. */
+/* The proxy's accepted socket on a capture port, for a connection made inside the pod:
+ * the other end is the app's redirected socket (outbound port), or the proxy's own
+ * self-call (inbound port), whose record sock_ops published on connect. This runs
+ * (softirq, on the handshake's last ACK) before the client can see its own FIN
+ * acknowledged, so a client that connects and closes at once cannot take the record
+ * with it. */
 static __always_inline void hand_over_to_proxy(struct bpf_sock_ops *ops, __u64 cookie,
 					       struct pod_config *cfg, struct sock_tuple *t)
 {
-	if (ops->local_port != cfg->outbound_port || !addr_is_loopback(t->remote))
+	__u32 port = ops->local_port;
+	if (port != cfg->outbound_port && port != cfg->inbound_port)
+		return;
+	if (!addr_is_loopback(t->remote) && pod_of_addr(t->remote) != cookie)
 		return;
 	struct bpf_sock *sk = ops->sk;
 	if (!sk)
@@ -51,7 +57,7 @@ static __always_inline void hand_over_to_proxy(struct bpf_sock_ops *ops, __u64 c
 	struct sock_tuple app = {};
 	tuple_peer(t, &app);
 	struct orig_dst *orig = redirected.lookup(&app);
-	if (!orig || orig->direction != DIR_OUTBOUND)
+	if (!orig || orig->proxy_port != port)
 		return;
 	struct orig_dst *held = proxy_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!held) {

@@ -19,6 +19,17 @@ ALWAYS_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)
 # drops from the network by default (a connection to 15001 from outside loops through
 # the proxy; 15000 is Envoy's admin API).
 ADMIN_PORT = 15000
+# Istio's HBONE (mTLS tunnel) port: the proxy's own connections to it are never sent
+# back to its inbound port (istio-iptables: `! --dport 15008`).
+HBONE_PORT = 15008
+# The source address of the proxy's inbound hop to its app (Envoy's upstream_bind_config
+# on Istio's inbound clusters since 1.10): connections from it over lo are never
+# redirected. 127.0.0.6 is on lo already (127/8); ::6 is added to the pod's lo at enroll,
+# as istio-iptables does. Host-order integers for C; the strings for userspace.
+INBOUND_SOURCE_V4 = "127.0.0.6"
+INBOUND_SOURCE_V6 = "::6"
+INBOUND_SOURCE_V4_INT = 0x7F000006
+INBOUND_SOURCE_V6_LAST_WORD = 6          # ::6: three zero words, then 6
 
 # --- Map capacities -------------------------------------------------------------------
 MAX_PODS = 4096
@@ -138,6 +149,19 @@ class Reason(Codes):
     # the proxy's inbound listener could not be recorded (inbound_listeners full): the
     # pod's inbound connections are not steered to it until one is
     LISTENER_RECORD_FAILED = 30
+    # SO_ORIGINAL_DST on a socket with no redirect record, which the kernel could not
+    # answer either: answered with the socket's own local address, as conntrack answers
+    # an un-NATed connection. Inbound connections that sk_lookup delivered are this case
+    # (their destination was never rewritten), and Envoy's original_dst listener filter
+    # restores a destination only when the option answers.
+    ORIG_DST_OWN_ADDRESS = 31
+    # the proxy (its uid) connecting to its own pod over lo (a self-call through its
+    # outbound cluster): sent to its inbound port, as istio-iptables' ISTIO_IN_REDIRECT
+    # rule on lo does, so inbound policy and telemetry apply to it
+    OUT_SELF_TO_INBOUND = 32
+    # a connection from the proxy's inbound source address (127.0.0.6 / ::6) over lo:
+    # the inbound hop to the app, never redirected
+    OUT_SKIP_INBOUND_SOURCE = 33
 
 
 # --- Map layouts ----------------------------------------------------------------------
@@ -298,7 +322,8 @@ STRUCTS = {
 
 # Plain constants exported to C under the same name.
 CONSTANTS = {name: globals()[name] for name in (
-    "PROXY_UID", "PROXY_GID", "OUTBOUND_PORT", "INBOUND_PORT",
+    "PROXY_UID", "PROXY_GID", "OUTBOUND_PORT", "INBOUND_PORT", "HBONE_PORT",
+    "INBOUND_SOURCE_V4_INT", "INBOUND_SOURCE_V6_LAST_WORD",
     "MAX_PODS", "MAX_POD_ADDRS", "MAX_CIDRS", "MAX_PORT_RULES", "MAX_REDIRECTED_SOCKETS",
     "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS",
     "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",

@@ -39,11 +39,16 @@ frontend outbound
     default_backend original_dst
 frontend inbound
     bind 0.0.0.0:{inbound_port}
-    default_backend original_dst
+    default_backend inbound_original_dst
 backend original_dst
     # 0.0.0.0:0 = forward to the connection's original destination (SO_ORIGINAL_DST,
     # else getsockname), the way a transparent sidecar does.
     server s 0.0.0.0:0
+backend inbound_original_dst
+    # the inbound hop to the app from 127.0.0.6, as Istio's Envoy makes it: interception
+    # leaves that source alone (from any other, the proxy's connection to its own pod is
+    # a self-call, sent back to its inbound port, as under istio-iptables)
+    server s 0.0.0.0:0 source 127.0.0.6
 """
 
 
@@ -141,6 +146,28 @@ class Lab:
         wait_listening(pod, inbound_port)
         wait_listening(pod, outbound_port)
         return proc, log
+
+    def start_envoy(self, pod, app_ports=(), services=(), outbound_port=abi.OUTBOUND_PORT,
+                    inbound_port=abi.INBOUND_PORT, uid=abi.PROXY_UID, gid=abi.PROXY_GID,
+                    explicit=(), families=(4, 6)):
+        """Envoy as Istio configures the pod's sidecar (envoy_sidecar), run as the proxy
+        uid; returns (process, config path). Its statistics: envoy_sidecar.stats()."""
+        from . import envoy_sidecar
+        cfg = os.path.join(self.workdir, f"envoy-{pod.name}.json")
+        log = os.path.join(self.workdir, f"envoy-{pod.name}.log")
+        envoy_sidecar.write_config(cfg, envoy_sidecar.bootstrap(
+            app_ports=app_ports, services=services, outbound_port=outbound_port,
+            inbound_port=inbound_port, explicit=explicit, families=families))
+        open(log, "w").close()
+        os.chmod(log, 0o666)
+        os.chmod(self.workdir, 0o755)
+        proc = pod.spawn(*envoy_sidecar.command(cfg, log, uid=uid, gid=gid),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _poll(lambda: proc.poll() is not None or envoy_sidecar.ready(pod.netns_path),
+              f"Envoy ready in {pod.name}", 30)
+        if proc.poll() is not None:
+            raise RuntimeError(f"Envoy in {pod.name} exited ({proc.returncode}): see {log}")
+        return proc, cfg
 
     def close(self):
         for pod in self.pods.values():

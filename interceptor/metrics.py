@@ -21,6 +21,9 @@ _REASON_METRICS = {
     "in_steered": ("redirected_connections", {"direction": "inbound"}),
     "orig_dst_answered": ("original_dst_answers", {"result": "answered"}),
     "orig_dst_unknown": ("original_dst_answers", {"result": "unknown"}),
+    "orig_dst_own_address": ("original_dst_answers", {"result": "own_address"}),
+    # the proxy's own connection to its pod, sent to its inbound port (Istio does)
+    "out_self_to_inbound": ("redirected_connections", {"direction": "self"}),
     "out_passthrough_no_proxy": ("no_proxy_decisions", {"direction": "outbound", "decision": "passthrough"}),
     "out_rejected_no_proxy": ("no_proxy_decisions", {"direction": "outbound", "decision": "reject"}),
     "in_passthrough_no_proxy": ("no_proxy_decisions", {"direction": "inbound", "decision": "passthrough"}),

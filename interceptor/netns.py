@@ -106,14 +106,26 @@ _RT_SCOPE_UNIVERSE = 0
 _IFADDRMSG = struct.Struct("=BBBBI")   # family, prefixlen, flags, scope, index
 
 
+_RTM_DELADDR = 21
+_LOOPBACK_IFINDEX = 1         # "lo" is ifindex 1 in every network namespace
+_IFA_F_NODAD = 0x02
+_IFA_PROTO = 11               # who added the address (Linux 5.18+; ignored before)
+# Our mark on an address we add (IFA_PROTO: 0-3 are the kernel's own), so that a later
+# run, or a sweep after the record was lost, knows the address is ours to remove.
+ADDRESS_PROTO = 0x69
+
+
 def _dump_addresses():
-    """Global-scope addresses of the current namespace, as ip_address objects."""
+    """Global-scope addresses of the current namespace's interfaces, as ip_address
+    objects; not those on lo (the proxy's ::6 there is no address of the pod's)."""
     found = {}
     request = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
     for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETADDR, request):
         if kind != _RTM_NEWADDR:
             continue
-        _, _, _, scope, _ = _IFADDRMSG.unpack_from(body)
+        _, _, _, scope, index = _IFADDRMSG.unpack_from(body)
+        if index == _LOOPBACK_IFINDEX:
+            continue
         attrs = netlink.attributes(body, _IFADDRMSG.size)
         raw = attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)
         if raw and scope == _RT_SCOPE_UNIVERSE:
@@ -126,6 +138,57 @@ def addresses_of(path):
     """The pod's own (global-scope) addresses, IPv4 and IPv6."""
     with entered(path):
         return _dump_addresses()
+
+
+def _lo_address_message(addr, mark=False):
+    ifa = _IFADDRMSG.pack(socket.AF_INET6, 128, _IFA_F_NODAD, _RT_SCOPE_UNIVERSE, _LOOPBACK_IFINDEX)
+    msg = ifa + netlink.attribute(_IFA_LOCAL, addr.packed) + netlink.attribute(_IFA_ADDRESS, addr.packed)
+    return msg + netlink.attribute(_IFA_PROTO, bytes([ADDRESS_PROTO])) if mark else msg
+
+
+def add_lo_address_v6(path, address):
+    """Put the IPv6 address (a /128) on the namespace's lo. True when this added it,
+    False when it was there already, None when the namespace has IPv6 off."""
+    addr = ipaddress.IPv6Address(address)
+    with entered(path):
+        try:
+            netlink.request(socket.NETLINK_ROUTE, _RTM_NEWADDR,
+                            netlink.NLM_F_CREATE | netlink.NLM_F_EXCL, _lo_address_message(addr, mark=True))
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            if exc.errno in (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
+                return None         # IPv6 disabled in the namespace (disable_ipv6 on lo)
+            raise
+    return True
+
+
+def remove_lo_address_v6(path, address):
+    """Take the address off the namespace's lo (nothing when it is not there)."""
+    addr = ipaddress.IPv6Address(address)
+    with entered(path):
+        try:
+            netlink.request(socket.NETLINK_ROUTE, _RTM_DELADDR, 0, _lo_address_message(addr))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.EAFNOSUPPORT):
+                raise
+
+
+def lo_address_v6(path, address):
+    """Whether the namespace's lo has the address: None (absent), "ours" (marked with
+    ADDRESS_PROTO by add_lo_address_v6), or "other" (not marked: someone else's, or
+    added on a kernel that keeps no mark, before 5.18)."""
+    addr = ipaddress.IPv6Address(address)
+    with entered(path):
+        request = _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0)
+        found = None
+        for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETADDR, request):
+            if kind != _RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != _LOOPBACK_IFINDEX:
+                continue
+            attrs = netlink.attributes(body, _IFADDRMSG.size)
+            if (attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)) == addr.packed:
+                found = "ours" if attrs.get(_IFA_PROTO) == bytes([ADDRESS_PROTO]) else "other"
+    return found
 
 
 # --- interfaces ------------------------------------------------------------------------

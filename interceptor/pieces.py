@@ -6,9 +6,12 @@
   capture-rules    REDIRECT rules (nftables or iptables) for what eBPF cannot capture
   capture-bpf      the pod's entries in pods, pod_addrs, port_rules, cidr_rules, its
                    sk_lookup link and its proxy's existing listener
+  inbound-source   ::6/128 on the pod's lo, the source of the proxy's inbound hop to its
+                   app over IPv6 (Envoy's upstream_bind_config on Istio's inbound
+                   clusters), as istio-iptables adds it; every mode
 
 The plan names the pieces once, at load (`for_plan`); a pod gets them in that order:
-the filter first (the proxy's ports are shielded before capture puts them in use),
+its inbound source first, then the filter (the proxy's ports are shielded before capture puts them in use),
 capture-bpf last (its pods entry switches the hooks on). Removal runs in reverse.
 
 Every piece answers the same calls:
@@ -27,14 +30,14 @@ import ipaddress
 import os
 import shutil
 
-from . import abi, ingress, libbpf, listeners, paths, stubs, tc, xdp
+from . import abi, ingress, libbpf, listeners, netns, paths, stubs, tc, xdp
 from .capabilities import EBPF, RULES, XDP, filter_hooks
 from .maps import addr16, cidr_key, port_key
 from .problems import Kind, Problem
 from .programs import BY_NAME as PROGRAMS, SK_LOOKUP_PROG
 
 NFTABLES = "nftables"
-FILTER, CAPTURE = "filter", "capture"
+FILTER, CAPTURE, ADDRESS = "filter", "capture", "address"
 SK_LOOKUP_LINK = "sk_lookup"
 
 
@@ -435,14 +438,59 @@ def _attach_sk_lookup(cookie, netns_path):
         os.close(prog_fd)
 
 
+# --- the proxy's inbound source address ------------------------------------------------
+class InboundSource(Piece):
+    """::6 on lo, so the proxy can bind its inbound hop's source (127.0.0.6 needs nothing:
+    127/8 is on lo already). The capture of every mode leaves connections from it alone.
+    The address carries our mark (netns.ADDRESS_PROTO) and the journal says whether this
+    piece added it, so removal takes away only an address of ours, also in a sweep after
+    the record was lost (where the kernel keeps the mark: 5.18+)."""
+    name = "inbound-source"
+    role = ADDRESS
+
+    def apply(self, target, previous):
+        netns_path = target.record.netns
+        there = netns.lo_address_v6(netns_path, abi.INBOUND_SOURCE_V6)
+        ours = there == "ours" or (there is not None and bool((previous or {}).get("added")))
+        if there is None:
+            # journalled first: a run killed right after the add still removes it
+            target.note(self, {"address": abi.INBOUND_SOURCE_V6, "added": True})
+            added = netns.add_lo_address_v6(netns_path, abi.INBOUND_SOURCE_V6)
+            if added is None:       # IPv6 is off in the namespace: no IPv6 inbound hop either
+                return {"address": abi.INBOUND_SOURCE_V6, "added": False, "ipv6": False}
+            ours = True
+        return {"address": abi.INBOUND_SOURCE_V6, "added": ours, "ipv6": True}
+
+    def remove(self, record, state, maps):
+        if not record.netns_exists():
+            return      # gone with the namespace
+        address = (state or {}).get("address", abi.INBOUND_SOURCE_V6)
+        try:
+            if (state or {}).get("added") or netns.lo_address_v6(record.netns, address) == "ours":
+                netns.remove_lo_address_v6(record.netns, address)
+        except OSError:
+            pass
+
+    def verify(self, record, state, netns_path):
+        if not state or not state.get("added") or not record.netns_exists():
+            return []
+        try:
+            if netns.lo_address_v6(record.netns, state["address"]) is not None:
+                return []
+        except OSError:
+            return []
+        return [Problem(Kind.INBOUND_SOURCE_MISSING,
+                        f"{state['address']} missing from lo (the proxy's inbound source over IPv6)")]
+
+
 # --- which pieces ----------------------------------------------------------------------
-PIECES = (FilterXdp(), FilterNftables(), CaptureRules(), CaptureBpf())    # canonical order
+PIECES = (InboundSource(), FilterXdp(), FilterNftables(), CaptureRules(), CaptureBpf())  # canonical order
 BY_NAME = {p.name: p for p in PIECES}
 
 
 def for_plan(plan):
     """The names of the pieces a load with this plan serves pods with, in apply order."""
-    names = []
+    names = [InboundSource.name]
     if plan.get("ingress") == XDP:
         names.append(FilterXdp.name)
     elif plan.get("ingress") == NFTABLES:
@@ -458,6 +506,8 @@ def for_plan(plan):
 def for_pod(plan, settings):
     """The pieces (objects) of one pod with these settings, in apply order."""
     names = plan.get("pieces") or for_plan(plan)
+    if InboundSource.name not in names:     # a node loaded before the piece existed
+        names = [InboundSource.name, *names]
     chosen = [BY_NAME[n] for n in names
               if not (BY_NAME[n].role == FILTER and settings.ingress_filter == "off")]
     if not any(p.role == FILTER for p in chosen) and (settings.ingress_policy or settings.protected_ports):

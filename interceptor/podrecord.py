@@ -94,8 +94,10 @@ class PodRecord:
 
 def _journal_of_0_1(d):
     """Records written before the journal (interceptor 0.1) kept each mechanism under
-    its own key; read so that an upgraded node can still verify and remove its pods."""
-    journal = []
+    its own key; read so that an upgraded node can still verify and remove its pods.
+    The inbound source (::6 on lo) came later: its entry, without state, only sweeps an
+    address of ours (marked), which such a pod never got."""
+    journal = [JournalEntry("inbound-source", None)]
     ing = dict(d.get("ingress") or {})
     mechanism = ing.pop("mechanism", None)
     if mechanism:

@@ -18,6 +18,7 @@ class Kind(Codes):
     INGRESS_FILTER_MISSING = 105  # XDP link or nftables chain of the ingress filter
     INCOMPLETE = 106              # recorded, never finished (an ADD killed half-way)
     POLICY_INTERRUPTED = 107      # a live policy edit killed half-way: the filter may mix two
+    INBOUND_SOURCE_MISSING = 108  # ::6 on the pod's lo, which enroll added, is gone
 
 
 class Problem:

@@ -7,10 +7,12 @@ INTERCEPTOR_* chains in the nat table plus one jump rule each, legacy or nft bac
 Each rule carries the datapath's reason label as its comment and a counter, so status and
 metrics read the same counters in every mode. Nothing else in the netns is touched.
 
-Semantics follow istio-iptables, with one deliberate difference: Istio sends the proxy's
-own connections to a non-loopback address over lo back to the inbound port (which needs
-the proxy to use 127.0.0.6 as source for its inbound hop); interceptor never redirects
-the proxy's connections, in any mode, so every mode behaves alike for the same proxy.
+Semantics follow istio-iptables, in its order, including its rule for the proxy's own
+connections over lo: to any address but 127.0.0.1 / ::1 (its pod's own, by a self-call
+through its outbound cluster) they go to the inbound port, unless they come from the
+inbound source (127.0.0.6 / ::6: the proxy's hop to its app) or go to HBONE's port. One
+deliberate difference: a connection of the proxy to its own capture ports is never sent
+to a capture port (the eBPF hooks refuse it: it is a proxy looping to itself).
 """
 import json
 import os
@@ -34,19 +36,31 @@ class RulesError(Exception):
 
 
 class Rule:
-    """match: family (4, 6 or None), oif_lo, iif_lo, uid, gid, dports, daddrs;
+    """match: family (4, 6 or None), oif_lo, iif_lo, uid, gid, dports, daddrs, saddrs,
+    and the negated not_daddr (one address) and not_dports;
     action: "return" or a redirect port; reason: the datapath's counter label."""
 
     def __init__(self, reason, action, family=None, oif_lo=False, iif_lo=False, uid=None,
-                 gid=None, dports=(), daddrs=()):
+                 gid=None, dports=(), daddrs=(), saddrs=(), not_daddr=None, not_dports=()):
         self.reason, self.action, self.family = reason, action, family
         self.oif_lo, self.iif_lo, self.uid, self.gid = oif_lo, iif_lo, uid, gid
-        self.dports, self.daddrs = list(dports), list(daddrs)
+        self.dports, self.daddrs, self.saddrs = list(dports), list(daddrs), list(saddrs)
+        self.not_daddr, self.not_dports = not_daddr, list(not_dports)
 
 
 def outbound_rules(s):
     out_port = s.outbound_port
+    # the proxy's own capture ports are left out of the self-call rule (see the docstring)
+    self_call_never = sorted({abi.HBONE_PORT, s.outbound_port, s.inbound_port})
     rules = [
+        Rule("out_skip_inbound_source", "return", family=4, oif_lo=True,
+             saddrs=[abi.INBOUND_SOURCE_V4 + "/32"]),
+        Rule("out_skip_inbound_source", "return", family=6, oif_lo=True,
+             saddrs=[abi.INBOUND_SOURCE_V6 + "/128"]),
+        Rule("out_self_to_inbound", s.inbound_port, family=4, oif_lo=True, uid=s.proxy_uid,
+             not_daddr="127.0.0.1/32", not_dports=self_call_never),
+        Rule("out_self_to_inbound", s.inbound_port, family=6, oif_lo=True, uid=s.proxy_uid,
+             not_daddr="::1/128", not_dports=self_call_never),
         Rule("out_skip_proxy_owner", "return", uid=s.proxy_uid),
         Rule("out_skip_proxy_owner", "return", gid=s.proxy_gid),
         Rule("out_skip_loopback", "return", family=4, daddrs=["127.0.0.0/8"]),
@@ -91,7 +105,7 @@ def inbound_rules(s):
 # --- nftables ---------------------------------------------------------------------------
 def _nft_rule(r):
     # a redirect port needs a transport protocol match in front of it
-    parts = [] if r.dports or r.action == "return" else ["meta l4proto tcp"]
+    parts = [] if r.dports or r.not_dports or r.action == "return" else ["meta l4proto tcp"]
     if r.oif_lo:
         parts.append('oifname "lo"')
     if r.iif_lo:
@@ -100,10 +114,17 @@ def _nft_rule(r):
         parts.append(f"meta skuid {r.uid}")
     if r.gid is not None:
         parts.append(f"meta skgid {r.gid}")
+    ip = "ip" if r.family == 4 else "ip6"
+    if r.saddrs:
+        parts.append(f"{ip} saddr {{ " + ", ".join(r.saddrs) + " }")
+    if r.not_daddr:
+        parts.append(f"{ip} daddr != {r.not_daddr}")
     if r.dports:
         parts.append("tcp dport { " + ", ".join(map(str, r.dports)) + " }")
+    if r.not_dports:
+        parts.append("tcp dport != { " + ", ".join(map(str, r.not_dports)) + " }")
     if r.daddrs:
-        parts.append(("ip" if r.family == 4 else "ip6") + " daddr { " + ", ".join(r.daddrs) + " }")
+        parts.append(f"{ip} daddr {{ " + ", ".join(r.daddrs) + " }")
     parts.append("counter")
     parts.append("return" if r.action == "return" else f"redirect to :{r.action}")
     parts.append(f'comment "{r.reason}"')
@@ -143,6 +164,14 @@ def _ipt_rules(r, chain, version):
         base += ["-m", "owner", "--uid-owner", str(r.uid)]
     if r.gid is not None:
         base += ["-m", "owner", "--gid-owner", str(r.gid)]
+    for addr in r.saddrs:           # one source address at most (a list for symmetry)
+        base += ["-s", addr]
+    if r.not_daddr:
+        base += ["!", "-d", r.not_daddr]
+    if r.not_dports:
+        if len(r.not_dports) > MULTIPORT_MAX:
+            raise RulesError(f"{r.reason}: more than {MULTIPORT_MAX} negated ports")
+        base += ["-m", "multiport", "!", "--dports", ",".join(map(str, r.not_dports))]
     action = ["-j", "RETURN"] if r.action == "return" else ["-j", "REDIRECT", "--to-ports", str(r.action)]
     tail = ["-m", "comment", "--comment", r.reason] + action
     port_groups = [r.dports[i:i + MULTIPORT_MAX] for i in range(0, len(r.dports), MULTIPORT_MAX)] or [None]

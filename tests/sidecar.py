@@ -64,8 +64,14 @@ def handle(conn, listener, log, lock):
                               "orig_dst": f"{dst[0]}:{dst[1]}", "how": how,
                               "sockname": f"{sockname[0]}:{sockname[1]}"}) + "\n")
         log.flush()
+    # Istio's inbound hop comes from 127.0.0.6 / ::6 (which interception leaves alone);
+    # from any other address the proxy's connection to its own pod is a self-call, sent
+    # back to its inbound port
+    source = None
+    if listener == "inbound":
+        source = ("::6" if ":" in dst[0] else "127.0.0.6", 0)
     try:
-        upstream = socket.create_connection(dst[:2], timeout=10)
+        upstream = socket.create_connection(dst[:2], timeout=10, source_address=source)
     except OSError:
         conn.close()
         return

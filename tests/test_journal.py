@@ -94,11 +94,20 @@ def map_entries_of(cookie):
     return out
 
 
+def lo_has_inbound_source(pod):
+    return f" {abi.INBOUND_SOURCE_V6}/128 " in pod.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+
+
 def assert_nothing_left(pod, cookie, before):
     assert podrecord.read(cookie) is None
+    assert not lo_has_inbound_source(pod)
     assert not os.path.exists(paths.pod_pin_dir(cookie))
     assert map_entries_of(cookie) == {}
     assert netfilter(pod) == before
+
+
+def victim_piece(names, victim):
+    return {"inbound-source": names[0], "filter": names[1], "capture": names[-1]}[victim]
 
 
 def kill_enroll_at(pod, when, victim):
@@ -108,17 +117,18 @@ def kill_enroll_at(pod, when, victim):
 
 
 def test_each_mode_serves_pods_with_its_pieces_in_order(pod, mode):
-    expected = {"ebpf": ["filter-xdp", "capture-bpf"],
-                "nftables": ["filter-nftables", "capture-rules"],
-                "iptables": ["filter-nftables", "capture-rules"]}[mode]
+    expected = {"ebpf": ["inbound-source", "filter-xdp", "capture-bpf"],
+                "nftables": ["inbound-source", "filter-nftables", "capture-rules"],
+                "iptables": ["inbound-source", "filter-nftables", "capture-rules"]}[mode]
     assert loader.node_plan()["pieces"] == expected
     rec = enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
     assert [e.piece for e in rec.journal] == expected and rec.complete
     assert all(e.state is not None for e in rec.journal)
     assert status.collect()["pods"][0]["pieces"] == expected
+    assert lo_has_inbound_source(pod)
     # the filter can be turned off per pod: its piece is removed on re-enroll
     rec = enrollment.enroll(pod.netns_path, PodSettings(ingress_filter="off"), pod="test/victim")
-    assert [e.piece for e in rec.journal] == expected[1:]
+    assert [e.piece for e in rec.journal] == [expected[0], expected[2]]
     assert not enrollment.verify(rec, pod.netns_path)
     cookie = rec.cookie
     if mode == "ebpf":
@@ -128,14 +138,14 @@ def test_each_mode_serves_pods_with_its_pieces_in_order(pod, mode):
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("victim", ["filter", "capture"])
+@pytest.mark.parametrize("victim", ["inbound-source", "filter", "capture"])
 def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, victim):
     """'before': the piece is journalled, nothing of it made; 'after': all of it made,
     nothing of it recorded (so removal has to sweep)."""
     before = netfilter(pod)
     cookie = netns.cookie_of(pod.netns_path)
     names = loader.node_plan()["pieces"]
-    kill_enroll_at(pod, when, names[0] if victim == "filter" else names[-1])
+    kill_enroll_at(pod, when, victim_piece(names, victim))
 
     rec = podrecord.read(cookie)
     assert rec is not None and not rec.complete
@@ -149,11 +159,11 @@ def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, vic
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-@pytest.mark.parametrize("victim", ["filter", "capture"])
+@pytest.mark.parametrize("victim", ["inbound-source", "filter", "capture"])
 def test_killed_at_a_piece_boundary_then_add_again_ends_healthy(pod, mode, when, victim):
     before = netfilter(pod)
     names = loader.node_plan()["pieces"]
-    kill_enroll_at(pod, when, names[0] if victim == "filter" else names[-1])
+    kill_enroll_at(pod, when, victim_piece(names, victim))
     # the retried ADD: other settings, so nothing of the killed run may linger
     rec = enrollment.enroll(pod.netns_path, PodSettings(exclude_outbound_ports=[6379]), pod="test/victim")
     assert rec.complete and not enrollment.verify(rec, pod.netns_path)
@@ -208,10 +218,10 @@ def test_a_record_of_the_previous_layout_is_verified_and_removed(pod, mode):
     rec = enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
     old = rec.to_json()
     del old["journal"]
-    filt = rec.journal[0].state
-    old["ingress"] = dict(filt, mechanism=pieces.BY_NAME[rec.journal[0].piece].mechanism)
+    piece, filt = pieces.filter_of(rec)
+    old["ingress"] = dict(filt, mechanism=piece.mechanism)
     if mode != "ebpf":
-        old["rules"] = rec.journal[1].state
+        old["rules"] = rec.entry("capture-rules").state
     from interceptor import state
     state.write_json(paths.pod_state_file(rec.cookie), old)
     again = podrecord.read(rec.cookie)

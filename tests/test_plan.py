@@ -69,8 +69,8 @@ def test_forced_ebpf_mode_names_the_refused_capture_program():
 
 
 def test_pieces_follow_the_plan():
-    assert pieces.for_plan(plan(("sockops",))) == ["filter-xdp", "capture-rules"]
-    assert pieces.for_plan(plan(("tc_pod", "xdp_pod"))) == ["filter-nftables", "capture-bpf"]
+    assert pieces.for_plan(plan(("sockops",))) == ["inbound-source", "filter-xdp", "capture-rules"]
+    assert pieces.for_plan(plan(("tc_pod", "xdp_pod"))) == ["inbound-source", "filter-nftables", "capture-bpf"]
 
 
 @pytest.mark.parametrize("asked,driver,hooks,hook", [

@@ -466,3 +466,34 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
     assert rows["request"][-2:] == ["ok", "FAIL"]
     assert [w for w in rows["result"] if w in ("PASS", "FAIL")] == ["PASS", "FAIL"]
     assert "6.1.0-56 --mode auto request: HTTP 502" in matrix.table([old, new])
+
+
+# --- Istio's rules for the proxy's own connections over lo (rules.py) -------------------
+from interceptor import rules  # noqa: E402
+
+
+def test_inbound_source_constants_agree():
+    import ipaddress
+    assert int(ipaddress.IPv4Address(abi.INBOUND_SOURCE_V4)) == abi.INBOUND_SOURCE_V4_INT
+    assert int(ipaddress.IPv6Address(abi.INBOUND_SOURCE_V6)) == abi.INBOUND_SOURCE_V6_LAST_WORD
+
+
+def test_rules_follow_istio_order_for_the_proxy_over_lo():
+    """From the inbound source: left alone; the proxy's uid to its pod over lo (not
+    127.0.0.1 / ::1, not 15008 or its capture ports): to the inbound port; then the
+    proxy's uid and gid are left alone (istio-iptables' ISTIO_OUTPUT order)."""
+    reasons = [r.reason for r in rules.outbound_rules(PodSettings())]
+    assert reasons[:6] == ["out_skip_inbound_source", "out_skip_inbound_source",
+                           "out_self_to_inbound", "out_self_to_inbound",
+                           "out_skip_proxy_owner", "out_skip_proxy_owner"]
+    nft = rules.nft_script(PodSettings(), [rules.OUTBOUND])
+    assert 'oifname "lo" ip saddr { 127.0.0.6/32 } counter return comment "out_skip_inbound_source"' in nft
+    assert ('oifname "lo" meta skuid 1337 ip daddr != 127.0.0.1/32 tcp dport != { 15001, 15006, 15008 } '
+            'counter redirect to :15006 comment "out_self_to_inbound"') in nft
+    assert 'oifname "lo" meta skuid 1337 ip6 daddr != ::1/128' in nft
+    v4 = rules.iptables_restore_input(PodSettings(), [rules.OUTBOUND], 4)
+    assert ("-A INTERCEPTOR_OUTPUT -p tcp -o lo -m owner --uid-owner 1337 ! -d 127.0.0.1/32 -m multiport "
+            "! --dports 15001,15006,15008 -m comment --comment out_self_to_inbound -j REDIRECT --to-ports 15006") in v4
+    assert "-A INTERCEPTOR_OUTPUT -p tcp -o lo -s 127.0.0.6/32 -m comment --comment out_skip_inbound_source -j RETURN" in v4
+    v6 = rules.iptables_restore_input(PodSettings(), [rules.OUTBOUND], 6)
+    assert "-s ::6/128" in v6 and "! -d ::1/128" in v6 and "127.0.0" not in v6

@@ -64,6 +64,15 @@ static __always_inline int addr_is_loopback(const void *in)
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
 }
 
+/* The proxy's inbound source: 127.0.0.6 (also v4-mapped) or ::6 (see abi.py). */
+static __always_inline int addr_is_inbound_source(const void *in)
+{
+	const __u32 *w = in;
+	if (addr_is_v4mapped(in))
+		return w[3] == bpf_htonl(INBOUND_SOURCE_V4_INT);
+	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(INBOUND_SOURCE_V6_LAST_WORD);
+}
+
 static __always_inline struct pod_config *pod_lookup(__u64 cookie)
 {
 	if (cookie == HOST_NETNS_COOKIE)

@@ -26,12 +26,14 @@
 		(t)->remote_port = bpf_ntohl((ctx)->remote_port);                       \
 	} while (0)
 
-/* Loopback 4-tuples repeat in every namespace, so they are qualified by the netns;
- * pod addresses are unique on the node, so other pairs are not (both ends of a
- * cross-namespace pair must compute the same key). */
+/* Tuples with a loopback end repeat in every namespace, so they are qualified by the
+ * netns; pod addresses are unique on the node, so other pairs are not (both ends of a
+ * cross-namespace pair must compute the same key). Either end counts, so both ends of
+ * a pair decide alike: the proxy's inbound hop from 127.0.0.6 to its pod's address has
+ * a loopback end on one side only. */
 static __always_inline void tuple_qualify(struct sock_tuple *t, __u64 cookie)
 {
-	t->netns_cookie = addr_is_loopback(t->remote) ? cookie : 0;
+	t->netns_cookie = addr_is_loopback(t->remote) || addr_is_loopback(t->local) ? cookie : 0;
 }
 
 /* The tuple the other end of this connection computes for itself. */

@@ -1,7 +1,8 @@
 """The benchmark's pods: a client pod (the load generator is its app) and a server pod
-(a HAProxy answering HTTP and an iperf3 server are its apps), each with a HAProxy
-sidecar as uid 1337, on one bridge in a node namespace (same node). Nothing touches the
-host's network; everything goes with close()."""
+(a HAProxy answering HTTP and an iperf3 server are its apps), each with a sidecar as uid
+1337 (HAProxy, single-threaded, or Envoy as Istio configures it, with Istio's 2 worker
+threads: `bench --proxy envoy`), on one bridge in a node namespace (same node). Nothing
+touches the host's network; everything goes with close()."""
 import os
 import subprocess
 
@@ -39,9 +40,12 @@ frontend outbound
     default_backend original_dst
 frontend inbound
     bind 0.0.0.0:{inbound}
-    default_backend original_dst
+    default_backend inbound_original_dst
 backend original_dst
     server s 0.0.0.0:0
+backend inbound_original_dst
+    # from Istio's inbound source, which capture leaves alone (else a self-call)
+    server s 0.0.0.0:0 source 127.0.0.6
 # explicit mode (no interception): app -> 127.0.0.1:{explicit_out} -> peer sidecar :{explicit_in} -> app
 frontend explicit_out
     bind 127.0.0.1:{explicit_out}
@@ -97,15 +101,21 @@ NODE2_ENV = {"INTERCEPTOR_PIN_ROOT": "/sys/fs/bpf/interceptor-bench-node2",
              "INTERCEPTOR_RUN_DIR": "/run/interceptor-bench-node2"}
 
 
+def pod_lab(topo, pod):
+    return next(lab for lab in topo.labs if pod.name in lab.pods and lab.pods[pod.name] is pod)
+
+
 class Topology:
     """same node: both pods on one bridge. cross_node: the client pod on node1's bridge
     (10.91.0.0/24), the server pod on node2's (10.92.0.0/24), the two node namespaces
     joined by a routed veth link."""
+    proxy = "haproxy"       # the two-machine halves (peer.py) run HAProxy
 
-    def __init__(self, cross_node=False):
+    def __init__(self, cross_node=False, proxy="haproxy"):
         from .modes import LocalNode2
         tag = f"icb{os.getpid() % 10000}"
         self.cross_node = cross_node
+        self.proxy = proxy
         self.server_node = LocalNode2() if cross_node else None
         self.labs = []
         self.pids = {}
@@ -119,8 +129,8 @@ class Topology:
                 self.labs = [labmod.Lab(prefix=tag, net=90)]
                 self.client = self.labs[0].add_pod("client")
                 self.server = self.labs[0].add_pod("server")
-            self._start_pod(self.client, peer=self.server.ipv4)
-            self._start_pod(self.server, peer=self.client.ipv4)
+            self._start_pod(self.client, peer=self.server)
+            self._start_pod(self.server, peer=self.client)
             self._start_server_apps(self.server)
         except BaseException:
             self.close()
@@ -159,7 +169,29 @@ class Topology:
         """The pod's sysctls and its sidecar (whose explicit path leads to peer)."""
         for key, value in POD_SYSCTLS.items():
             pod.run("sysctl", "-q", "-w", f"{key}={value}")
-        self._start_sidecar(pod, peer)
+        if self.proxy == "envoy":
+            self._start_envoy(pod, peer)
+        else:
+            self._start_sidecar(pod, getattr(peer, "ipv4", peer))     # a pod, or its address
+
+    def _start_envoy(self, pod, peer):
+        """Envoy as Istio configures the sidecar: the server's app ports as its inbound
+        ports and as the client's Service (per-port listeners and routes), iperf3 by
+        passthrough; the explicit paths through the HTTP connection manager as well (so
+        `explicit` differs from the captured modes by interception alone)."""
+        from .. import envoy_sidecar
+        ports = range(APP_PORT, APP_PORT + APP_PORTS)
+        server = peer if pod is self.client else pod
+        services = [envoy_sidecar.Service(f"app-{p}", p, [server.ipv4]) for p in ports]
+        explicit = [envoy_sidecar.Explicit("out", "127.0.0.1", EXPLICIT_OUT, peer.ipv4, EXPLICIT_IN),
+                    envoy_sidecar.Explicit("in", "0.0.0.0", EXPLICIT_IN, "127.0.0.1", EXPLICIT_APP_PORT),
+                    envoy_sidecar.Explicit("out_iperf", "127.0.0.1", EXPLICIT_OUT_IPERF, peer.ipv4,
+                                           EXPLICIT_IN_IPERF, http=False),
+                    envoy_sidecar.Explicit("in_iperf", "0.0.0.0", EXPLICIT_IN_IPERF, "127.0.0.1",
+                                           IPERF_PORT, http=False)]
+        proc, _ = pod_lab(self, pod).start_envoy(pod, app_ports=ports, services=services,
+                                                 explicit=explicit, families=(4,))
+        self.pids[f"sidecar-{pod.name}"] = proc.pid
 
     def _start_server_apps(self, pod):
         self._write_and_spawn(pod, "app", APP.format(
@@ -180,6 +212,7 @@ class Topology:
 
     @property
     def sidecar_pids(self):
+        # (Envoy runs under setpriv, which execs it: the PID is Envoy's)
         return [self.pids["sidecar-client"], self.pids["sidecar-server"]]
 
     def cpu_meter(self):
