@@ -6,8 +6,10 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
+# `make demo PROXY=envoy`: the same with Envoy sidecars as Istio configures them
+PROXY ?= haproxy
 demo: setup
-	$(PY) -m interceptor.demo
+	$(PY) -m interceptor.demo --proxy $(PROXY)
 
 test: setup
 	$(PY) -m pytest -v -p no:cacheprovider tests

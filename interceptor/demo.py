@@ -1,8 +1,11 @@
-"""The README's main job (`make demo`): two pods with HAProxy sidecars, intercepted by
-the eBPF datapath, one HTTP request from one app to the other, and what each sidecar
-saw; a connection to the server's proxy port from outside, dropped by its ingress
-filter; then `interceptor status`, and everything removed again.
+"""The README's main job (`make demo`): two pods with HAProxy sidecars (`make demo
+PROXY=envoy`: Envoy as Istio configures it), intercepted by the eBPF datapath, one HTTP
+request from one app to the other, and what each sidecar saw (HAProxy's log, or Envoy's
+own listener, route and cluster counters); a connection to the server's proxy port from
+outside, dropped by its ingress filter; then `interceptor status`, and everything
+removed again.
 """
+import argparse
 import subprocess
 import sys
 import time
@@ -12,6 +15,16 @@ from .maps import Maps
 from .podspec import PodSettings
 
 SERVICE_PORT = 8080
+SERVICE_VIP = "10.96.0.10"       # the server's Service address, as the client's Envoy knows it
+# the Envoy counters that show each hop, as an Istio user reads them
+ENVOY_COUNTERS = {
+    "client": (f"listener.0.0.0.0_{SERVICE_PORT}.downstream_cx_total",    # handed over by 15001
+               f"http.outbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total",
+               f"cluster.outbound|{SERVICE_PORT}||server.upstream_rq_200"),
+    "server": ("listener.0.0.0.0_15006.downstream_cx_total",
+               f"http.inbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total",
+               f"cluster.inbound|{SERVICE_PORT}||.upstream_rq_200"),
+}
 HOLD_CONNECTION = "import socket,sys,time; s=socket.create_connection((sys.argv[1],int(sys.argv[2]))); time.sleep(60)"
 
 
@@ -19,7 +32,15 @@ def say(msg=""):
     print(msg, flush=True)
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m interceptor.demo")
+    ap.add_argument("--proxy", choices=("haproxy", "envoy"), default="haproxy",
+                    help="the pods' sidecar (envoy: as Istio configures it)")
+    proxy = ap.parse_args(argv).proxy
+    envoy = proxy == "envoy"
+    if envoy:
+        from . import envoy_sidecar
+        envoy_sidecar.binary()          # EnvoyMissing says how to install it, before anything
     loaded_here = not loader.is_loaded()
     if loaded_here:
         say("== Loading the datapath (compile once, pin, attach at the cgroup2 root)")
@@ -32,9 +53,17 @@ def main():
         server.spawn(sys.executable, "-m", "http.server", "--bind", "0.0.0.0", str(SERVICE_PORT),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         labmod.wait_listening(server, SERVICE_PORT)
-        _, client_log = lab.start_haproxy(client)
-        _, server_log = lab.start_haproxy(server)
-        say("== HAProxy sidecars running as uid 1337 (outbound :15001, inbound :15006)")
+        if envoy:
+            service = envoy_sidecar.Service("server", SERVICE_PORT, [server.ipv4], vips=[SERVICE_VIP])
+            for pod in (client, server):
+                lab.start_envoy(pod, app_ports=[SERVICE_PORT], services=[service])
+            say("== Envoy sidecars as Istio configures them, as uid 1337 (virtualOutbound :15001, "
+                f"virtualInbound :15006, 0.0.0.0_{SERVICE_PORT}, admin 127.0.0.1:15000)")
+            before = {p.name: envoy_sidecar.stats(p.netns_path) for p in (client, server)}
+        else:
+            _, client_log = lab.start_haproxy(client)
+            _, server_log = lab.start_haproxy(server)
+            say("== HAProxy sidecars running as uid 1337 (outbound :15001, inbound :15006)")
         for pod in (client, server):
             rec = enrollment.enroll(pod.netns_path, PodSettings(), pod=f"demo/{pod.name}")
             piece, applied = pieces.filter_of(rec)
@@ -43,17 +72,25 @@ def main():
             say(f"   enrolled demo/{pod.name} (netns cookie {rec.cookie}; ingress filter {ingress_filter})")
         server_filter = ingress_filter     # the server went last (rec is its record)
 
-        say(f"\n== curl http://{server.ipv4}:{SERVICE_PORT}/ from the client app")
+        target = SERVICE_VIP if envoy else server.ipv4
+        say(f"\n== curl http://{target}:{SERVICE_PORT}/ from the client app")
         out = client.run("curl", "-sS", "-o", "/dev/null", "-m", "10", "-w",
                          "HTTP %{http_code}, app connected to %{remote_ip}:%{remote_port}",
-                         f"http://{server.ipv4}:{SERVICE_PORT}/", check=False)
+                         f"http://{target}:{SERVICE_PORT}/", check=False)
         say("   " + (out.stdout or out.stderr).strip())
         time.sleep(0.3)
-        say("\n== What the sidecars saw (HAProxy logs: dst is the original destination)")
-        for name, log in (("client", client_log), ("server", server_log)):
-            for line in open(log).read().splitlines():
-                if "frontend=" in line:
-                    say(f"   {name:<7} {line}")
+        if envoy:
+            say("\n== What the sidecars counted (Envoy's own statistics, from its admin endpoint)")
+            for pod in (client, server):
+                moved = envoy_sidecar.diff(envoy_sidecar.stats(pod.netns_path), before[pod.name])
+                for name in ENVOY_COUNTERS[pod.name]:
+                    say(f"   {pod.name:<7} {name} +{moved.get(name, 0)}")
+        else:
+            say("\n== What the sidecars saw (HAProxy logs: dst is the original destination)")
+            for name, log in (("client", client_log), ("server", server_log)):
+                for line in open(log).read().splitlines():
+                    if "frontend=" in line:
+                        say(f"   {name:<7} {line}")
 
         say(f"\n== The server's outbound capture port {abi.OUTBOUND_PORT}, from the client pod's proxy uid")
         # as the proxy uid, so the client's own capture leaves it alone: straight to the server

@@ -1,10 +1,13 @@
 """`interceptor selfcheck`: the behavioural core on this node, end to end, with real parts.
 
 Loads the datapath (in the mode asked for; `auto` takes what doctor finds), makes two pods
-in network namespaces with HAProxy sidecars (uid 1337), enrolls them, and checks what an
-operator relies on: the client's request reaches the server through both sidecars, each
-sidecar learns the original destination, the server's ingress filter drops a connection
-to its proxy's capture port, `status` calls the node healthy, and unload leaves nothing.
+in network namespaces with sidecars (uid 1337): HAProxy, or with `--proxy envoy` Envoy as
+Istio configures it (envoy_sidecar). Enrolls them, and checks what an operator relies on:
+the client's request reaches the server through both sidecars, each sidecar learns the
+original destination (HAProxy's log; Envoy's own listener, route and cluster counters),
+with Envoy a pod calling its own Service passes its inbound sidecar as under Istio, the
+server's ingress filter drops a connection to its proxy's capture port, `status` calls
+the node healthy, and unload leaves nothing.
 The kernel matrix (vm/matrix.py) runs it on each kernel; on a node it is a smoke test
 before enrolling real pods. It refuses to run on a node where the datapath is loaded:
 it would unload it.
@@ -28,6 +31,10 @@ SIDECAR_LOG_WAIT_S = 10
 # the steps of a full run, in order (a run that stops early adds "unexpected" before unload)
 STEPS = ("load", "enroll", "request", "outbound capture", "inbound capture", "ingress filter",
          "status", "unload")          # emulated guests (the kernel matrix) are ~8x slower
+ENVOY_STEPS = STEPS[:5] + ("self-call",) + STEPS[5:]
+PROXIES = ("haproxy", "envoy")
+SERVICE_NAME = "server"
+SERVICE_VIP = "10.96.0.10"       # the server's ClusterIP: only the client's Envoy knows it
 
 
 @dataclass
@@ -41,6 +48,7 @@ class Step:
 class Result:
     requested_mode: str
     kernel: str
+    proxy: str = "haproxy"
     plan: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
 
@@ -49,11 +57,12 @@ class Result:
         return bool(self.steps) and all(s.ok for s in self.steps)
 
     def to_json(self):
-        return {"requested_mode": self.requested_mode, "kernel": self.kernel, "ok": self.ok,
+        return {"requested_mode": self.requested_mode, "kernel": self.kernel, "proxy": self.proxy,
+                "ok": self.ok,
                 "plan": self.plan, "steps": [asdict(s) for s in self.steps]}
 
     def render(self):
-        lines = [f"selfcheck, --mode {self.requested_mode}, kernel {self.kernel}"]
+        lines = [f"selfcheck, --mode {self.requested_mode}, --proxy {self.proxy}, kernel {self.kernel}"]
         if self.plan:
             lines.append(f"  plan: {describe_plan(self.plan)}")
         lines += [f"  {'ok  ' if s.ok else 'FAIL'}  {s.name:<18}{s.detail}" for s in self.steps]
@@ -70,9 +79,10 @@ def describe_plan(plan):
 
 @dataclass
 class _Pod:
-    """A lab pod with its sidecar's log and its enrollment."""
+    """A lab pod with its sidecar (HAProxy's log, or Envoy, read by its statistics) and
+    its enrollment."""
     pod: labmod.Pod
-    sidecar_log: str
+    sidecar_log: str = ""
     cookie: int = 0
 
 
@@ -80,9 +90,9 @@ class _Stop(Exception):
     """A step failed that later steps depend on."""
 
 
-def run(mode="auto", log=lambda msg: None):
+def run(mode="auto", log=lambda msg: None, proxy="haproxy"):
     import platform
-    result = Result(requested_mode=mode, kernel=platform.release())
+    result = Result(requested_mode=mode, kernel=platform.release(), proxy=proxy)
 
     def step(name, ok, detail, fatal=False):
         result.steps.append(Step(name, bool(ok), detail))
@@ -91,6 +101,13 @@ def run(mode="auto", log=lambda msg: None):
             raise _Stop(name)
 
     _remove_leftovers(log)
+    if proxy == "envoy":
+        from . import envoy_sidecar
+        try:
+            envoy_sidecar.binary()
+        except envoy_sidecar.EnvoyMissing as exc:
+            step("load", False, str(exc))
+            return result
     if loader.is_loaded():
         step("load", False, "the datapath is already loaded on this node: selfcheck loads and "
                             "unloads its own, run it on a node without pods", fatal=False)
@@ -105,8 +122,12 @@ def run(mode="auto", log=lambda msg: None):
         result.plan = {k: v for k, v in loader.node_plan().items() if k != "pieces"}
         step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
         lab = labmod.Lab(prefix=LAB_PREFIX, net=LAB_NET)
-        client, server = _pods(lab, step)
-        _capture(client, server, step)
+        if proxy == "envoy":
+            client, server = _envoy_pods(lab, step)
+            _envoy_capture(client, server, step)
+        else:
+            client, server = _pods(lab, step)
+            _capture(client, server, step)
         _ingress_drop(client, server, step)
         _status(step)
     except _Stop:
@@ -151,6 +172,63 @@ def _pods(lab, step):
         p.cookie = rec.cookie
     step("enroll", True, f"two pods with HAProxy sidecars, pieces {[e.piece for e in rec.journal]}")
     return pods
+
+
+def _envoy_pods(lab, step):
+    from . import envoy_sidecar
+    client, server = lab.add_pod("client"), lab.add_pod("server")
+    server.spawn(sys.executable, "-m", "http.server", "--bind", "0.0.0.0", str(SERVICE_PORT),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    labmod.wait_listening(server, SERVICE_PORT, timeout=30)
+    service = envoy_sidecar.Service(SERVICE_NAME, SERVICE_PORT, [server.ipv4], vips=[SERVICE_VIP])
+    pods = []
+    for pod in (client, server):
+        lab.start_envoy(pod, app_ports=[SERVICE_PORT], services=[service])
+        pods.append(_Pod(pod))
+    for p in pods:
+        rec = enrollment.enroll(p.pod.netns_path, PodSettings(), pod=f"{POD_NAMESPACE}/{p.pod.name}")
+        p.cookie = rec.cookie
+    step("enroll", True, f"two pods with Envoy sidecars as Istio configures them, pieces "
+                         f"{[e.piece for e in rec.journal]}")
+    return pods
+
+
+def _http(pod, url):
+    out = pod.run("curl", "-sS", "-o", "/dev/null", "-m", "20", "-w", "%{http_code}", url,
+                  check=False, timeout=40)
+    return out.stdout.strip() if out.returncode == 0 else out.stderr.strip() or f"curl exit {out.returncode}"
+
+
+def _envoy_capture(client, server, step):
+    """The same steps, judged by what each Envoy counted: the client's request through
+    its per-port outbound listener and route, the server's through virtualInbound's
+    chain for the port and inbound|PORT|| (which routes only to a restored original
+    destination); then the server calling its own Service, back through its 15006."""
+    from . import envoy_sidecar
+    before = {p.pod.name: envoy_sidecar.stats(p.pod.netns_path) for p in (client, server)}
+    target = f"{SERVICE_VIP}:{SERVICE_PORT}"
+    code = _http(client.pod, f"http://{target}/")
+    step("request", code == "200", f"client app -> {target} (the server's Service): HTTP {code}")
+
+    def moved(pod):
+        return envoy_sidecar.diff(envoy_sidecar.stats(pod.pod.netns_path), before[pod.pod.name])
+    outbound_rq = f"http.outbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total"
+    inbound_rq = f"http.inbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total"
+    routed = f"cluster.outbound|{SERVICE_PORT}||{SERVICE_NAME}.upstream_rq_200"
+    delivered = f"cluster.inbound|{SERVICE_PORT}||.upstream_rq_200"
+    c, s = moved(client), moved(server)
+    step("outbound capture", c.get(outbound_rq, 0) >= 1 and c.get(routed, 0) >= 1,
+         f"client's Envoy: {outbound_rq}={c.get(outbound_rq, 0)}, {routed}={c.get(routed, 0)}")
+    step("inbound capture", s.get(inbound_rq, 0) >= 1 and s.get(delivered, 0) >= 1,
+         f"server's Envoy: {inbound_rq}={s.get(inbound_rq, 0)}, {delivered}={s.get(delivered, 0)}")
+    before[server.pod.name] = envoy_sidecar.stats(server.pod.netns_path)
+    # the server's app calls its own Service: its Envoy routes it to its own pod, which
+    # under Istio passes its inbound sidecar too
+    code = _http(server.pod, f"http://{target}/")
+    s = moved(server)
+    ok = code == "200" and s.get(outbound_rq, 0) >= 1 and s.get(inbound_rq, 0) >= 1
+    step("self-call", ok, f"server app -> its own Service: HTTP {code}; "
+                          f"its Envoy: {outbound_rq}={s.get(outbound_rq, 0)}, {inbound_rq}={s.get(inbound_rq, 0)}")
 
 
 def _sidecar_entry(pod, frontend):

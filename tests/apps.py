@@ -2,8 +2,9 @@
 
     apps.py serve PORT            reads each connection to EOF, answers with a JSON report
                                   (its sockname/peername, byte count, sha256), closes
-    apps.py connect HOST PORT [--bytes N] [--uid U] [--gid G]
-                                  sends N random bytes (default: b"hello"), half-closes,
+    apps.py connect HOST PORT [--bytes N] [--uid U] [--gid G] [--framed]
+                                  sends N random bytes (default: b"hello"), half-closes
+                                  (--framed: announces N first instead, see FRAME),
                                   prints {peername, sent_sha256, reply} or {error}
     apps.py stream-checks PORT    see stream_checks(): FIONREAD, splice, half-close, RST
     apps.py backpressure PORT LIMIT    see backpressure(): a receiver that does not read
@@ -17,6 +18,13 @@
                                   read the reply) until FILE exists; prints {ok, failed,
                                   errors, peers}: a load generator that counts every
                                   failure (peers: the server's view of each sockname)
+    apps.py http PORT             an HTTP/1.1 server on IPv4 and IPv6: GET answers its
+                                  report (peername, sockname, path) as JSON; POST reads
+                                  the body and answers ?bytes=N bytes, with the body's
+                                  length and sha256 in X-Received / X-Sha256
+    apps.py http-get URL [--count N] [--concurrency C] [--timeout S]
+                                  N GETs (C at a time, each its own connection): prints
+                                  {codes: {status: n}, errors: {text: n}, reports: [...]}
 
 Run inside pod namespaces by the tests (ip netns exec). Standard library only.
 """
@@ -54,10 +62,21 @@ def serve(port):
         with conn:
             h = hashlib.sha256()
             n = 0
-            while True:
+            expect = None       # framed: the client said how much it sends (no half-close)
+            first = True
+            while expect is None or n < expect:
                 data = conn.recv(CHUNK)
                 if not data:
                     break
+                if first and data.startswith(FRAME):
+                    while b"\n" not in data:
+                        more = conn.recv(CHUNK)
+                        if not more:
+                            break
+                        data += more
+                    header, _, data = data.partition(b"\n")
+                    expect = int(header[len(FRAME):])
+                first = False
                 h.update(data)
                 n += len(data)
             report = {"sockname": _addr(conn.getsockname()), "peername": _addr(conn.getpeername()),
@@ -77,7 +96,13 @@ def serve(port):
     accept_loop(listeners[0])
 
 
-def connect(host, port, nbytes=None, uid=None, gid=None):
+# A connection that says how many bytes follow ("IC-LEN 65536\n"): the server answers
+# after that many instead of at EOF, so the client need not half-close first. (Envoy's
+# listener filters close a connection whose FIN arrives before they are done with it.)
+FRAME = b"IC-LEN "
+
+
+def connect(host, port, nbytes=None, uid=None, gid=None, framed=False):
     if gid is not None:
         os.setgid(gid)
     if uid is not None:
@@ -92,6 +117,8 @@ def connect(host, port, nbytes=None, uid=None, gid=None):
     out = {"peername": _addr(s.getpeername()), "sockname": _addr(s.getsockname())}
     h = hashlib.sha256()
     try:
+        if framed:
+            s.sendall(FRAME + str(5 if nbytes is None else nbytes).encode() + b"\n")
         if nbytes is None:
             payload = b"hello"
             h.update(payload)
@@ -103,7 +130,8 @@ def connect(host, port, nbytes=None, uid=None, gid=None):
                 h.update(chunk)
                 s.sendall(chunk)
                 left -= len(chunk)
-        s.shutdown(socket.SHUT_WR)     # half-close: the server answers after EOF
+        if not framed:
+            s.shutdown(socket.SHUT_WR)     # half-close: the server answers after EOF
     except OSError as exc:
         # the peer closed first (a proxy that had nowhere to send the connection)
         out["error"] = errno.errorcode.get(exc.errno, str(exc))
@@ -273,6 +301,94 @@ def load(host, port, until):
     return out
 
 
+def http_serve(port):
+    import http.server
+    import socketserver
+    from urllib.parse import parse_qs, urlparse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, body, headers=()):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            report = {"peername": _addr(self.connection.getpeername()),
+                      "sockname": _addr(self.connection.getsockname()), "path": self.path}
+            self._answer(json.dumps(report).encode())
+
+        def do_POST(self):
+            left = int(self.headers.get("Content-Length", 0))
+            h, n = hashlib.sha256(), 0
+            while left:
+                data = self.rfile.read(min(CHUNK, left))
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+                left -= len(data)
+            want = int(parse_qs(urlparse(self.path).query).get("bytes", ["0"])[0])
+            self._answer(os.urandom(want), [("X-Received", str(n)), ("X-Sha256", h.hexdigest())])
+
+    class V4(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 512
+
+    class V6(V4):
+        address_family = socket.AF_INET6
+
+        def server_bind(self):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            super().server_bind()
+
+    servers = [V4(("0.0.0.0", port), Handler), V6(("::", port), Handler)]
+    print("listening", flush=True)
+    threading.Thread(target=servers[1].serve_forever, daemon=True).start()
+    servers[0].serve_forever()
+
+
+def http_get(url, count=1, concurrency=1, timeout=30):
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlparse
+    u = urlparse(url)
+
+    def one(_):
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+        try:
+            conn.request("GET", u.path or "/", headers={"Host": u.netloc})
+            r = conn.getresponse()
+            body = r.read()
+            try:
+                report = json.loads(body)
+            except ValueError:
+                report = body.decode(errors="replace")[:200]
+            return r.status, None, report
+        except (OSError, http.client.HTTPException) as exc:
+            return None, errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__), None
+        finally:
+            conn.close()
+
+    out = {"codes": {}, "errors": {}, "reports": []}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for status, error, report in pool.map(one, range(count)):
+            if status is not None:
+                out["codes"][str(status)] = out["codes"].get(str(status), 0) + 1
+                out["reports"].append(report)
+            else:
+                out["errors"][error] = out["errors"].get(error, 0) + 1
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -284,6 +400,7 @@ def main():
     p.add_argument("--bytes", type=int)
     p.add_argument("--uid", type=int)
     p.add_argument("--gid", type=int)
+    p.add_argument("--framed", action="store_true")
     p = sub.add_parser("stream-checks")
     p.add_argument("port", type=int)
     p = sub.add_parser("backpressure")
@@ -298,11 +415,22 @@ def main():
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("--until", required=True)
+    p = sub.add_parser("http")
+    p.add_argument("port", type=int)
+    p = sub.add_parser("http-get")
+    p.add_argument("url")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=30)
     args = ap.parse_args()
-    if args.cmd == "serve":
+    if args.cmd == "http":
+        http_serve(args.port)
+    elif args.cmd == "http-get":
+        print(json.dumps(http_get(args.url, args.count, args.concurrency, args.timeout)))
+    elif args.cmd == "serve":
         serve(args.port)
     elif args.cmd == "connect":
-        print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid)))
+        print(json.dumps(connect(args.host, args.port, args.bytes, args.uid, args.gid, args.framed)))
     elif args.cmd == "load":
         print(json.dumps(load(args.host, args.port, args.until)))
     elif args.cmd == "backpressure":

@@ -104,8 +104,8 @@ def start_sidecar(lab, pod, outbound_port=abi.OUTBOUND_PORT, inbound_port=abi.IN
     return log
 
 
-def client(pod, host, port=SERVER_PORT, nbytes=None, uid=None, gid=None, timeout=60):
-    argv = [sys.executable, APPS, "connect", str(host), str(port)]
+def client(pod, host, port=SERVER_PORT, nbytes=None, uid=None, gid=None, timeout=60, framed=False):
+    argv = [sys.executable, APPS, "connect", str(host), str(port)] + (["--framed"] if framed else [])
     if nbytes is not None:
         argv += ["--bytes", str(nbytes)]
     if uid is not None:

@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from conftest import enroll, load_without, loaded, pod_counters, pods_lab
-from interceptor import abi, build, libbpf, loader, netns, paths, pieces
+from interceptor import abi, build, libbpf, loader, netns, paths, pieces, selfcheck
 
 pytestmark = pytest.mark.kernel
 CLI = [sys.executable, "-m", "interceptor.cli"]
@@ -86,6 +86,22 @@ def test_a_refused_program_falls_back_and_the_behavioural_core_still_holds(refus
                                   text=True).stdout)
     assert {k: d["plan"][k] for k in FALLBACKS[refused]} == FALLBACKS[refused]
     assert {x["name"] for x in d["programs"] if not x["accepted"]} == set(names)
+
+
+@pytest.mark.parametrize("refused", ["steer_inbound", "getsockopt", "sockops"])
+def test_envoy_as_istio_configures_it_on_each_capture_fallback(refused):
+    """`selfcheck --proxy envoy` on the hybrid plans, where one direction's original
+    destination comes from the datapath and the other's from conntrack: Envoy's own
+    counters show each hop took its listener, route and cluster, and the self-call its
+    inbound sidecar."""
+    env = dict(os.environ, **{build.REFUSE_ENV: refused})
+    loader.unload()
+    p = subprocess.run(CLI + ["selfcheck", "--proxy", "envoy", "-o", "json"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    result = json.loads(p.stdout)
+    assert p.returncode == 0 and result["ok"], result
+    assert result["proxy"] == "envoy" and result["plan"]["refused"] == {refused: result["plan"]["refused"][refused]}
+    assert [s["name"] for s in result["steps"]] == list(selfcheck.ENVOY_STEPS)
 
 
 def test_status_metrics_and_enroll_on_a_node_whose_kernel_refused_the_xdp_filter():

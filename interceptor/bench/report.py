@@ -59,8 +59,11 @@ def _ratio_cell(ratios):
 def render(results):
     s = results["settings"]
     env = results["env"]
+    proxy = s.get("proxy", "haproxy")
+    sidecar = f"Envoy {env.get('envoy') or ''} as Istio configures it".replace("  ", " ") \
+        if proxy == "envoy" else "HAProxy"
     lines = [f"interceptor bench: {s['runs']} round(s) x {s['seconds']} s, modes interleaved; "
-             f"kernel {env['kernel']}, {env['cpus']} CPU ({env['cpu']})",
+             f"kernel {env['kernel']}, {env['cpus']} CPU ({env['cpu']}); sidecars: {sidecar}",
              "Ratios are per round, then the median (min-max) over rounds.", ""]
     for scenario, samples in results["samples"].items():
         key, unit, cpu_unit = _METRIC.get(_kind(scenario), _DEFAULT_METRIC)

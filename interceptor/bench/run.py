@@ -44,8 +44,18 @@ def environment():
                 if line.startswith("model name")), platform.processor())
     return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(),
             "python": platform.python_version(), "haproxy": version(["haproxy", "-v"]),
+            "envoy": _envoy_version(),
             "wrk": version(["wrk", "-v"]), "iperf3": version(["iperf3", "--version"]),
             "pod_sysctls": POD_SYSCTLS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _envoy_version():
+    from .. import envoy_sidecar
+    try:
+        out = subprocess.run([envoy_sidecar.binary(), "--version"], capture_output=True, text=True).stdout
+    except (envoy_sidecar.EnvoyMissing, OSError):
+        return None
+    return out.strip().split("version: ")[-1] or None
 
 
 def excluded_lists(n):
@@ -56,15 +66,17 @@ def excluded_lists(n):
 
 
 def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None, modes_=modes.MODES,
-        peer=None):
+        peer=None, proxy="haproxy"):
     """peer: (host, port) of `interceptor bench --serve` on another machine; the x-node
     scenario then runs with the server pod there (scenarios other than xnode are refused
-    by the CLI)."""
+    by the CLI). proxy: the pods' sidecar in the per-mode scenarios (rr, crr, stream,
+    xnode): "haproxy" or "envoy" (as Istio configures it)."""
     runs = runs or (1 if quick else 3)
     seconds = seconds or (1 if quick else 5)
     out_dir = out_dir or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
+                                                  "proxy": proxy,
                                                   "modes": list(modes_), "scenarios": list(scenarios)},
                "samples": {}, "rules": {}, "cni": None, "xdp": {}}
     old_handler = signal.signal(signal.SIGTERM, _interrupt)
@@ -73,11 +85,11 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
             loader.unload()
         per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
         if per_mode:
-            _rounds(Topology, per_mode, modes_, runs, seconds, results, prefix="")
+            _rounds(lambda: Topology(proxy=proxy), per_mode, modes_, runs, seconds, results, prefix="")
         if "xnode" in scenarios and peer:
             _across_machines(peer, modes_, runs, seconds, results)
         elif "xnode" in scenarios:
-            _rounds(lambda: Topology(cross_node=True), ("rr", "crr", "stream"), modes_, runs, seconds,
+            _rounds(lambda: Topology(cross_node=True, proxy=proxy), ("rr", "crr", "stream"), modes_, runs, seconds,
                     results, prefix="x-node ")
             modes.unload_node2()
         if "rules" in scenarios:
