@@ -38,6 +38,10 @@ PROMETHEUS_PORT = 15090
 READINESS_PORT = 15021
 CONCURRENCY = 2                      # Istio's default proxy concurrency
 HTTP_PROTOCOLS = ["http/1.0", "http/1.1", "h2c"]
+# Istio's inbound protocol detection: http_inspector gives up after 1 s and the connection
+# goes on as TCP (a server-first protocol, or a client that sends too little to tell, such
+# as iperf3's control connection); Envoy's default would close it after 15 s instead.
+DETECTION = {"listener_filters_timeout": "1s", "continue_on_listener_filters_timeout": True}
 PASSTHROUGH = "PassthroughCluster"
 INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 BLACKHOLE = "BlackHoleCluster"
@@ -193,7 +197,7 @@ def bootstrap(app_ports=(), services=(), families=(4, 6), outbound_port=abi.OUTB
         vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [_route_to(PASSTHROUGH)]})
         listeners.append(dict(
             _listen_addresses(port, families), name=f"0.0.0.0_{port}", bind_to_port=False,
-            traffic_direction="OUTBOUND", listener_filters=[HTTP_INSPECTOR],
+            traffic_direction="OUTBOUND", listener_filters=[HTTP_INSPECTOR], **DETECTION,
             filter_chains=[{"filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
                             "filters": [_http_manager(f"outbound_0.0.0.0_{port}", str(port), vhosts)]}],
             default_filter_chain={"filters": [_tcp_proxy(PASSTHROUGH, PASSTHROUGH)]}))
@@ -220,7 +224,7 @@ def bootstrap(app_ports=(), services=(), families=(4, 6), outbound_port=abi.OUTB
         {"name": "virtualInbound", "filters": [_tcp_proxy(INBOUND_PASSTHROUGH, INBOUND_PASSTHROUGH)]}]
     listeners.append(dict(
         _listen_addresses(inbound_port, families), name="virtualInbound",
-        traffic_direction="INBOUND", listener_filters=[ORIGINAL_DST_FILTER, HTTP_INSPECTOR],
+        traffic_direction="INBOUND", listener_filters=[ORIGINAL_DST_FILTER, HTTP_INSPECTOR], **DETECTION,
         filter_chains=inbound_chains))
 
     for path in explicit:
