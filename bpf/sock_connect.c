@@ -44,11 +44,7 @@ static __always_inline int from_inbound_source(struct bpf_sock_addr *ctx)
 	if (!sk)
 		return 0;
 	struct addr16 src;
-	if (sk->family == IC_AF_INET)
-		addr_set_v4(&src, sk->src_ip4);
-	else
-		addr_set_v6(&src, CTX_LOAD32(sk->src_ip6[0]), CTX_LOAD32(sk->src_ip6[1]),
-			    CTX_LOAD32(sk->src_ip6[2]), CTX_LOAD32(sk->src_ip6[3]));
+	addr_of_sock(sk, &src);
 	return addr_is_inbound_source(&src);
 }
 

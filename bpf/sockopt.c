@@ -76,11 +76,7 @@ static __always_inline int answer_own_address(struct bpf_sockopt *ctx, int level
 	if (port == cfg->outbound_port)
 		return 0;
 	struct addr16 local;
-	if (sk->family == IC_AF_INET)
-		addr_set_v4(&local, sk->src_ip4);
-	else
-		addr_set_v6(&local, CTX_LOAD32(sk->src_ip6[0]), CTX_LOAD32(sk->src_ip6[1]),
-			    CTX_LOAD32(sk->src_ip6[2]), CTX_LOAD32(sk->src_ip6[3]));
+	addr_of_sock(sk, &local);
 	return write_answer(ctx, level, &local, port);
 }
 

@@ -64,6 +64,16 @@ static __always_inline int addr_is_loopback(const void *in)
 	return w[0] == 0 && w[1] == 0 && w[2] == 0 && w[3] == bpf_htonl(1);
 }
 
+/* A socket's own (local) address, v4-mapped for IPv4 (bpf_sock: every hook that has one). */
+static __always_inline void addr_of_sock(struct bpf_sock *sk, struct addr16 *out)
+{
+	if (sk->family == IC_AF_INET)
+		addr_set_v4(out, sk->src_ip4);
+	else
+		addr_set_v6(out, CTX_LOAD32(sk->src_ip6[0]), CTX_LOAD32(sk->src_ip6[1]),
+			    CTX_LOAD32(sk->src_ip6[2]), CTX_LOAD32(sk->src_ip6[3]));
+}
+
 /* The proxy's inbound source: 127.0.0.6 (also v4-mapped) or ::6 (see abi.py). */
 static __always_inline int addr_is_inbound_source(const void *in)
 {
