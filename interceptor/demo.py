@@ -16,16 +16,21 @@ from .podspec import PodSettings
 
 SERVICE_PORT = 8080
 SERVICE_VIP = "10.96.0.10"       # the server's Service address, as the client's Envoy knows it
-# the Envoy counters that show each hop, as an Istio user reads them
-ENVOY_COUNTERS = {
-    "client": (f"listener.0.0.0.0_{SERVICE_PORT}.downstream_cx_total",    # handed over by 15001
-               f"http.outbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total",
-               f"cluster.outbound|{SERVICE_PORT}||server.upstream_rq_200"),
-    "server": ("listener.0.0.0.0_15006.downstream_cx_total",
-               f"http.inbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total",
-               f"cluster.inbound|{SERVICE_PORT}||.upstream_rq_200"),
-}
-HOLD_CONNECTION = "import socket,sys,time; s=socket.create_connection((sys.argv[1],int(sys.argv[2]))); time.sleep(60)"
+SERVICE_NAME = "server"
+
+
+def envoy_counters(pod_name):
+    """The Envoy counters that show each hop, as an Istio user reads them: the client's
+    per-port listener (handed over by 15001), route and cluster; the server's 15006,
+    port chain and inbound cluster."""
+    from . import envoy_sidecar as e
+    if pod_name == "client":
+        return (f"listener.0.0.0.0_{SERVICE_PORT}.downstream_cx_total",
+                e.requests_stat("outbound", SERVICE_PORT),
+                e.cluster_stat(e.Service(SERVICE_NAME, SERVICE_PORT, []).cluster, "upstream_rq_200"))
+    return (f"listener.0.0.0.0_{abi.INBOUND_PORT}.downstream_cx_total",
+            e.requests_stat("inbound", SERVICE_PORT),
+            e.cluster_stat(e.inbound_cluster(SERVICE_PORT), "upstream_rq_200"))
 
 
 def say(msg=""):
@@ -54,7 +59,7 @@ def main(argv=None):
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         labmod.wait_listening(server, SERVICE_PORT)
         if envoy:
-            service = envoy_sidecar.Service("server", SERVICE_PORT, [server.ipv4], vips=[SERVICE_VIP])
+            service = envoy_sidecar.Service(SERVICE_NAME, SERVICE_PORT, [server.ipv4], vips=[SERVICE_VIP])
             for pod in (client, server):
                 lab.start_envoy(pod, app_ports=[SERVICE_PORT], services=[service])
             say("== Envoy sidecars as Istio configures them, as uid 1337 (virtualOutbound :15001, "
@@ -83,7 +88,7 @@ def main(argv=None):
             say("\n== What the sidecars counted (Envoy's own statistics, from its admin endpoint)")
             for pod in (client, server):
                 moved = envoy_sidecar.diff(envoy_sidecar.stats(pod.netns_path), before[pod.name])
-                for name in ENVOY_COUNTERS[pod.name]:
+                for name in envoy_counters(pod.name):
                     say(f"   {pod.name:<7} {name} +{moved.get(name, 0)}")
         else:
             say("\n== What the sidecars saw (HAProxy logs: dst is the original destination)")

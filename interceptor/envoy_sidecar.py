@@ -47,6 +47,24 @@ INBOUND_PASSTHROUGH = "InboundPassthroughCluster"
 BLACKHOLE = "BlackHoleCluster"
 
 
+# --- the names Istio gives, used by the config and by whoever reads the statistics -------
+def inbound_cluster(port):
+    return f"inbound|{port}||"
+
+
+def http_prefix(direction, port):
+    """The HTTP connection manager's stat prefix on a per-port chain: outbound or inbound."""
+    return f"{direction}_0.0.0.0_{port}"
+
+
+def requests_stat(direction, port):
+    return f"http.{http_prefix(direction, port)}.downstream_rq_total"
+
+
+def cluster_stat(cluster, stat):
+    return f"cluster.{cluster}.{stat}"
+
+
 class EnvoyMissing(RuntimeError):
     pass
 
@@ -72,7 +90,7 @@ class Service:
 
     @property
     def cluster(self):
-        return f"outbound|{self.port}||{self.name}"
+        return f"outbound|{self.port}||{self.name}"     # Istio's outbound cluster name
 
     def hosts(self):
         """The Host headers Istio's route matches: the name and each address, bare and
@@ -199,7 +217,7 @@ def bootstrap(app_ports=(), services=(), families=(4, 6), outbound_port=abi.OUTB
             _listen_addresses(port, families), name=f"0.0.0.0_{port}", bind_to_port=False,
             traffic_direction="OUTBOUND", listener_filters=[HTTP_INSPECTOR], **DETECTION,
             filter_chains=[{"filter_chain_match": {"application_protocols": HTTP_PROTOCOLS},
-                            "filters": [_http_manager(f"outbound_0.0.0.0_{port}", str(port), vhosts)]}],
+                            "filters": [_http_manager(http_prefix("outbound", port), str(port), vhosts)]}],
             default_filter_chain={"filters": [_tcp_proxy(PASSTHROUGH, PASSTHROUGH)]}))
         clusters += [_static_cluster(s.cluster, s.endpoints, port) for s in on_port]
 
@@ -207,11 +225,11 @@ def bootstrap(app_ports=(), services=(), families=(4, 6), outbound_port=abi.OUTB
                        "filter_chain_match": {"destination_port": inbound_port},
                        "filters": [_tcp_proxy(BLACKHOLE, BLACKHOLE)]}]
     for port in sorted(set(app_ports)):
-        cluster = f"inbound|{port}||"
+        cluster = inbound_cluster(port)
         inbound_chains += [
             {"name": f"0.0.0.0_{port}",
              "filter_chain_match": {"destination_port": port, "application_protocols": HTTP_PROTOCOLS},
-             "filters": [_http_manager(f"inbound_0.0.0.0_{port}", cluster, [
+             "filters": [_http_manager(http_prefix("inbound", port), cluster, [
                  {"name": f"inbound|http|{port}", "domains": ["*"], "routes": [_route_to(cluster)]}])]},
             {"name": f"0.0.0.0_{port}-tcp", "filter_chain_match": {"destination_port": port},
              "filters": [_tcp_proxy(cluster, cluster)]}]
@@ -264,16 +282,25 @@ def write_config(path, config):
 _STAT_LINE = re.compile(r"^(\S+): (\d+)$")
 
 
-def stats(netns_path, admin_port=ADMIN_PORT, timeout=5):
-    """{name: value} of every counter and gauge, read from the admin endpoint inside the
-    pod's namespace (the admin listens on the pod's 127.0.0.1)."""
-    p = subprocess.run(["nsenter", f"--net={netns_path}", "curl", "-sf", "--max-time", str(timeout),
-                        f"http://127.0.0.1:{admin_port}/stats"], capture_output=True, text=True,
-                       timeout=timeout + 5)
-    if p.returncode != 0:
-        raise RuntimeError(f"Envoy admin in {netns_path}: curl exit {p.returncode} {p.stderr.strip()}")
+def _admin(netns_path, path, admin_port=ADMIN_PORT, timeout=5):
+    """GET an admin path inside the pod's namespace (the admin listens on its 127.0.0.1):
+    (ok, body)."""
+    try:
+        p = subprocess.run(["nsenter", f"--net={netns_path}", "curl", "-sf", "--max-time", str(timeout),
+                            f"http://127.0.0.1:{admin_port}{path}"], capture_output=True, text=True,
+                           timeout=timeout + 5)
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    return p.returncode == 0, p.stdout if p.returncode == 0 else f"curl exit {p.returncode} {p.stderr.strip()}"
+
+
+def stats(netns_path, admin_port=ADMIN_PORT):
+    """{name: value} of every counter and gauge, from the admin endpoint."""
+    ok, body = _admin(netns_path, "/stats", admin_port)
+    if not ok:
+        raise RuntimeError(f"Envoy admin in {netns_path}: {body}")
     out = {}
-    for line in p.stdout.splitlines():
+    for line in body.splitlines():
         m = _STAT_LINE.match(line)
         if m:
             out[m.group(1)] = int(m.group(2))
@@ -286,12 +313,5 @@ def diff(after, before):
 
 
 def ready(netns_path, admin_port=ADMIN_PORT):
-    try:
-        p = subprocess.run(["nsenter", f"--net={netns_path}", "curl", "-sf", "--max-time", "2",
-                            f"http://127.0.0.1:{admin_port}/ready"], capture_output=True, text=True,
-                           timeout=10)
-    except subprocess.TimeoutExpired:
-        return False
-    return p.returncode == 0 and p.stdout.strip() == "LIVE"
-
-
+    ok, body = _admin(netns_path, "/ready", admin_port, timeout=2)
+    return ok and body.strip() == "LIVE"

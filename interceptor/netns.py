@@ -146,21 +146,26 @@ def _lo_address_message(addr, mark=False):
     return msg + netlink.attribute(_IFA_PROTO, bytes([ADDRESS_PROTO])) if mark else msg
 
 
-def add_lo_address_v6(path, address):
-    """Put the IPv6 address (a /128) on the namespace's lo. True when this added it,
-    False when it was there already, None when the namespace has IPv6 off."""
+def ensure_lo_address_v6(path, address, before_adding=lambda: None):
+    """The IPv6 address (a /128, with our mark) on the namespace's lo, in one visit:
+    "added" (before_adding() ran first: the journal's note), "ours" or "other" when it
+    was there already (see _lo_address_state), None when the namespace has IPv6 off."""
     addr = ipaddress.IPv6Address(address)
     with entered(path):
+        there = _lo_address_state(addr)
+        if there is not None:
+            return there
+        before_adding()
         try:
             netlink.request(socket.NETLINK_ROUTE, _RTM_NEWADDR,
                             netlink.NLM_F_CREATE | netlink.NLM_F_EXCL, _lo_address_message(addr, mark=True))
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                return False
+            if exc.errno == errno.EEXIST:       # added meanwhile by someone else
+                return "other"
             if exc.errno in (errno.EACCES, errno.EAFNOSUPPORT, errno.EOPNOTSUPP):
                 return None         # IPv6 disabled in the namespace (disable_ipv6 on lo)
             raise
-    return True
+    return "added"
 
 
 def remove_lo_address_v6(path, address):
@@ -175,19 +180,22 @@ def remove_lo_address_v6(path, address):
 
 
 def lo_address_v6(path, address):
-    """Whether the namespace's lo has the address: None (absent), "ours" (marked with
-    ADDRESS_PROTO by add_lo_address_v6), or "other" (not marked: someone else's, or
-    added on a kernel that keeps no mark, before 5.18)."""
-    addr = ipaddress.IPv6Address(address)
+    """Whether the namespace's lo has the address: None, "ours" or "other"."""
     with entered(path):
-        request = _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0)
-        found = None
-        for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETADDR, request):
-            if kind != _RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != _LOOPBACK_IFINDEX:
-                continue
-            attrs = netlink.attributes(body, _IFADDRMSG.size)
-            if (attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)) == addr.packed:
-                found = "ours" if attrs.get(_IFA_PROTO) == bytes([ADDRESS_PROTO]) else "other"
+        return _lo_address_state(ipaddress.IPv6Address(address))
+
+
+def _lo_address_state(addr):
+    """In the current namespace: None (absent), "ours" (marked with ADDRESS_PROTO), or
+    "other" (not marked: someone else's, or added on a kernel that keeps no mark, <5.18)."""
+    request = _IFADDRMSG.pack(socket.AF_INET6, 0, 0, 0, 0)
+    found = None
+    for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETADDR, request):
+        if kind != _RTM_NEWADDR or _IFADDRMSG.unpack_from(body)[4] != _LOOPBACK_IFINDEX:
+            continue
+        attrs = netlink.attributes(body, _IFADDRMSG.size)
+        if (attrs.get(_IFA_LOCAL) or attrs.get(_IFA_ADDRESS)) == addr.packed:
+            found = "ours" if attrs.get(_IFA_PROTO) == bytes([ADDRESS_PROTO]) else "other"
     return found
 
 

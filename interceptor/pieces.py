@@ -449,17 +449,17 @@ class InboundSource(Piece):
     role = ADDRESS
 
     def apply(self, target, previous):
-        netns_path = target.record.netns
-        there = netns.lo_address_v6(netns_path, abi.INBOUND_SOURCE_V6)
-        ours = there == "ours" or (there is not None and bool((previous or {}).get("added")))
-        if there is None:
-            # journalled first: a run killed right after the add still removes it
-            target.note(self, {"address": abi.INBOUND_SOURCE_V6, "added": True})
-            added = netns.add_lo_address_v6(netns_path, abi.INBOUND_SOURCE_V6)
-            if added is None:       # IPv6 is off in the namespace: no IPv6 inbound hop either
-                return {"address": abi.INBOUND_SOURCE_V6, "added": False, "ipv6": False}
-            ours = True
-        return {"address": abi.INBOUND_SOURCE_V6, "added": ours, "ipv6": True}
+        address = abi.INBOUND_SOURCE_V6
+        # journalled before the add: a run killed right after it still removes it
+        outcome = netns.ensure_lo_address_v6(
+            target.record.netns, address,
+            before_adding=lambda: target.note(self, {"address": address, "added": True}))
+        if outcome is None:         # IPv6 is off in the namespace: no IPv6 inbound hop either
+            return {"address": address, "added": False, "ipv6": False}
+        # "other" stays ours when an earlier enroll of this pod added it (kernels < 5.18
+        # keep no mark)
+        ours = outcome in ("added", "ours") or bool((previous or {}).get("added"))
+        return {"address": address, "added": ours, "ipv6": True}
 
     def remove(self, record, state, maps):
         if not record.netns_exists():

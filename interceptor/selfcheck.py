@@ -32,7 +32,6 @@ SIDECAR_LOG_WAIT_S = 10
 STEPS = ("load", "enroll", "request", "outbound capture", "inbound capture", "ingress filter",
          "status", "unload")          # emulated guests (the kernel matrix) are ~8x slower
 ENVOY_STEPS = STEPS[:5] + ("self-call",) + STEPS[5:]
-PROXIES = ("haproxy", "envoy")
 SERVICE_NAME = "server"
 SERVICE_VIP = "10.96.0.10"       # the server's ClusterIP: only the client's Envoy knows it
 
@@ -212,10 +211,11 @@ def _envoy_capture(client, server, step):
 
     def moved(pod):
         return envoy_sidecar.diff(envoy_sidecar.stats(pod.pod.netns_path), before[pod.pod.name])
-    outbound_rq = f"http.outbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total"
-    inbound_rq = f"http.inbound_0.0.0.0_{SERVICE_PORT}.downstream_rq_total"
-    routed = f"cluster.outbound|{SERVICE_PORT}||{SERVICE_NAME}.upstream_rq_200"
-    delivered = f"cluster.inbound|{SERVICE_PORT}||.upstream_rq_200"
+    outbound_rq = envoy_sidecar.requests_stat("outbound", SERVICE_PORT)
+    inbound_rq = envoy_sidecar.requests_stat("inbound", SERVICE_PORT)
+    routed = envoy_sidecar.cluster_stat(envoy_sidecar.Service(SERVICE_NAME, SERVICE_PORT, []).cluster,
+                                        "upstream_rq_200")
+    delivered = envoy_sidecar.cluster_stat(envoy_sidecar.inbound_cluster(SERVICE_PORT), "upstream_rq_200")
     c, s = moved(client), moved(server)
     step("outbound capture", c.get(outbound_rq, 0) >= 1 and c.get(routed, 0) >= 1,
          f"client's Envoy: {outbound_rq}={c.get(outbound_rq, 0)}, {routed}={c.get(routed, 0)}")
