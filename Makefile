@@ -43,16 +43,18 @@ reliability: setup
 vm-image: setup
 	bash vm/build-image.sh
 
-# The kernel matrix: doctor and selfcheck in each mode on each kernel, one table
-# (build/vm-test/matrix.txt and .json). Under emulation about 10 minutes.
+# The kernel matrix: doctor and selfcheck in each mode with each sidecar (HAProxy, and
+# Envoy as Istio configures it) on each kernel, one table (build/vm-test/matrix.txt and
+# .json). Under emulation about 20 minutes.
 VM_KERNELS ?= 5.10,6.1,6.12
 VM_MODES ?= auto,nftables,iptables
+VM_PROXIES ?= haproxy,envoy
 VM_HOST ?= --host          # and this machine's own kernel, as a column (no VM)
 vm-test: vm-image
-	$(PY) vm/matrix.py --kernels $(VM_KERNELS) --modes $(VM_MODES) $(VM_HOST) --out build/vm-test
+	$(PY) vm/matrix.py --kernels $(VM_KERNELS) --modes $(VM_MODES) --proxies $(VM_PROXIES) $(VM_HOST) --out build/vm-test
 
-# CI's reduced matrix: the oldest kernel's core check, eBPF where it can, as chosen, and
-# this machine's kernel beside it.
+# CI's reduced matrix: the oldest kernel's core check with both sidecars, eBPF where it
+# can, as chosen, and this machine's kernel beside it.
 vm-check:
 	$(MAKE) vm-test VM_KERNELS=5.10 VM_MODES=auto
 

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 from . import abi
 
@@ -276,6 +277,36 @@ def write_config(path, config):
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
     os.chmod(path, 0o644)
+
+
+def start(netns_path, workdir, name, spawn=None, uid=abi.PROXY_UID, gid=abi.PROXY_GID,
+          timeout=30, **shape):
+    """Envoy as the sidecar of the pod whose network namespace is netns_path, its config
+    and log in workdir (named after the pod), shaped by bootstrap(**shape); returns
+    (process, config path) once its admin says it is live. spawn(*argv, **popen_kw)
+    starts a command in the pod (default: nsenter into netns_path). workdir must be
+    readable by the proxy's uid."""
+    cfg = os.path.join(workdir, f"envoy-{name}.json")
+    log = os.path.join(workdir, f"envoy-{name}.log")
+    write_config(cfg, bootstrap(**shape))
+    open(log, "w").close()
+    os.chmod(log, 0o666)          # Envoy writes it as the proxy's uid
+    os.chmod(workdir, 0o755)
+    if spawn is None:
+        def spawn(*argv, **kw):
+            return subprocess.Popen(["nsenter", f"--net={netns_path}", *argv], **kw)
+    with open(f"{log}.stderr", "w") as err:      # what it says before its log is open
+        proc = spawn(*command(cfg, log, uid=uid, gid=gid), stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not ready(netns_path):
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"Envoy in {name} not ready within {timeout}s: see {log}(.stderr)")
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        raise RuntimeError(f"Envoy in {name} exited ({proc.returncode}): see {log}(.stderr)")
+    return proc, cfg
 
 
 # --- its statistics ---------------------------------------------------------------------

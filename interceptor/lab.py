@@ -147,27 +147,12 @@ class Lab:
         wait_listening(pod, outbound_port)
         return proc, log
 
-    def start_envoy(self, pod, app_ports=(), services=(), outbound_port=abi.OUTBOUND_PORT,
-                    inbound_port=abi.INBOUND_PORT, uid=abi.PROXY_UID, gid=abi.PROXY_GID,
-                    explicit=(), families=(4, 6)):
-        """Envoy as Istio configures the pod's sidecar (envoy_sidecar), run as the proxy
-        uid; returns (process, config path). Its statistics: envoy_sidecar.stats()."""
+    def start_envoy(self, pod, **shape):
+        """Envoy as Istio configures the pod's sidecar (envoy_sidecar.bootstrap(**shape)),
+        run as the proxy uid; returns (process, config path). Its statistics:
+        envoy_sidecar.stats()."""
         from . import envoy_sidecar
-        cfg = os.path.join(self.workdir, f"envoy-{pod.name}.json")
-        log = os.path.join(self.workdir, f"envoy-{pod.name}.log")
-        envoy_sidecar.write_config(cfg, envoy_sidecar.bootstrap(
-            app_ports=app_ports, services=services, outbound_port=outbound_port,
-            inbound_port=inbound_port, explicit=explicit, families=families))
-        open(log, "w").close()
-        os.chmod(log, 0o666)
-        os.chmod(self.workdir, 0o755)
-        proc = pod.spawn(*envoy_sidecar.command(cfg, log, uid=uid, gid=gid),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _poll(lambda: proc.poll() is not None or envoy_sidecar.ready(pod.netns_path),
-              f"Envoy ready in {pod.name}", 30)
-        if proc.poll() is not None:
-            raise RuntimeError(f"Envoy in {pod.name} exited ({proc.returncode}): see {log}")
-        return proc, cfg
+        return envoy_sidecar.start(pod.netns_path, self.workdir, pod.name, spawn=pod.spawn, **shape)
 
     def close(self):
         for pod in self.pods.values():

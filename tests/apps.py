@@ -356,36 +356,60 @@ def http_serve(port):
     servers[0].serve_forever()
 
 
-def http_get(url, count=1, concurrency=1, timeout=30):
+def _http_once(url, timeout):
+    """One GET on a connection of its own: (status, error name, the server's report)."""
     import http.client
-    from concurrent.futures import ThreadPoolExecutor
     from urllib.parse import urlparse
     u = urlparse(url)
-
-    def one(_):
-        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", u.path or "/", headers={"Host": u.netloc})
+        r = conn.getresponse()
+        body = r.read()
         try:
-            conn.request("GET", u.path or "/", headers={"Host": u.netloc})
-            r = conn.getresponse()
-            body = r.read()
-            try:
-                report = json.loads(body)
-            except ValueError:
-                report = body.decode(errors="replace")[:200]
-            return r.status, None, report
-        except (OSError, http.client.HTTPException) as exc:
-            return None, errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__), None
-        finally:
-            conn.close()
+            report = json.loads(body)
+        except ValueError:
+            report = body.decode(errors="replace")[:200]
+        return r.status, None, report
+    except (OSError, http.client.HTTPException) as exc:
+        return None, errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__), None
+    finally:
+        conn.close()
 
+
+def http_get(url, count=1, concurrency=1, timeout=30):
+    from concurrent.futures import ThreadPoolExecutor
     out = {"codes": {}, "errors": {}, "reports": []}
     with ThreadPoolExecutor(concurrency) as pool:
-        for status, error, report in pool.map(one, range(count)):
+        for status, error, report in pool.map(lambda _: _http_once(url, timeout), range(count)):
             if status is not None:
                 out["codes"][str(status)] = out["codes"].get(str(status), 0) + 1
                 out["reports"].append(report)
             else:
                 out["errors"][error] = out["errors"].get(error, 0) + 1
+    return out
+
+
+def http_load(urls, until):
+    """GETs, each on a new connection, round robin over urls until the file `until`
+    exists: per url, how many answered 200 and which peers the server saw, and what
+    failed and how."""
+    import time
+    out = {u: {"ok": 0, "failed": 0, "errors": {}, "peers": set()} for u in urls}
+    while not os.path.exists(until):
+        for u in urls:
+            status, error, report = _http_once(u, timeout=10)
+            o = out[u]
+            if status == 200 and isinstance(report, dict):
+                o["ok"] += 1
+                o["peers"].add(report["peername"].rsplit(":", 1)[0])
+            else:
+                o["failed"] += 1
+                key = error or f"HTTP {status}"
+                o["errors"][key] = o["errors"].get(key, 0) + 1
+                time.sleep(0.01)
+    for o in out.values():
+        o["peers"] = sorted(o["peers"])
     return out
 
 
@@ -417,6 +441,9 @@ def main():
     p.add_argument("--until", required=True)
     p = sub.add_parser("http")
     p.add_argument("port", type=int)
+    p = sub.add_parser("http-load")
+    p.add_argument("urls", nargs="+")
+    p.add_argument("--until", required=True)
     p = sub.add_parser("http-get")
     p.add_argument("url")
     p.add_argument("--count", type=int, default=1)
@@ -425,6 +452,8 @@ def main():
     args = ap.parse_args()
     if args.cmd == "http":
         http_serve(args.port)
+    elif args.cmd == "http-load":
+        print(json.dumps(http_load(args.urls, args.until)))
     elif args.cmd == "http-get":
         print(json.dumps(http_get(args.url, args.count, args.concurrency, args.timeout)))
     elif args.cmd == "serve":

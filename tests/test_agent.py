@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,13 +19,14 @@ import pytest
 
 from conftest import publish_figures
 from crihelper import Containerd
-from interceptor import cni_chain, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
+from interceptor import abi, cni_chain, envoy_sidecar, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
 TESTS = os.path.dirname(os.path.abspath(__file__))
 GATEWAY = "10.94.0.1"          # the bridge's address: a server outside every pod
-SERVER_PORT = 18080
+OUTSIDE_PORT = 18080
+WEB_PORT = 8080                # the web pod's app and Service port
 
 
 def free_port():
@@ -211,44 +213,54 @@ def test_a_rewritten_or_replaced_primary_config_is_rechained_once(node):
     assert owned_has("disableGC")
 
 
-class SidecarTraffic:
-    """A sandbox with HAProxy as its sidecar (uid 1337) and a load generator in it,
-    requesting from a server outside every pod until stopped."""
+class MeshTraffic:
+    """Two sandboxes with Envoy as Istio configures their sidecars (envoy_sidecar), as
+    uid 1337: `web` serves HTTP on 8080 (its Service), and a load generator in the
+    other calls it and a server outside every pod (by passthrough), a new connection
+    per request, until stopped."""
 
-    def __init__(self, rt, workdir, name):
-        self.rt, self.workdir = rt, workdir
-        self.sid = rt.run_sandbox("shop", name, f"uid-{name}")
-        self.netns = rt.sandbox(self.sid).netns
-        self.until = os.path.join(workdir, f"stop-{uuid.uuid4().hex[:6]}")
-        self.haproxy_log = os.path.join(workdir, f"haproxy-{name}.log")
+    def __init__(self, rt, name):
+        self.rt = rt
+        self.workdir = tempfile.mkdtemp(prefix="icmesh", dir="/tmp")    # readable by uid 1337
+        self.sids = [rt.run_sandbox("shop", f"{name}-web", f"uid-{name}-web"),
+                     rt.run_sandbox("shop", name, f"uid-{name}")]
+        self.web_ns, self.client_ns = (rt.sandbox(sid).netns for sid in self.sids)
+        web_ip, self.client_ip = (record_of(sid).addresses[0] for sid in self.sids)
+        self.service = envoy_sidecar.Service("web", WEB_PORT, [web_ip])
+        self.urls = {"web": f"http://{web_ip}:{WEB_PORT}/", "outside": f"http://{GATEWAY}:{OUTSIDE_PORT}/"}
+        self.until = os.path.join(self.workdir, "stop")
         self.procs = []
         self.load = None
+        self.before = {}
+
+    def _http_app(self, port, *prefix):
+        proc = subprocess.Popen([*prefix, sys.executable, os.path.join(TESTS, "apps.py"), "http", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        assert proc.stdout.readline().strip() == "listening"
 
     def __enter__(self):
-        cfg = os.path.join(self.workdir, "haproxy.cfg")
-        with open(cfg, "w") as f:
-            f.write(labmod.HAPROXY_CONFIG.format(uid=1337, gid=1337, outbound_port=15001, inbound_port=15006))
-        with open(self.haproxy_log, "w") as log:
-            self.procs.append(subprocess.Popen(["nsenter", f"--net={self.netns}", "haproxy", "-db", "-f", cfg],
-                                               stdout=log, stderr=subprocess.STDOUT))
-        server = subprocess.Popen([sys.executable, os.path.join(TESTS, "apps.py"), "serve", str(SERVER_PORT)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.procs.append(server)
-        assert server.stdout.readline().strip() == "listening"
-        labmod.wait_listening(self.netns, 15001)
-        self.load = subprocess.Popen(["nsenter", f"--net={self.netns}", sys.executable,
-                                      os.path.join(TESTS, "apps.py"), "load", GATEWAY, str(SERVER_PORT),
+        self._http_app(WEB_PORT, "nsenter", f"--net={self.web_ns}")     # the web pod's app
+        self._http_app(OUTSIDE_PORT)                                     # outside every pod
+        for netns_path, name, shape in ((self.web_ns, "web", dict(app_ports=[WEB_PORT])),
+                                        (self.client_ns, "client", dict(services=[self.service]))):
+            proc, _ = envoy_sidecar.start(netns_path, self.workdir, name, families=(4,), **shape)
+            self.procs.append(proc)
+        self.before = {ns: envoy_sidecar.stats(ns) for ns in (self.web_ns, self.client_ns)}
+        self.load = subprocess.Popen(["nsenter", f"--net={self.client_ns}", sys.executable,
+                                      os.path.join(TESTS, "apps.py"), "http-load", *self.urls.values(),
                                       "--until", self.until], stdout=subprocess.PIPE, text=True)
         time.sleep(1)
         return self
 
     def result(self):
-        """Stop the load; (its counts, the sidecar's outbound sessions)."""
+        """Stop the load: (its counts per url, what each sidecar's counters moved by,
+        the calling pod's address)."""
         open(self.until, "w").close()
-        counts = json.loads(self.load.communicate(timeout=60)[0])
-        time.sleep(0.3)
-        sessions = [line for line in open(self.haproxy_log) if "frontend=outbound" in line]
-        return counts, sessions
+        by_url = json.loads(self.load.communicate(timeout=60)[0])
+        counts = {what: by_url[u] for what, u in self.urls.items()}
+        saw = {ns: envoy_sidecar.diff(envoy_sidecar.stats(ns), self.before[ns]) for ns in self.before}
+        return counts, saw[self.client_ns], saw[self.web_ns], self.client_ip
 
     def __exit__(self, *exc):
         open(self.until, "w").close()
@@ -256,26 +268,37 @@ class SidecarTraffic:
             self.load.kill()
             self.load.wait()
         for p in self.procs:
-            p.terminate()
-            p.wait()
-        self.rt.stop_sandbox(self.sid)
-        self.rt.remove_sandbox(self.sid)
+            labmod.stop_process(p)
+        for sid in self.sids:
+            self.rt.stop_sandbox(sid)
+            self.rt.remove_sandbox(sid)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def assert_nothing_dropped(counts, sessions, what):
-    print(f"requests through {what}: {counts['ok']} ok, {counts['failed']} failed")
-    assert counts["failed"] == 0 and counts["ok"] > 50, counts
-    # every request went through the sidecar, which saw the original destination
-    assert len(sessions) >= counts["ok"] and all(f"dst={GATEWAY}:{SERVER_PORT}" in s for s in sessions)
-    publish_figures({"scenario": f"{what} while a pod's client runs through its HAProxy sidecar (containerd CRI)",
-                     "tried": {"requests (a connection each)": counts["ok"] + counts["failed"]},
-                     "failures": counts["failed"], "lost": 0, "leftovers": {}})
+def assert_nothing_dropped(counts, client_saw, web_saw, client_ip, what):
+    web, outside = counts["web"], counts["outside"]
+    print(f"requests through {what}: web {web['ok']} ok, {web['failed']} failed; "
+          f"outside {outside['ok']} ok, {outside['failed']} failed")
+    assert web["failed"] == 0 and outside["failed"] == 0, counts
+    assert web["ok"] > 25 and outside["ok"] > 25, counts
+    # each request took the path Istio's sidecars give it, as their own counters say:
+    # out by the Service's listener and route, in by the web pod's inbound chain and
+    # cluster (whose hop to the app comes from 127.0.0.6); outside by passthrough
+    assert client_saw.get(envoy_sidecar.requests_stat("outbound", WEB_PORT)) == web["ok"], client_saw
+    assert client_saw.get(envoy_sidecar.cluster_stat(envoy_sidecar.PASSTHROUGH, "upstream_cx_total")) == \
+        outside["ok"], client_saw
+    assert web_saw.get(envoy_sidecar.requests_stat("inbound", WEB_PORT)) == web["ok"], web_saw
+    assert web["peers"] == [abi.INBOUND_SOURCE_V4] and outside["peers"] == [client_ip], counts
+    publish_figures({"scenario": f"{what} while a pod calls another pod's Service and a server outside, "
+                                 "through Envoy sidecars as Istio configures them (containerd CRI)",
+                     "tried": {"requests (a connection each)": sum(c["ok"] + c["failed"] for c in counts.values())},
+                     "failures": web["failed"] + outside["failed"], "lost": 0, "leftovers": {}})
 
 
 def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(node, tmp_path):
     runtime, rt, agent, _ = node
     agent.ensure_running().wait_ready()
-    with SidecarTraffic(rt, str(tmp_path), "client") as traffic:
+    with MeshTraffic(rt, "client") as traffic:
         assert agent.stop() == 0                    # SIGTERM: everything stays
         assert loader.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
         time.sleep(1)
@@ -320,7 +343,7 @@ def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tm
     before = status.collect()["node"]["datapath_version"]
     early = record_of(ids["early"])
     old_ids = link_prog_ids(early.cookie)
-    with SidecarTraffic(rt, str(tmp_path), "upgraded") as traffic:
+    with MeshTraffic(rt, "upgraded") as traffic:
         assert agent.stop() == 0
         agent.start(env={"INTERCEPTOR_BPF_DIR": changed_datapath(str(tmp_path), "code")})
         agent.wait_ready(timeout=60)

@@ -15,7 +15,8 @@ import uuid
 
 import pytest
 
-from interceptor import counters, lab as labmod, netns, paths, podrecord
+from conftest import APPS
+from interceptor import abi, counters, lab as labmod, netns, paths, podrecord
 from interceptor.maps import Maps
 
 pytestmark = pytest.mark.kernel
@@ -93,29 +94,67 @@ def interceptor_cli(*args, env=None):
                           text=True, env=env, check=True)
 
 
-def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
+def install_chain(podman):
+    """`interceptor cni install` into the test's conflist, the chained entry pointed at
+    the tests' pins and log: podman runs DEL from its cleanup process, which does not
+    carry the test's environment."""
     d = podman["dirs"]
     interceptor_cli("cni", "install", "--bin-dir", str(d["bin"]), "--conf-dir", str(d["conf"]))
-    # Point the chained entry at the tests' pins and log: podman runs DEL from its cleanup
-    # process, which does not carry the test's environment.
     conf_path = d["conf"] / f"10-{podman['net']}.conflist"
     doc = json.loads(conf_path.read_text())
     doc["plugins"][-1].update(pinRoot=paths.PIN_ROOT, runDir=paths.RUN_DIR,
                               logFile=str(podman["log"]))
     conf_path.write_text(json.dumps(doc))
 
+
+def run_container(podman):
+    """A container on the test's network: (its id, its sandbox's netns path, its record)."""
     name = f"ic{uuid.uuid4().hex[:8]}"
     podman["containers"].append(name)
     podman["podman"]("run", "-d", "--name", name, "--network", podman["net"],
-                     "--rootfs", str(d["rootfs"]), "/bin/sleep", "600")
+                     "--rootfs", str(podman["dirs"]["rootfs"]), "/bin/sleep", "600")
     info = json.loads(podman["podman"]("inspect", name).stdout)[0]
     sandbox = info["NetworkSettings"]["SandboxKey"]
-    container_id = info["Id"]
-    cookie = netns.cookie_of(sandbox)
-    rec = podrecord.read(cookie)
-    assert rec.container_id == container_id and rec.netns == sandbox
-    pod_ip = rec.addresses[0]
-    assert pod_ip.startswith(SUBNET + ".")
+    rec = podrecord.read(netns.cookie_of(sandbox))
+    assert rec.container_id == info["Id"] and rec.netns == sandbox
+    assert rec.addresses[0].startswith(SUBNET + ".")
+    return name, sandbox, rec
+
+
+def remove_container(podman, name):
+    podman["podman"]("rm", "-f", "-t", "0", name)
+    podman["containers"].remove(name)
+
+
+def assert_nothing_of_the_pods_remains(podman, records):
+    cni_log = podman["log"].read_text()
+    for rec in records:
+        assert f"ADD {rec.container_id}: enrolled" in cni_log
+        assert f"DEL {rec.container_id}: removed" in cni_log
+        assert not os.path.exists(paths.pod_pin_dir(rec.cookie))
+    assert podrecord.all_records() == {}
+    cookies = {rec.cookie for rec in records}
+    with Maps() as maps:
+        assert maps.pods.keys() == []
+        assert [k for k, v in maps.pod_addrs.items() if v.value in cookies] == []
+        assert [k for k in maps.port_rules.keys() if k.netns_cookie in cookies] == []
+        assert maps.xdp_pods.keys() == []
+
+
+def assert_chain_uninstalled(podman):
+    d = podman["dirs"]
+    interceptor_cli("cni", "uninstall", "--bin-dir", str(d["bin"]), "--conf-dir", str(d["conf"]))
+    # (libcni leaves its own cni.lock beside the configuration)
+    conf_files = sorted(n for n in os.listdir(d["conf"]) if n != "cni.lock")
+    assert conf_files == [f"10-{podman['net']}.conflist"]
+    assert json.loads((d["conf"] / conf_files[0]).read_text()) == json.loads(podman["original_conf"])
+    assert not (d["bin"] / "interceptor-cni").exists()
+
+
+def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
+    install_chain(podman)
+    name, sandbox, rec = run_container(podman)
+    cookie, pod_ip = rec.cookie, rec.addresses[0]
 
     # the sidecar: HAProxy in the container's network namespace, as uid 1337
     cfg = tmp_path / "haproxy.cfg"
@@ -154,22 +193,68 @@ def test_container_is_intercepted_and_removed_cleanly(podman, tmp_path):
         labmod.stop_process(server)
         hlog.close()
 
-    podman["podman"]("rm", "-f", "-t", "0", name)
-    podman["containers"].remove(name)
-    cni_log = podman["log"].read_text()
-    assert f"ADD {container_id}: enrolled" in cni_log
-    assert f"DEL {container_id}: removed 1" in cni_log
-    assert podrecord.all_records() == {}
-    assert not os.path.exists(paths.pod_pin_dir(cookie))
-    with Maps() as maps:
-        assert maps.pods.keys() == []
-        assert [k for k, v in maps.pod_addrs.items() if v.value == cookie] == []
-        assert [k for k in maps.port_rules.keys() if k.netns_cookie == cookie] == []
-        assert maps.xdp_pods.keys() == []
+    remove_container(podman, name)
+    assert_nothing_of_the_pods_remains(podman, [rec])
+    assert_chain_uninstalled(podman)
 
-    interceptor_cli("cni", "uninstall", "--bin-dir", str(d["bin"]), "--conf-dir", str(d["conf"]))
-    # (libcni leaves its own cni.lock beside the configuration)
-    conf_files = sorted(n for n in os.listdir(d["conf"]) if n != "cni.lock")
-    assert conf_files == [f"10-{podman['net']}.conflist"]
-    assert json.loads((d["conf"] / conf_files[0]).read_text()) == json.loads(podman["original_conf"])
-    assert not (d["bin"] / "interceptor-cni").exists()
+
+def test_envoy_sidecars_carry_calls_between_containers_and_from_outside(podman):
+    """Two containers with Envoy as Istio configures their sidecars (envoy_sidecar): a
+    call from one to the other's Service goes out through the caller's per-port
+    listener and in through the callee's inbound chain, a call to a server outside
+    the mesh through PassthroughCluster, and a call from the host into the callee's
+    inbound chain; Envoy's own counters say which path each took."""
+    from interceptor import envoy_sidecar
+    install_chain(podman)
+    web_name, web_ns, web = run_container(podman)
+    caller_name, caller_ns, caller = run_container(podman)
+    web_ip, port = web.addresses[0], 8080
+    service = envoy_sidecar.Service("web", port, [web_ip])
+    envoy_dir = tempfile.mkdtemp(prefix="icenvoy", dir="/tmp")    # readable by the proxy's uid
+    procs = []
+    try:
+        app = subprocess.Popen(["nsenter", f"--net={web_ns}", sys.executable, APPS, "http", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(app)
+        assert app.stdout.readline().strip() == "listening"
+        outside = subprocess.Popen([sys.executable, APPS, "http", "18080"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        procs.append(outside)
+        assert outside.stdout.readline().strip() == "listening"
+        for name, sandbox, shape in ((web_name, web_ns, dict(app_ports=[port])),
+                                     (caller_name, caller_ns, dict(services=[service]))):
+            proc, _ = envoy_sidecar.start(sandbox, envoy_dir, name, families=(4,), **shape)
+            procs.append(proc)
+        before = {ns: envoy_sidecar.stats(ns) for ns in (web_ns, caller_ns)}
+
+        # container to container, by the Service's per-port listener and the inbound chain
+        out = podman["podman"]("exec", caller_name, "wget", "-q", "-O", "-", f"http://{web_ip}:{port}/")
+        seen = json.loads(out.stdout)
+        assert seen["sockname"] == f"{web_ip}:{port}"
+        assert seen["peername"].startswith(f"{abi.INBOUND_SOURCE_V4}:"), seen   # Istio's inbound hop
+        # to a server outside the mesh, by passthrough
+        out = podman["podman"]("exec", caller_name, "wget", "-q", "-O", "-", f"http://{SUBNET}.1:18080/")
+        assert json.loads(out.stdout)["sockname"] == f"{SUBNET}.1:18080"
+        # from the host (outside the mesh) into the container's inbound chain
+        from_host = subprocess.run(["curl", "-sf", "-m", "5", f"http://{web_ip}:{port}/"],
+                                   capture_output=True, text=True)
+        assert from_host.returncode == 0 and json.loads(from_host.stdout)["peername"].startswith(
+            f"{abi.INBOUND_SOURCE_V4}:")
+
+        caller_saw = envoy_sidecar.diff(envoy_sidecar.stats(caller_ns), before[caller_ns])
+        web_saw = envoy_sidecar.diff(envoy_sidecar.stats(web_ns), before[web_ns])
+        assert caller_saw.get(envoy_sidecar.requests_stat("outbound", port)) == 1, caller_saw
+        assert caller_saw.get(envoy_sidecar.cluster_stat(service.cluster, "upstream_rq_total")) == 1, caller_saw
+        assert caller_saw.get(envoy_sidecar.cluster_stat(envoy_sidecar.PASSTHROUGH, "upstream_cx_total")) == 1
+        assert web_saw.get(envoy_sidecar.requests_stat("inbound", port)) == 2, web_saw
+        assert web_saw.get(envoy_sidecar.cluster_stat(envoy_sidecar.inbound_cluster(port),
+                                                      "upstream_rq_total")) == 2, web_saw
+    finally:
+        for proc in procs:
+            labmod.stop_process(proc)
+        shutil.rmtree(envoy_dir, ignore_errors=True)
+
+    for name in (web_name, caller_name):
+        remove_container(podman, name)
+    assert_nothing_of_the_pods_remains(podman, [web, caller])
+    assert_chain_uninstalled(podman)

@@ -445,15 +445,16 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
     matrix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(matrix)
     def guest(release, sock_ops, plan, failed_step=None):
-        """A guest's report: doctor (sock_ops as given), one `auto` selfcheck."""
+        """A guest's report: doctor (sock_ops as given), `auto` selfchecks with each sidecar."""
         plan = dict(zip(("mode", "outbound", "inbound", "ingress"), plan))
         steps = [{"name": n, "ok": n != failed_step, "detail": "HTTP 502" if n == failed_step else ""}
-                 for n in matrix.STEPS]
+                 for n in matrix.ENVOY_STEPS]
         ok = failed_step is None
         return matrix.KernelRun(release, "tcg", 90.0, doctor={
             "checks": [{"name": "sock_ops", "ok": sock_ops}, {"name": "sk_lookup", "ok": True}],
-            "plan": plan}, selfchecks=[{"mode": "auto", "exit": 0 if ok else 1, "seconds": 40,
-                                        "result": {"ok": ok, "steps": steps, "plan": plan}}])
+            "plan": plan}, selfchecks=[{"mode": "auto", "proxy": proxy, "exit": 0 if ok else 1, "seconds": 40,
+                                        "result": {"ok": ok, "steps": steps, "plan": plan}}
+                                       for proxy in ("haproxy", "envoy")])
 
     old = guest("5.10.0-32", False, ("nftables", "rules", "rules", "nftables"))
     new = guest("6.1.0-56", True, ("ebpf", "ebpf", "ebpf", "xdp"), failed_step="request")
@@ -463,9 +464,13 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
     # a plan of the BPF filter recorded without filter_hooks had both hooks
     assert rows["selfcheck --mode auto"][-8:] == ["nftables:", "rules,", "rules,", "nftables",
                                                   "ebpf:", "ebpf,", "ebpf,", "tc/xdp"]
+    assert rows["selfcheck --mode auto --proxy envoy"][-8:] == rows["selfcheck --mode auto"][-8:]
     assert rows["request"][-2:] == ["ok", "FAIL"]
+    assert rows["self-call"][-2:] == ["ok", "ok"]
     assert [w for w in rows["result"] if w in ("PASS", "FAIL")] == ["PASS", "FAIL"]
-    assert "6.1.0-56 --mode auto request: HTTP 502" in matrix.table([old, new])
+    text = matrix.table([old, new])
+    assert "6.1.0-56 --mode auto request: HTTP 502" in text
+    assert "6.1.0-56 --mode auto --proxy envoy request: HTTP 502" in text
 
 
 # --- Istio's rules for the proxy's own connections over lo (rules.py) -------------------

@@ -1,10 +1,11 @@
 """`make vm-test`: the kernel matrix. Boots the guest image (vm/build-image.sh) on each of
 its kernels and collects what the guest's run (vm/guest/.../interceptor-vm/run) found:
-`interceptor doctor`, then `interceptor selfcheck` in each mode. Prints one table (kernel
-x capability, the mode chosen for each capability, the result of each check) and writes
-it as JSON.
+`interceptor doctor`, then `interceptor selfcheck` in each mode with each sidecar (HAProxy,
+and Envoy as Istio configures it). Prints one table (kernel x capability, the mode chosen
+for each capability, the result of each check) and writes it as JSON.
 
-    python vm/matrix.py [--kernels 5.10,6.1,6.12] [--modes auto,nftables,iptables] [--out DIR]
+    python vm/matrix.py [--kernels 5.10,6.1,6.12] [--modes auto,nftables,iptables]
+                        [--proxies haproxy,envoy] [--out DIR]
 
 KVM is used when it works, decided by trying (a KVM guest that shows no kernel output
 within a short wait is abandoned for TCG, QEMU's emulation). Guests run from a snapshot of
@@ -23,17 +24,19 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from interceptor.capabilities import filter_text  # noqa: E402
-from interceptor.selfcheck import STEPS  # noqa: E402
+from interceptor.selfcheck import ENVOY_STEPS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_DIR = os.environ.get("INTERCEPTOR_VM_DIR", os.path.join(HERE, "..", "build", "vm"))
 DEFAULT_KERNELS = ("5.10", "6.1", "6.12")
 DEFAULT_MODES = ("auto", "nftables", "iptables")
+PROXIES = ("haproxy", "envoy")
 KVM_PROBE_S = 15              # a working KVM guest prints its banner in well under a second
 GUEST_TIMEOUT_S = 40 * 60     # one kernel's whole run under TCG: boot, doctor, BCC, checks
 MEMORY_MB = 2048
-# selfcheck's steps in their order; a run that stopped early reports "unexpected"
-SELFCHECK_STEPS = (*STEPS[:-1], "unexpected", STEPS[-1])
+# selfcheck's steps in their order (Envoy's, which has HAProxy's and the self-call); a run
+# that stopped early reports "unexpected"
+SELFCHECK_STEPS = (*ENVOY_STEPS[:-1], "unexpected", ENVOY_STEPS[-1])
 
 
 @dataclass
@@ -43,7 +46,7 @@ class KernelRun:
     accel: str
     seconds: float = 0.0
     doctor: dict = field(default_factory=dict)
-    selfchecks: list = field(default_factory=list)     # {"mode", "exit", "seconds", "result"}
+    selfchecks: list = field(default_factory=list)     # {"mode", "proxy", "exit", "seconds", "result"}
     error: str = ""
 
     @property
@@ -106,13 +109,13 @@ def _end(proc):
             proc.wait()
 
 
-def boot(release, kernel, initrd, accel, modes, workdir, disk, log):
+def boot(release, kernel, initrd, accel, modes, proxies, workdir, disk, log):
     """One guest, from a snapshot of the disk; returns its KernelRun."""
     run = KernelRun(release=release, accel=accel)
     console = os.path.join(workdir, f"console-{release}.log")
     results = os.path.join(workdir, f"results-{release}.jsonl")
     append = (f"root=/dev/vda rw console=ttyS0 quiet systemd.show_status=false "
-              f"interceptor.run={','.join(modes)}")
+              f"interceptor.run={','.join(modes)} interceptor.proxies={','.join(proxies)}")
     argv = qemu_argv(accel, kernel, initrd, append, console,
                      ["-serial", f"file:{results}", "-nic", "none",
                       "-drive", f"file={disk},if=virtio,format=qcow2,snapshot=on"])
@@ -138,7 +141,9 @@ def boot(release, kernel, initrd, accel, modes, workdir, disk, log):
         if entry["kind"] == "doctor":
             run.doctor = entry["result"]
         elif entry["kind"] == "selfcheck":
-            run.selfchecks.append({k: entry[k] for k in ("mode", "exit", "seconds", "result")})
+            run.selfchecks.append({"proxy": "haproxy",      # (a guest of before proxies)
+                                   **{k: entry[k] for k in ("mode", "proxy", "exit", "seconds", "result")
+                                      if k in entry}})
     if not run.error and "end" not in kinds:
         run.error = ("the guest stopped before finishing" if "begin" in kinds else
                      "the guest never started its run") + \
@@ -151,7 +156,7 @@ def boot(release, kernel, initrd, accel, modes, workdir, disk, log):
 # --- the table ---------------------------------------------------------------------------
 def table(runs):
     """Rows: each doctor capability, the plan doctor's report gives (mode per capability),
-    then each selfcheck step per mode; one column per kernel."""
+    then each selfcheck step per mode and sidecar; one column per kernel."""
     releases = [r.release for r in runs]
     rows = []
     capabilities = []
@@ -166,22 +171,22 @@ def table(runs):
     rows.append(("", ["" for _ in runs]))
     for key in ("mode", "outbound", "inbound", "ingress", "filter_hooks", "sockmap"):
         rows.append((f"plan: {key}", [_plan_value(r.doctor.get("plan", {}), key) for r in runs]))
-    modes = []
+    checks = []
     for r in runs:
         for s in r.selfchecks:
-            if s["mode"] not in modes:
-                modes.append(s["mode"])
-    for mode in modes:
+            if (s["mode"], s["proxy"]) not in checks:
+                checks.append((s["mode"], s["proxy"]))
+    for check in checks:
         rows.append(("", ["" for _ in runs]))
-        rows.append((f"selfcheck --mode {mode}", [_chosen(r, mode) for r in runs]))
+        rows.append((_check_name(*check), [_chosen(r, *check) for r in runs]))
         rows.append(("  (outbound, inbound, filter)", ["" for _ in runs]))
         steps = list(SELFCHECK_STEPS)
         for r in runs:
-            for s in _selfcheck(r, mode).get("steps", []):
+            for s in _selfcheck(r, *check).get("steps", []):
                 if s["name"] not in steps:
                     steps.append(s["name"])
         for step in steps:
-            cells = [_step(r, mode, step) for r in runs]
+            cells = [_step(r, *check, step) for r in runs]
             if any(c != "-" for c in cells):
                 rows.append((f"  {step}", cells))
     rows.append(("", ["" for _ in runs]))
@@ -197,11 +202,12 @@ def table(runs):
         for s in r.selfchecks:
             for step in s["result"].get("steps", []):
                 if not step["ok"]:
-                    out.append(f"{r.release} --mode {s['mode']} {step['name']}: {step['detail']}")
+                    out.append(f"{r.release} {_check_name(s['mode'], s['proxy'])[len('selfcheck '):]} "
+                               f"{step['name']}: {step['detail']}")
     return "\n".join(out)
 
 
-def host_run(modes, log):
+def host_run(modes, proxies, log):
     """The machine's own kernel, as a column beside the guests' (no VM: doctor and
     selfcheck run here; its kernel build is the one this machine kind boots)."""
     import platform
@@ -214,16 +220,17 @@ def host_run(modes, log):
     except ValueError:
         run.error = f"doctor printed no report: {p.stderr.strip()[-300:]}"
     for mode in modes:
-        t = time.monotonic()
-        p = subprocess.run(cli + ["selfcheck", "--mode", mode, "-o", "json"], capture_output=True,
-                           text=True, timeout=GUEST_TIMEOUT_S)
-        try:
-            result = json.loads(p.stdout)
-        except ValueError:
-            result = {"ok": False, "steps": []}
-            run.error = f"selfcheck --mode {mode} printed no report: {p.stderr.strip()[-300:]}"
-        run.selfchecks.append({"mode": mode, "exit": p.returncode, "seconds": round(time.monotonic() - t, 1),
-                               "result": result})
+        for proxy in proxies:
+            t = time.monotonic()
+            p = subprocess.run(cli + ["selfcheck", "--mode", mode, "--proxy", proxy, "-o", "json"],
+                               capture_output=True, text=True, timeout=GUEST_TIMEOUT_S)
+            try:
+                result = json.loads(p.stdout)
+            except ValueError:
+                result = {"ok": False, "steps": []}
+                run.error = f"{_check_name(mode, proxy)} printed no report: {p.stderr.strip()[-300:]}"
+            run.selfchecks.append({"mode": mode, "proxy": proxy, "exit": p.returncode,
+                                   "seconds": round(time.monotonic() - t, 1), "result": result})
     run.seconds = round(time.monotonic() - started, 1)
     log(f"vm-test: {run.release} (this machine's kernel) {'ok' if run.ok else 'FAILED'} in {run.seconds:.0f} s")
     return run
@@ -243,12 +250,16 @@ def _capability(run, name):
     return "-"
 
 
-def _selfcheck(run, mode):
-    return next((s["result"] for s in run.selfchecks if s["mode"] == mode), {})
+def _check_name(mode, proxy):
+    return f"selfcheck --mode {mode}" + ("" if proxy == "haproxy" else f" --proxy {proxy}")
 
 
-def _chosen(run, mode):
-    plan = _selfcheck(run, mode).get("plan") or {}
+def _selfcheck(run, mode, proxy):
+    return next((s["result"] for s in run.selfchecks if (s["mode"], s["proxy"]) == (mode, proxy)), {})
+
+
+def _chosen(run, mode, proxy):
+    plan = _selfcheck(run, mode, proxy).get("plan") or {}
     if not plan:
         return "-"
     return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {filter_text(plan)}"
@@ -259,8 +270,8 @@ def _plan_value(plan, key):
     return "/".join(value) or "none" if isinstance(value, list) else str(value)
 
 
-def _step(run, mode, name):
-    for s in _selfcheck(run, mode).get("steps", []):
+def _step(run, mode, proxy, name):
+    for s in _selfcheck(run, mode, proxy).get("steps", []):
         if s["name"] == name:
             return "ok" if s["ok"] else "FAIL"
     return "-"
@@ -273,6 +284,8 @@ def main(argv=None):
                     help="kernel versions, by prefix (default: %(default)s)")
     ap.add_argument("--modes", default=",".join(DEFAULT_MODES),
                     help="selfcheck modes per kernel (default: %(default)s)")
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help="the sidecars each mode's selfcheck runs (default: %(default)s)")
     ap.add_argument("--out", help="directory for matrix.json, matrix.txt and the guests' "
                                   "console logs (default: a temporary directory, kept)")
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
@@ -288,9 +301,13 @@ def main(argv=None):
         return 0
     wanted = [k for k in args.kernels.split(",") if k]
     modes = [m for m in args.modes.split(",") if m]
+    proxies = [p for p in args.proxies.split(",") if p]
     bad = [m for m in modes if m not in ("auto", "ebpf", "nftables", "iptables")]
-    if bad or not modes or not wanted:
-        ap.error(f"unknown mode(s) {', '.join(bad)}" if bad else "name at least one kernel and mode")
+    bad_proxies = [p for p in proxies if p not in PROXIES]
+    if bad or bad_proxies or not modes or not wanted or not proxies:
+        ap.error(f"unknown mode(s) {', '.join(bad)}" if bad else
+                 f"unknown proxy(ies) {', '.join(bad_proxies)}" if bad_proxies else
+                 "name at least one kernel, mode and proxy")
     disk = os.path.join(IMAGE_DIR, "disk.qcow2")
     if not os.path.exists(disk):
         raise SystemExit(f"vm-test: no image at {disk}; run `make vm-image`")
@@ -306,10 +323,10 @@ def main(argv=None):
         first = next(iter(chosen.values()))
         accel = "kvm" if kvm_works(*first, out) else "tcg"
         log(f"vm-test: {'KVM works' if accel == 'kvm' else 'no usable KVM: TCG (emulation, ~8x slower)'}")
-    runs = [boot(release, kernel, initrd, accel, modes, out, disk, log)
+    runs = [boot(release, kernel, initrd, accel, modes, proxies, out, disk, log)
             for release, (kernel, initrd) in chosen.items()]
     if args.host:
-        runs.append(host_run(modes, log))
+        runs.append(host_run(modes, proxies, log))
     text = table(runs)
     print(text)
     with open(os.path.join(out, "matrix.json"), "w") as f:
