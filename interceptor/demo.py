@@ -17,6 +17,8 @@ from .podspec import PodSettings
 SERVICE_PORT = 8080
 SERVICE_VIP = "10.96.0.10"       # the server's Service address, as the client's Envoy knows it
 SERVICE_NAME = "server"
+# run in the client pod: one connection held open while `status` shows it
+HOLD_CONNECTION = "import socket,sys,time; s=socket.create_connection((sys.argv[1],int(sys.argv[2]))); time.sleep(60)"
 
 
 def envoy_counters(pod_name):

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import enroll, load_without, loaded, pod_counters, pods_lab
+from conftest import enroll, loaded, pod_counters, pods_lab
 from interceptor import abi, build, libbpf, loader, netns, paths, pieces, selfcheck
 
 pytestmark = pytest.mark.kernel
