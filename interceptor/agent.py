@@ -24,7 +24,6 @@ import time
 from . import (cni_chain, cni_config, cni_install, cni_server, enrollment, loader, netns, paths,
                podrecord, state)
 from .bpf_source import datapath_version
-from .capabilities import fallbacks
 
 @dataclasses.dataclass
 class AgentConfig:
@@ -68,9 +67,9 @@ class Agent:
         the loaded maps are resized in place (migrated) to the declared ones."""
         ours = datapath_version(self.config.map_sizes)
         if loader.is_loaded():
-            node = loader.node_state() or {}
-            theirs = node.get("datapath_version")
-            if theirs == ours and not node.get("upgrading_to"):     # else: finish or undo it
+            node = loader.node_state()
+            theirs = node.datapath_version if node else None
+            if theirs == ours and not node.upgrading_to:     # else: finish or undo it
                 if self.datapath_problem:
                     self.counters.datapath["adopted"] += 1
                     self.log(f"adopted the loaded datapath {ours}")
@@ -287,7 +286,8 @@ def serve_http(agent, host, port):
             elif self.path == "/readyz":
                 ready, reasons = agent.readiness()
                 # ready on a fallback still says which program the kernel refused, and why
-                notes = "".join(f"fallback: {line}\n" for line in fallbacks(state.node_plan() or {}))
+                plan = state.node_plan()
+                notes = "".join(f"fallback: {line}\n" for line in (plan.fallbacks() if plan else []))
                 self._reply(200 if ready else 503, ("ready\n" if ready else "\n".join(reasons) + "\n") + notes)
             elif self.path == "/metrics":
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)

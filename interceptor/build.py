@@ -4,7 +4,7 @@ BCC compiles the C sources into one module (its maps created, its programs compi
 not loaded); each program is then loaded from BCC's instructions through libbpf, so the
 kernel's verifier judges exactly the code that will run, with the helpers, map types and
 context accesses it really uses. A program the kernel refuses is recorded with the
-verifier's reason in one line, and the plan (capabilities.plan) serves that program's
+verifier's reason in one line, and the plan (capabilities.choose) serves that program's
 capability another way: no version table, no stand-in probe program can know what a
 vendor's kernel build removed or backported.
 

@@ -7,6 +7,7 @@ import click
 # only import-free modules here: `bench` sets INTERCEPTOR_PIN_ROOT/RUN_DIR before the
 # modules that read them are imported (test_units checks)
 from .cni_defaults import BIN_DIR as DEFAULT_BIN_DIR, CHAIN_NAME, CONF_DIR as DEFAULT_CONF_DIR
+from .plan import REQUESTED_MODES
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -65,7 +66,7 @@ def doctor(output):
                    "legs each pod allows (enroll --bypass). Off by default: the kernel gives "
                    "it no backpressure (a receiver that stops reading lets its sender fill "
                    "the node's TCP memory), and splice and blocking recv break; see README.")
-@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+@click.option("--mode", type=click.Choice(REQUESTED_MODES), default="auto",
               show_default=True, help="auto: eBPF for each capability the kernel offers, "
               "REDIRECT rules for the rest; nftables/iptables: rules only (no BPF).")
 @_map_size_option("A map's capacity instead of its default (repeatable; README: "
@@ -89,7 +90,8 @@ def upgrade(map_sizes):
     from . import loader
     from .upgrade import UpgradeError, upgrade as do_upgrade
     if map_sizes is not None:
-        map_sizes = dict(loader.node_state().get("map_sizes") or {}, **map_sizes)
+        node = loader.node_state()
+        map_sizes = dict(node.map_sizes if node else {}, **map_sizes)
     try:
         click.echo(do_upgrade(map_sizes=map_sizes, log=click.echo))
     except UpgradeError as exc:
@@ -97,7 +99,7 @@ def upgrade(map_sizes):
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+@click.option("--mode", type=click.Choice(REQUESTED_MODES), default="auto",
               show_default=True, help="The mode to load the datapath in, as `load --mode`.")
 @click.option("--proxy", type=click.Choice(["haproxy", "envoy"]), default="haproxy", show_default=True,
               help="The pods' sidecar: HAProxy, or Envoy as Istio configures it (needs the "
@@ -361,7 +363,7 @@ _agent_conf_name = click.option("--cni-conf-name", default=CHAIN_NAME, show_defa
                    "Istio-compatible settings, kube-system excluded.")
 @click.option("--cri-socket", type=click.Path(dir_okay=False),
               help="The runtime's CRI socket, to enroll pods that started before the chain.")
-@click.option("--mode", type=click.Choice(["auto", "ebpf", "nftables", "iptables"]), default="auto",
+@click.option("--mode", type=click.Choice(REQUESTED_MODES), default="auto",
               show_default=True)
 @click.option("--bypass/--no-bypass", default=False, show_default=True)
 @click.option("--reconcile-every", type=click.FloatRange(0.5, 3600), default=30.0, show_default=True,

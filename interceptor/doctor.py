@@ -14,7 +14,9 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 
-from . import capabilities, libbpf, libc, mounts
+from . import libbpf, libc, mounts
+from .capabilities import Probe
+from .plan import Hook
 from .libbpf import AttachType, MapType, ProgType
 
 DISABLE_ENV = "INTERCEPTOR_DISABLE_FEATURES"
@@ -47,21 +49,28 @@ class Report:
         from .capabilities import ebpf_usable
         return ebpf_usable({c.name: c.ok for c in self.checks})
 
+    def _choice(self):
+        """(the Plan `load --mode auto` would make, or None and why not)."""
+        from .capabilities import choose
+        try:
+            return choose("auto", self, self.refused), ""
+        except ValueError as exc:
+            return None, str(exc)
+
     @property
     def plan(self):
-        from .capabilities import plan
-        try:
-            return plan("auto", self, self.refused)
-        except ValueError as exc:
-            return {"mode": f"unavailable ({exc})"}
+        return self._choice()[0]
 
     @property
     def mode(self):
-        return self.plan["mode"]
+        plan, why = self._choice()
+        return plan.mode if plan else f"unavailable ({why})"
 
     def to_json(self):
+        plan = self.plan
         return {"kernel": self.kernel, "mode": self.mode, "ebpf_usable": self.ebpf_usable,
-                "plan": self.plan, "bypass": self.plan.get("sockmap", False),
+                "plan": plan.to_json(pieces=False) if plan else {"mode": self.mode},
+                "bypass": plan.sockmap if plan else False,
                 "checks": [asdict(c) for c in self.checks], "programs": self._programs()}
 
     def _programs(self):
@@ -87,25 +96,25 @@ class Report:
             for p in self._programs():
                 lines.append(f"  {p['name']:<14}{'OK' if p['accepted'] else 'refused':<9}{p['reason']}")
         plan = self.plan
-        lines += ["", f"{'Mode:':<16}{plan['mode']}"]
-        if "outbound" in plan:
-            lines += [f"{'Outbound:':<16}{plan['outbound']}", f"{'Inbound:':<16}{plan['inbound']}",
-                      f"{'Bypass:':<16}{'ebpf' if plan['bypass'] else 'off'}",
+        lines += ["", f"{'Mode:':<16}{self.mode}"]
+        if plan:
+            lines += [f"{'Outbound:':<16}{plan.outbound}", f"{'Inbound:':<16}{plan.inbound}",
+                      f"{'Bypass:':<16}{'ebpf' if plan.bypass else 'off'}",
                       f"{'Ingress filter:':<16}{_ingress_text(plan)}",
-                      f"{'Rules backend:':<16}{plan['rules_backend'] or '-'}"]
-            fallbacks = capabilities.fallbacks(plan)
+                      f"{'Rules backend:':<16}{plan.rules_backend or '-'}"]
+            fallbacks = plan.fallbacks()
             if fallbacks:
                 lines += ["", "Fallbacks:"] + [f"  {line}" for line in fallbacks]
         return "\n".join(lines)
 
 
 def _ingress_text(plan):
-    hooks = capabilities.filter_hooks(plan)
-    if hooks == ["tc", "xdp"]:
+    hooks = plan.bpf_filter_hooks
+    if hooks == [Hook.TC, Hook.XDP]:
         return "tc on veth, XDP (native, else generic) on other drivers"
     if hooks:
         return f"{hooks[0]} on every interface"
-    return plan.get("ingress") or "off (no BPF filter, no nftables)"
+    return plan.ingress or "off (no BPF filter, no nftables)"
 
 
 def disabled_features():
@@ -136,28 +145,28 @@ def run(only=None, judge_programs=False):
         detail, warning = result if isinstance(result, tuple) else (result, "")
         checks.append(Check(name, True, detail, warning))
 
-    probe("bpffs", _probe_bpffs)
-    probe("cgroup2", _probe_cgroup2)
-    hooks = ("connect4", "connect6", "getpeername", "getsockopt", "sock_ops")
+    probe(Probe.BPFFS, _probe_bpffs)
+    probe(Probe.CGROUP2, _probe_cgroup2)
+    hooks = (Probe.CONNECT4, Probe.CONNECT6, Probe.GETPEERNAME, Probe.GETSOCKOPT, Probe.SOCK_OPS)
     with (_scratch_cgroup() if only is None or set(hooks) & set(only) else nullcontext()) as cg:
-        probe("connect4", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+        probe(Probe.CONNECT4, lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
                                                      AttachType.CGROUP_INET4_CONNECT))
-        probe("connect6", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+        probe(Probe.CONNECT6, lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
                                                      AttachType.CGROUP_INET6_CONNECT))
-        probe("getpeername", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
+        probe(Probe.GETPEERNAME, lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCK_ADDR,
                                                         AttachType.CGROUP_INET4_GETPEERNAME))
-        probe("getsockopt", lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCKOPT,
+        probe(Probe.GETSOCKOPT, lambda: _probe_cgroup_hook(cg, ProgType.CGROUP_SOCKOPT,
                                                        AttachType.CGROUP_GETSOCKOPT))
-        probe("sock_ops", lambda: _probe_cgroup_hook(cg, ProgType.SOCK_OPS,
+        probe(Probe.SOCK_OPS, lambda: _probe_cgroup_hook(cg, ProgType.SOCK_OPS,
                                                      AttachType.CGROUP_SOCK_OPS))
-    probe("sockmap", _probe_sockmap)
-    probe("sk_lookup", _probe_sk_lookup)
-    probe("netns_cookie", _probe_netns_cookie)
-    probe("xdp_native", lambda: _probe_xdp(native=True))
-    probe("xdp_generic", lambda: _probe_xdp(native=False))
-    probe("bcc_compile", _probe_bcc)
-    probe("nftables", _probe_nftables)
-    probe("iptables", _probe_iptables)
+    probe(Probe.SOCKMAP, _probe_sockmap)
+    probe(Probe.SK_LOOKUP, _probe_sk_lookup)
+    probe(Probe.NETNS_COOKIE, _probe_netns_cookie)
+    probe(Probe.XDP_NATIVE, lambda: _probe_xdp(native=True))
+    probe(Probe.XDP_GENERIC, lambda: _probe_xdp(native=False))
+    probe(Probe.BCC_COMPILE, _probe_bcc)
+    probe(Probe.NFTABLES, _probe_nftables)
+    probe(Probe.IPTABLES, _probe_iptables)
     report = Report(kernel=platform.release(), checks=checks)
     if judge_programs:
         _judge_programs(report)
@@ -167,7 +176,7 @@ def run(only=None, judge_programs=False):
 def _judge_programs(report):
     """Compile the datapath and load each program (build.py): the verifier's verdicts."""
     ok = {c.name: c.ok for c in report.checks}
-    if not ok.get("bcc_compile"):
+    if not ok.get(Probe.BCC_COMPILE):
         report.programs_note = "BCC cannot compile here (see bcc_compile)"
         return
     from . import netns

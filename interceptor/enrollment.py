@@ -40,7 +40,8 @@ def enroll(netns_path, settings, pod=None, addresses=None, container_id=None, if
 
 
 def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
-    plan = state.node_plan()
+    node = state.read_node()[0]           # the one read of the node state an ADD makes
+    plan = node.plan if node and node.complete else None
     if plan is None:
         raise NotLoadedError("the datapath is not loaded (run `interceptor load`)")
     try:
@@ -48,14 +49,15 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
     except pieces.PieceError as exc:
         raise EnrollError(str(exc)) from None
     view = _look(netns_path, ifname, wanted)
-    if view.cookie == netns.host_cookie():
+    # the cookie load compiled into the programs (a rules-only load recorded none)
+    if view.cookie == (node.host_netns_cookie or netns.host_cookie()):
         raise EnrollError("refusing to enroll the host network namespace")
     found = view.addresses if addresses is None else {ipaddress.ip_address(a) for a in addresses}
     record = PodRecord(
         cookie=view.cookie, netns=str(netns_path), settings=settings, pod=pod,
         container_id=container_id, ifname=ifname,
         addresses=[str(a) for a in sorted(set(found), key=lambda a: (a.version, a))],
-        mode={"outbound": plan["outbound"], "inbound": plan["inbound"]})
+        mode={"outbound": plan.outbound.value, "inbound": plan.inbound.value})
     with state.node_lock():
         old = podrecord.read(record.cookie)
         if old is not None and not old.complete:

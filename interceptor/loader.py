@@ -13,8 +13,8 @@ import shutil
 import time
 
 from . import abi, libbpf, mounts, netns, paths, pieces, podrecord, state
-from .capabilities import (captures_with_bpf, fallbacks, filter_text, has_sockmap,
-                           plan as make_plan, probes_for, uses_bpf)
+from .capabilities import choose, probes_for
+from .plan import Mechanism, Plan
 from .maps import LAYOUT, Maps
 from .programs import BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
@@ -24,7 +24,7 @@ class LoadError(Exception):
 
 
 def node_state():
-    """The node state; {} when there is none or it is damaged (state.read_node)."""
+    """The NodeState; None when there is none or it is damaged (state.read_node)."""
     return state.read_node()[0]
 
 
@@ -37,8 +37,8 @@ def expected_pins(plan=None):
     """Every pin a complete load with this plan leaves (per-pod pins excluded)."""
     plan = plan or node_plan()
     if plan is None:
-        plan = {"outbound": "ebpf", "inbound": "ebpf", "bypass": True}
-    if not uses_bpf(plan):
+        plan = Plan(mode="ebpf", outbound=Mechanism.EBPF, inbound=Mechanism.EBPF, bypass=True, sockmap=True)
+    if not plan.uses_bpf:
         return []
     pins = [paths.map_pin(name) for name in LAYOUT]
     pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.loaded(plan)]
@@ -46,9 +46,15 @@ def expected_pins(plan=None):
     return pins
 
 
-def is_loaded():
+def loaded_plan():
+    """The Plan of a complete load whose pins are all there, else None (one read of the
+    node state)."""
     plan = node_plan()
-    return plan is not None and all(os.path.exists(p) for p in expected_pins(plan))
+    return plan if plan is not None and all(os.path.exists(p) for p in expected_pins(plan)) else None
+
+
+def is_loaded():
+    return loaded_plan() is not None
 
 
 def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg: None):
@@ -59,14 +65,13 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
     with state.node_lock():
         if is_loaded():
             node = node_state()
-            if mode != node.get("requested_mode", "auto"):
-                raise LoadError(f"already loaded with --mode {node.get('requested_mode')}; "
+            if mode != node.requested_mode:
+                raise LoadError(f"already loaded with --mode {node.requested_mode}; "
                                 "unload first to change the mode")
-            if cgroup and node.get("cgroup") and \
-                    os.path.realpath(cgroup) != os.path.realpath(node["cgroup"]):
-                raise LoadError(f"already loaded at cgroup {node['cgroup']}; "
+            if cgroup and node.cgroup and os.path.realpath(cgroup) != os.path.realpath(node.cgroup):
+                raise LoadError(f"already loaded at cgroup {node.cgroup}; "
                                 "unload first to attach elsewhere")
-            if map_sizes is not None and map_sizes != (node.get("map_sizes") or {}):
+            if map_sizes is not None and map_sizes != node.map_sizes:
                 raise LoadError("already loaded with other map sizes: `interceptor upgrade "
                                 "--map-size` resizes them in place, keeping every pod")
             return "bypass switched" if _apply_bypass(bypass) else "already loaded"
@@ -78,21 +83,21 @@ def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg:
         report = doctor.run(only=probes_for(mode))
         build = None
         try:
-            plan = make_plan(mode, report)
-            if uses_bpf(plan):
+            plan = choose(mode, report)
+            if plan.uses_bpf:
                 # the kernel judges the programs that will run: compiled once, each
                 # loaded; what it refuses goes to the next mechanism down (build.py)
                 build = _build(map_sizes or {}, log)
-                plan = make_plan(mode, report, build.refused)
+                plan = choose(mode, report, build.refused)
         except ValueError as exc:
             if build is not None:
                 build.close()
             raise LoadError(str(exc)) from None
-        plan["bypass"] = plan["bypass"] and bypass
-        plan["pieces"] = pieces.for_plan(plan)
-        log(f"mode {plan['mode']}: outbound {plan['outbound']}, inbound {plan['inbound']}, "
-            f"bypass {'on' if plan['bypass'] else 'off'}, ingress filter {filter_text(plan)}")
-        for line in fallbacks(plan):
+        plan = plan.with_bypass(plan.bypass and bypass)
+        plan = plan.with_pieces(pieces.for_plan(plan))
+        log(f"mode {plan.mode}: outbound {plan.outbound}, inbound {plan.inbound}, "
+            f"bypass {'on' if plan.bypass else 'off'}, ingress filter {plan.filter_text()}")
+        for line in plan.fallbacks():
             log(line)
         try:
             _load(plan, mode, cgroup, map_sizes or {}, build, log)
@@ -121,8 +126,8 @@ def _repaired_in_place(mode, map_sizes, log):
     uncapture every pod until it is enrolled again."""
     from .upgrade import UpgradeError, repair
     node = node_state()
-    if not node.get("complete") or node.get("requested_mode", "auto") != mode or \
-            (map_sizes is not None and map_sizes != (node.get("map_sizes") or {})):
+    if node is None or not node.complete or node.requested_mode != mode or \
+            (map_sizes is not None and map_sizes != node.map_sizes):
         return False
     try:
         log(repair(node, log))
@@ -135,23 +140,25 @@ def _repaired_in_place(mode, map_sizes, log):
 def _load(plan, mode, cgroup, map_sizes, build, log):
     from .bpf_source import datapath_version
     from .migrate import layouts
-    node = {"requested_mode": mode, "plan": plan, "bypass": plan["bypass"], "complete": False,
-            "cgroup": None, "datapath_version": datapath_version(map_sizes),
-            "map_sizes": map_sizes, "map_layouts": layouts()}
-    state.write_json(paths.NODE_STATE, node)     # first, so a failure can be undone
-    if uses_bpf(plan):
+    node = state.NodeState(requested_mode=mode, plan=plan, bypass=plan.bypass,
+                           datapath_version=datapath_version(map_sizes), map_sizes=map_sizes,
+                           map_layouts=layouts())
+    node.write()     # first, so a failure can be undone
+    if plan.uses_bpf:
         mounts.ensure_bpffs()
         if cgroup:
             if not os.path.isdir(cgroup):
                 raise LoadError(f"--cgroup {cgroup}: no such directory")
-            node["cgroup"] = cgroup
-        elif captures_with_bpf(plan):
-            node["cgroup"], _ = mounts.ensure_cgroup2()
-        state.write_json(paths.NODE_STATE, node)
-        node.update(_load_bpf(plan, node["cgroup"], build))
-    node["complete"] = True
-    node["loaded_at"] = time.time()
-    state.write_json(paths.NODE_STATE, node)
+            node.cgroup = cgroup
+        elif plan.captures_with_bpf:
+            node.cgroup, _ = mounts.ensure_cgroup2()
+        node.write()
+        _load_bpf(plan, node.cgroup, build)
+        node.host_netns_cookie = build.host_netns_cookie
+        node.compile_seconds = round(build.compile_seconds, 3)
+    node.complete = True
+    node.loaded_at = time.time()
+    node.write()
 
 
 def _load_bpf(plan, cg_path, build):
@@ -174,11 +181,11 @@ def _load_bpf(plan, cg_path, build):
         if prog.scope == TAIL:
             libbpf.map_update(map_fds[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
     libbpf.map_update(map_fds["settings"], ctypes.c_uint32(0),
-                      abi.NodeSettings(abi.NODE_F_BYPASS if plan["bypass"] else 0))
+                      abi.NodeSettings(abi.NODE_F_BYPASS if plan.bypass else 0))
 
     # Links, not legacy attachments: they coexist with other programs on the same hook
     # (multi-attach) and go away with their pin, which is what makes unload clean.
-    if captures_with_bpf(plan):
+    if plan.captures_with_bpf:
         cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for prog in PROGRAMS:
@@ -191,9 +198,8 @@ def _load_bpf(plan, cg_path, build):
                     os.close(link)
         finally:
             os.close(cg_fd)
-    if plan["bypass"]:
+    if plan.bypass:
         _attach_sk_msg(True, build.fd(_sk_msg_prog().name), map_fds[BYPASS_MAP])
-    return {"host_netns_cookie": build.host_netns_cookie, "compile_seconds": round(build.compile_seconds, 3)}
 
 
 def save_pod_template(build, prog):
@@ -233,17 +239,18 @@ def _attach_sk_msg(attach, prog_fd=None, map_fd=None):
 
 def _apply_bypass(bypass):
     node = node_state()
-    plan = node["plan"]
-    if node.get("bypass") == bypass:
+    plan = node.plan
+    if node.bypass == bypass:
         return False
-    if bypass and not (uses_bpf(plan) and has_sockmap(plan)):
-        raise LoadError(f"mode {plan['mode']} has no same-host bypass (it needs eBPF and sockmap)")
+    if bypass and not (plan.uses_bpf and plan.sockmap):
+        raise LoadError(f"mode {plan.mode} has no same-host bypass (it needs eBPF and sockmap)")
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
     _attach_sk_msg(bypass)
-    node["bypass"] = plan["bypass"] = bypass
-    plan["pieces"] = pieces.for_plan(plan)     # new pods' pods entries serve the bypass
-    state.write_json(paths.NODE_STATE, node)
+    plan = plan.with_bypass(bypass)
+    plan = plan.with_pieces(pieces.for_plan(plan))    # new pods' pods entries serve the bypass
+    node.bypass, node.plan = bypass, plan
+    node.write()
     return True
 
 

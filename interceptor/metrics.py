@@ -9,8 +9,7 @@ from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFa
                                     HistogramMetricFamily)
 
 from . import counters, opstats, pieces, podrecord
-from .capabilities import uses_bpf
-from .loader import is_loaded, node_plan
+from .loader import loaded_plan
 from .maps import REPORTED, Maps
 from .opstats import DURATION_BUCKETS
 
@@ -47,14 +46,15 @@ _HELP = {
 
 class DatapathCollector:
     def collect(self):
-        loaded = is_loaded()
+        plan = loaded_plan()
+        loaded = plan is not None
         up = GaugeMetricFamily("interceptor_datapath_loaded", "1 when the eBPF datapath is loaded.")
         up.add_metric([], 1 if loaded else 0)
         yield up
         yield from self._ops()
         if not loaded:
             return
-        yield self._refused(node_plan())
+        yield self._refused(plan)
         records = podrecord.all_records()
         families = {}
 
@@ -65,7 +65,7 @@ class DatapathCollector:
                                                     labels=["pod", *labels])
             return families[key]
 
-        if uses_bpf(node_plan()):
+        if plan.uses_bpf:
             with Maps() as maps:
                 by_pod = counters.by_pod(maps, records)
                 enrolled = {k.value for k in maps.pods.keys()} | set(records)
@@ -121,7 +121,7 @@ class DatapathCollector:
                                     "1 per datapath program this kernel's verifier refused at load "
                                     "(its capability runs on the next mechanism down).",
                                     labels=["program", "capability", "reason"])
-        for name, reason in sorted(((plan or {}).get("refused") or {}).items()):
+        for name, reason in sorted((plan.refused if plan else {}).items()):
             refused.add_metric([name, BY_NAME[name].serves if name in BY_NAME else "", reason], 1)
         return refused
 

@@ -31,12 +31,11 @@ import os
 import shutil
 
 from . import abi, ingress, libbpf, listeners, netns, paths, stubs, tc, xdp
-from .capabilities import EBPF, RULES, XDP, filter_hooks
+from .plan import Ingress, Mechanism, RulesBackend
 from .maps import addr16, cidr_key, port_key
 from .problems import Kind, Problem
 from .programs import BY_NAME as PROGRAMS, SK_LOOKUP_PROG
 
-NFTABLES = "nftables"
 FILTER, CAPTURE, ADDRESS = "filter", "capture", "address"
 SK_LOOKUP_LINK = "sk_lookup"
 
@@ -97,7 +96,7 @@ def filter_label(mechanism, attachment):
     eth0:native', 'nftables eth0'."""
     if attachment["mode"] == "tc":
         return f"tc {attachment['ifname']}"
-    if mechanism == XDP:
+    if mechanism == Ingress.BPF:
         return f"xdp {attachment['ifname']}:{attachment['mode']}"
     return f"{mechanism} {attachment['ifname']}"
 
@@ -107,7 +106,7 @@ class FilterXdp(_Filter):
     default on a veth) or XDP. (Named for XDP, its first hook: the name is in every pod
     record's journal.)"""
     name = "filter-xdp"
-    mechanism = XDP
+    mechanism = Ingress.BPF
     uses_maps = True
 
     def apply(self, target, previous):
@@ -121,7 +120,7 @@ class FilterXdp(_Filter):
         for iface in view.interfaces:
             entry = {"ifname": iface.name, "ifindex": iface.index, "driver": iface.driver}
             try:
-                if xdp.hook_for(s.ingress_filter, iface.driver, filter_hooks(target.plan)) == "tc":
+                if xdp.hook_for(s.ingress_filter, iface.driver, target.plan.bpf_filter_hooks) == "tc":
                     # journalled before a qdisc may be made: what is on so far, this
                     # interface (its clsact possibly ours), and what an earlier enroll put
                     # on the interfaces not yet reached
@@ -196,7 +195,7 @@ class FilterXdp(_Filter):
 
 class FilterNftables(_Filter):
     name = "filter-nftables"
-    mechanism = NFTABLES
+    mechanism = Ingress.NFTABLES
 
     def apply(self, target, previous):
         from . import ingress_nft
@@ -208,7 +207,7 @@ class FilterNftables(_Filter):
             if rec.ifname and not names else []
         return {"ephemeral_low": view.ephemeral_low, "skipped": skipped,
                 "interfaces": [{"ifname": i.name, "ifindex": i.index, "driver": i.driver,
-                                "mode": NFTABLES} for i in view.interfaces]}
+                                "mode": Ingress.NFTABLES} for i in view.interfaces]}
 
     def update(self, record, state, maps):
         from . import ingress_nft
@@ -239,28 +238,24 @@ class FilterNftables(_Filter):
 
 
 # --- capture ---------------------------------------------------------------------------
-def _rule_directions(plan):
-    return [d for d in ("outbound", "inbound") if plan[d] == RULES]
-
-
 class CaptureRules(Piece):
     name = "capture-rules"
     role = CAPTURE
 
     def check(self, target):
         if target.record.settings.no_proxy == "passthrough":
-            directions = _rule_directions(target.plan)
+            directions = target.plan.rule_directions()
             raise PieceError(f"no_proxy passthrough needs eBPF capture, and {' and '.join(directions)}"
-                             f" runs on {target.plan['rules_backend']} rules here (REDIRECT always "
+                             f" runs on {target.plan.rules_backend} rules here (REDIRECT always "
                              "redirects)")
 
     def apply(self, target, previous):
         from . import rules     # only where a direction runs on rules: ~5 ms of imports
         rec = target.record
-        directions = _rule_directions(target.plan)
+        directions = target.plan.rule_directions()
         if previous:
             backend = rules.backend_named(previous["backend"])
-        elif target.plan["rules_backend"] == "nftables":
+        elif target.plan.rules_backend == RulesBackend.NFTABLES:
             backend = rules.Nftables()
         else:
             backend = rules.Iptables(rules.detect_iptables_backend(rec.netns))
@@ -352,7 +347,7 @@ class CaptureBpf(Piece):
             for key, owner in list(maps.pod_addrs.items()):
                 if owner.value == cookie and bytes(key) not in addrs:
                     maps.pod_addrs.delete(key)
-        sk_lookup = target.plan["inbound"] == EBPF
+        sk_lookup = target.plan.inbound == Mechanism.EBPF
         if sk_lookup:
             _attach_sk_lookup(cookie, rec.netns)
             # a proxy that listened before enrollment was not seen by sock_ops
@@ -383,7 +378,7 @@ class CaptureBpf(Piece):
                     return [Problem(Kind.POD_ENTRY_MISSING, "pods map entry missing")]
         except OSError:
             return [Problem(Kind.POD_ENTRY_MISSING, "pods map entry missing: the datapath is not loaded")]
-        sk_lookup = (state or {}).get("sk_lookup", record.mode.get("inbound") == EBPF)
+        sk_lookup = (state or {}).get("sk_lookup", record.mode.get("inbound") == Mechanism.EBPF)
         if not sk_lookup:
             return []
         info = libbpf.pinned_info(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), libbpf.LinkInfo)
@@ -491,21 +486,21 @@ BY_NAME = {p.name: p for p in PIECES}
 def for_plan(plan):
     """The names of the pieces a load with this plan serves pods with, in apply order."""
     names = [InboundSource.name]
-    if plan.get("ingress") == XDP:
+    if plan.ingress == Ingress.BPF:
         names.append(FilterXdp.name)
-    elif plan.get("ingress") == NFTABLES:
+    elif plan.ingress == Ingress.NFTABLES:
         names.append(FilterNftables.name)
-    if RULES in (plan["outbound"], plan["inbound"]):
+    if plan.rule_directions():
         names.append(CaptureRules.name)
     # sock_ops acts on enrolled pods only: the bypass needs their pods entries too
-    if EBPF in (plan["outbound"], plan["inbound"]) or plan["bypass"]:
+    if plan.captures_with_bpf:
         names.append(CaptureBpf.name)
     return names
 
 
 def for_pod(plan, settings):
     """The pieces (objects) of one pod with these settings, in apply order."""
-    names = plan.get("pieces") or for_plan(plan)
+    names = list(plan.pieces) or for_plan(plan)
     if InboundSource.name not in names:     # a node loaded before the piece existed
         names = [InboundSource.name, *names]
     chosen = [BY_NAME[n] for n in names

@@ -1,15 +1,30 @@
 """The datapath's programs: C function, program type, attach point and scope."""
+from enum import StrEnum
+
 from .libbpf import AttachType, ProgType
-
-CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in links/
-SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
-NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
-POD_COPY = "pod-copy"    # not loaded by the loader: saved as a template, one copy per pod
-TAIL = "tail-call"       # loaded and pinned by the loader, reached by tail call (PROG_ARRAY)
+from .plan import Mechanism
 
 
-# Which capability of the plan (capabilities.plan) a program serves.
-OUTBOUND, INBOUND, BYPASS, CORE, INGRESS = "outbound", "inbound", "bypass", "core", "ingress"
+class Scope(StrEnum):
+    """Where a program is attached, and so who attaches it."""
+    CGROUP = "cgroup"        # attached once at the cgroup2 root, pinned link in links/
+    SOCKHASH = "sockhash"    # attached to the bypass_socks map (sk_msg)
+    NETNS = "netns"          # attached per enrolled pod netns by enroll, link in pods/<cookie>/
+    POD_COPY = "pod-copy"    # not loaded by the loader: saved as a template, one copy per pod
+    TAIL = "tail-call"       # loaded and pinned by the loader, reached by tail call (PROG_ARRAY)
+
+
+class Serves(StrEnum):
+    """Which capability of the plan a program serves."""
+    OUTBOUND = "outbound"
+    INBOUND = "inbound"
+    BYPASS = "bypass"
+    CORE = "core"            # every capture on eBPF, and the bypass
+    INGRESS = "ingress"
+
+
+CGROUP, SOCKHASH, NETNS, POD_COPY, TAIL = Scope
+OUTBOUND, INBOUND, BYPASS, CORE, INGRESS = Serves.OUTBOUND, Serves.INBOUND, Serves.BYPASS, Serves.CORE, Serves.INGRESS
 
 
 class Program:
@@ -24,25 +39,23 @@ class Program:
         self.serves = serves
 
     def loaded(self, plan):
-        """Loaded and pinned by the loader for this plan. Per-pod copies never are (the
+        """Loaded and pinned by the loader for this Plan. Per-pod copies never are (the
         loader saves a template); the bypass program is wherever the kernel has sockmap,
         so `load --bypass` can switch the bypass on later without a reload."""
-        if self.scope == POD_COPY:
+        if self.scope == Scope.POD_COPY:
             return False
-        if self.serves == BYPASS:
-            from .capabilities import has_sockmap
-            return has_sockmap(plan)
+        if self.serves == Serves.BYPASS:
+            return plan.sockmap
         return self.needed(plan)
 
     def needed(self, plan):
-        from .capabilities import captures_with_bpf, filter_hooks
-        if self.serves == CORE:
-            return captures_with_bpf(plan)
-        if self.serves == BYPASS:
-            return plan["bypass"]
-        if self.serves == INGRESS:
-            return FILTER_HOOK_OF[self.name] in filter_hooks(plan)
-        return plan[self.serves] == "ebpf"
+        if self.serves == Serves.CORE:
+            return plan.captures_with_bpf
+        if self.serves == Serves.BYPASS:
+            return plan.bypass
+        if self.serves == Serves.INGRESS:
+            return FILTER_HOOK_OF[self.name] in plan.bpf_filter_hooks
+        return plan.mechanism(self.serves.value) == Mechanism.EBPF
 
 
 PROGRAMS = (

@@ -70,10 +70,10 @@ class Result:
 
 
 def describe_plan(plan):
-    from .capabilities import fallbacks, filter_text
-    text = (f"{plan.get('mode')}: outbound {plan.get('outbound')}, inbound {plan.get('inbound')}, "
-            f"ingress filter {filter_text(plan)}")
-    return "; ".join([text] + fallbacks(plan))
+    """The plan's one line and its fallbacks (plan: a Plan or its recorded form)."""
+    from .plan import Plan
+    plan = plan if isinstance(plan, Plan) else Plan.from_json(plan)
+    return "; ".join([plan.describe()] + plan.fallbacks())
 
 
 @dataclass
@@ -118,7 +118,7 @@ def run(mode="auto", log=lambda msg: None, proxy="haproxy"):
             loader.load(mode=mode, log=log)
         except loader.LoadError as exc:
             step("load", False, str(exc), fatal=True)
-        result.plan = {k: v for k, v in loader.node_plan().items() if k != "pieces"}
+        result.plan = loader.node_plan().to_json(pieces=False)
         step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
         lab = labmod.Lab(prefix=LAB_PREFIX, net=LAB_NET)
         if proxy == "envoy":

@@ -82,10 +82,10 @@ def remove(path):
 
 
 def node_plan():
-    """The plan of the current complete load (see capabilities.plan), or None. Read here
-    rather than through loader, which the CNI path has no need to import."""
+    """The Plan of the current complete load, or None. Read here rather than through
+    loader, which the CNI path has no need to import."""
     node = read_node()[0]
-    return node.get("plan") if node.get("complete") else None
+    return node.plan if node and node.complete else None
 
 
 # The node state's fields and their types, as load and upgrade write them. A file that
@@ -97,10 +97,65 @@ _NODE_FIELDS = {
     "cgroup": (str, _OPTIONAL), "cgroup_mounted_by_us": bool, "datapath_version": (str, _OPTIONAL),
     "host_netns_cookie": int, "map_sizes": dict, "map_layouts": dict, "upgrading_to": (str, _OPTIONAL),
     "migrating_maps": list, "loaded_at": (int, float), "upgraded_at": (int, float),
+    "compile_seconds": (int, float),
 }
-_PLAN_FIELDS = {"mode": str, "outbound": str, "inbound": str, "bypass": bool, "sockmap": bool,
-                "ingress": (str, _OPTIONAL), "rules_backend": (str, _OPTIONAL), "pieces": list,
-                "filter_hooks": list, "refused": dict}
+
+
+class NodeState:
+    """What load and upgrade recorded of the node's datapath (node.json). Fields of a
+    newer or older version this one does not know are kept as they were (extra)."""
+    __slots__ = ("requested_mode", "plan", "bypass", "complete", "cgroup", "datapath_version",
+                 "host_netns_cookie", "map_sizes", "map_layouts", "upgrading_to", "migrating_maps",
+                 "loaded_at", "upgraded_at", "compile_seconds", "extra")
+
+    def __init__(self, requested_mode="auto", plan=None, bypass=False, complete=False, cgroup=None,
+                 datapath_version=None, host_netns_cookie=None, map_sizes=None, map_layouts=None,
+                 upgrading_to=None, migrating_maps=(), loaded_at=None, upgraded_at=None,
+                 compile_seconds=None, extra=None):
+        self.requested_mode = requested_mode        # what load was asked for (auto, ebpf, ...)
+        self.plan = plan                            # plan.Plan: what it chose
+        self.bypass = bypass                        # the same-host bypass is switched on
+        self.complete = complete                    # every step of the load was done
+        self.cgroup = cgroup                        # where the cgroup hooks are attached
+        self.datapath_version = datapath_version    # of the loaded programs
+        self.host_netns_cookie = host_netns_cookie  # compiled into every program
+        self.map_sizes = dict(map_sizes or {})      # {map: capacity} asked for over abi's defaults
+        self.map_layouts = dict(map_layouts or {})  # {map: layout} of the pinned maps (migrate.py)
+        self.upgrading_to = upgrading_to            # an upgrade's swap began and did not end
+        self.migrating_maps = list(migrating_maps)  # ... with these maps staged beside the old
+        self.loaded_at, self.upgraded_at = loaded_at, upgraded_at
+        self.compile_seconds = compile_seconds
+        self.extra = dict(extra or {})
+
+    def to_json(self):
+        doc = dict(self.extra)
+        for name in self.__slots__[:-1]:
+            value = getattr(self, name)
+            if name == "plan":
+                value = value.to_json() if value else None
+            if value is not None and not (name in ("upgrading_to", "migrating_maps") and not value):
+                doc[name] = value
+        doc.setdefault("cgroup", None)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc):
+        """ValueError saying why when the document is not a node state."""
+        from .plan import Plan
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+        problem = misfit(doc, _NODE_FIELDS, "") or \
+            (_plan_problem(doc["plan"]) if isinstance(doc.get("plan"), dict) else None) or \
+            (None if not doc.get("complete") or isinstance(doc.get("plan"), dict) else "a complete load without a plan")
+        if problem:
+            raise ValueError(problem)
+        known = {k: v for k, v in doc.items() if k in cls.__slots__ and k != "extra"}
+        if known.get("plan") is not None:
+            known["plan"] = Plan.from_json(known["plan"])
+        return cls(**known, extra={k: v for k, v in doc.items() if k not in cls.__slots__})
+
+    def write(self):
+        write_json(paths.NODE_STATE, self.to_json())
 
 
 def _fits(value, types):
@@ -117,26 +172,24 @@ def misfit(doc, fields, where=""):
     return None
 
 
-def _plan_problem(plan):
-    missing = [key for key in ("mode", "outbound", "inbound", "bypass") if key not in plan]
-    return f"plan without {', '.join(missing)}" if missing else misfit(plan, _PLAN_FIELDS, "plan.")
+def _plan_problem(doc):
+    from .plan import problem
+    return problem(doc) or (None if "bypass" in doc else "plan without bypass")
 
 
 def read_node():
-    """(node state, problem). {} and None when nothing is loaded; {} and why when the
+    """(NodeState, problem). None and None when nothing is loaded; None and why when the
     file cannot be used (unreadable, not JSON, fields of the wrong type)."""
     try:
-        node = read_json(paths.NODE_STATE)
+        doc = read_json(paths.NODE_STATE)
     except OSError as exc:
-        return {}, f"node state {paths.NODE_STATE} is unreadable ({exc.strerror})"
+        return None, f"node state {paths.NODE_STATE} is unreadable ({exc.strerror})"
     except ValueError as exc:
-        return {}, f"node state {paths.NODE_STATE} is not JSON ({str(exc)[:80]})"
-    if node is None:
-        return {}, None
-    problem = "not an object" if not isinstance(node, dict) else misfit(node, _NODE_FIELDS, "") or \
-        (_plan_problem(node["plan"]) if isinstance(node.get("plan"), dict) else None) or \
-        (None if not node.get("complete") or isinstance(node.get("plan"), dict) else "a complete load without a plan")
-    if problem:
-        return {}, f"node state {paths.NODE_STATE} is damaged ({problem}): `interceptor unload` removes it " \
-                   "with everything it described"
-    return node, None
+        return None, f"node state {paths.NODE_STATE} is not JSON ({str(exc)[:80]})"
+    if doc is None:
+        return None, None
+    try:
+        return NodeState.from_json(doc), None
+    except ValueError as exc:
+        return None, f"node state {paths.NODE_STATE} is damaged ({exc}): `interceptor unload` removes it " \
+                     "with everything it described"

@@ -11,8 +11,8 @@ import textwrap
 import time
 
 from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
-from .capabilities import fallbacks, filter_hooks, filter_text, uses_bpf
-from .loader import expected_pins, is_loaded
+from .plan import Mechanism
+from .loader import expected_pins
 from .maps import REPORTED, LayoutError, Maps
 from .programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
@@ -51,9 +51,9 @@ def _programs(node, plan):
         info = libbpf.pinned_info(paths.prog_pin(p.name), libbpf.ProgInfo)
         entry = {"name": p.name, "pinned": info is not None, "id": info.id if info else None}
         if p.scope == CGROUP:
-            entry["attached"] = f"cgroup {node.get('cgroup')}" if os.path.exists(paths.link_pin(p.name)) else None
+            entry["attached"] = f"cgroup {node.cgroup}" if os.path.exists(paths.link_pin(p.name)) else None
         elif p.scope == SOCKHASH:
-            entry["attached"] = "bypass_socks" if node.get("bypass") else None
+            entry["attached"] = "bypass_socks" if node.bypass else None
         elif p.scope == TAIL:
             entry["attached"] = f"per pod, via {p.name.replace('_ingress', '_pod')}" if p.needed(plan) else None
         else:
@@ -88,7 +88,7 @@ def _proxy_listening(rec, cookie, listener_keys):
     """Is the proxy listening on its ports? Inbound under eBPF: is its listener
     registered for sk_lookup (what steering actually uses); otherwise by sock_diag."""
     out = {"outbound": None, "inbound": None}
-    if listener_keys is not None and rec.mode.get("inbound") == "ebpf":
+    if listener_keys is not None and rec.mode.get("inbound") == Mechanism.EBPF:
         out["inbound"] = any(k.netns_cookie == cookie for k in listener_keys)
     if rec.netns_exists():
         try:
@@ -106,9 +106,9 @@ def _capabilities(plan):
         return {"outbound": "off", "inbound": "off", "bypass": "off", "ingress": "off"}
 
     def direction(d):
-        return "ebpf" if plan[d] == "ebpf" else plan["rules_backend"]
+        return Mechanism.EBPF.value if plan.mechanism(d) == Mechanism.EBPF else str(plan.rules_backend)
     return {"outbound": direction("outbound"), "inbound": direction("inbound"),
-            "bypass": "ebpf" if plan["bypass"] else "off", "ingress": filter_text(plan)}
+            "bypass": "ebpf" if plan.bypass else "off", "ingress": plan.filter_text()}
 
 
 INGRESS_DROP_LABELS = [name.lower() for name, _ in abi.Reason.items()
@@ -139,24 +139,26 @@ def _ingress(rec, c):
 
 
 def collect(pod_filter=None):
-    node, node_problem = state.read_node()
-    loaded = is_loaded()
-    plan = node.get("plan") if loaded else None
+    node, node_problem = state.read_node()          # the one read of the node state
+    complete_plan = node.plan if node and node.complete else None
+    missing = [p for p in expected_pins(complete_plan) if not os.path.exists(p)]
+    loaded = complete_plan is not None and not missing        # (loader.is_loaded, from this read)
+    plan = complete_plan if loaded else None
     report = {
         "version": REPORT_VERSION,
         "node": {
             "kernel": platform.release(),
             "loaded": loaded,
-            "mode": plan["mode"] if plan else "none",
+            "mode": plan.mode if plan else "none",
             "capabilities": _capabilities(plan),
-            "pieces": (plan.get("pieces") or pieces.for_plan(plan)) if plan else [],
-            "cgroup": node.get("cgroup"),
-            "datapath_version": node.get("datapath_version"),
-            "bypass": node.get("bypass"),
+            "pieces": (list(plan.pieces) or pieces.for_plan(plan)) if plan else [],
+            "cgroup": node.cgroup if node else None,
+            "datapath_version": node.datapath_version if node else None,
+            "bypass": node.bypass if node else None,
             "headers": _headers(),
             "programs": [],
             # {program: the kernel's reason} for what the verifier refused at load
-            "refused": dict(plan.get("refused") or {}) if plan else {},
+            "refused": dict(plan.refused) if plan else {},
             "pins_missing": [],
             "pods_enrolled": 0,
         },
@@ -164,15 +166,14 @@ def collect(pod_filter=None):
     }
     if node_problem:
         report["errors"].append(node_problem)
-    if node.get("upgrading_to"):
-        report["errors"].append(f"an upgrade of the datapath to {node['upgrading_to']} was interrupted: "
+    if node and node.upgrading_to:
+        report["errors"].append(f"an upgrade of the datapath to {node.upgrading_to} was interrupted: "
                                 "its programs are of two builds (run `interceptor upgrade`, or "
                                 "restart the agent)")
     if report["node"]["headers"]["warning"]:
         report["warnings"].append(report["node"]["headers"]["warning"])
     if plan:
-        report["warnings"] += fallbacks(plan)
-    missing = [p for p in expected_pins() if not os.path.exists(p)]
+        report["warnings"] += plan.fallbacks()
     report["node"]["pins_missing"] = missing
     if not loaded:
         if node or os.path.exists(paths.PIN_ROOT):
@@ -182,7 +183,7 @@ def collect(pod_filter=None):
             report["warnings"].append("datapath not loaded (run `interceptor load`)")
         return report
     records = podrecord.all_records()
-    if uses_bpf(plan):
+    if plan.uses_bpf:
         report["node"]["programs"] = _programs(node, plan)
         try:
             maps = Maps().open_all()
@@ -192,7 +193,7 @@ def collect(pod_filter=None):
         with maps:
             enrolled, listener_keys, sockets = _from_maps(report, maps, records)
             stats = counters.by_pod(maps, records)
-            for array in (TAIL_MAPS[FILTER_HOOKS[hook][0]] for hook in filter_hooks(plan)):
+            for array in (TAIL_MAPS[FILTER_HOOKS[hook][0]] for hook in plan.bpf_filter_hooks):
                 if getattr(maps, array).get(ctypes.c_uint32(0)) is None:
                     report["errors"].append(f"the ingress filter program is missing from {array}: "
                                             "pods' stubs on that hook pass every packet unfiltered "

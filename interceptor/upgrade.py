@@ -29,7 +29,7 @@ from .bpf_source import datapath_version
 from .maps import LAYOUT
 from .migrate import MapMigration, MigrationError, layouts
 from .pieces import SK_LOOKUP_LINK
-from .capabilities import filter_hooks, uses_bpf
+from .plan import Hook
 from .programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
 
@@ -45,13 +45,13 @@ def upgrade(map_sizes=None, log=lambda msg: None):
         if not loader.is_loaded():
             raise UpgradeError("nothing is loaded to upgrade")
         node = loader.node_state()
-        plan = node["plan"]
-        sizes = (node.get("map_sizes") or {}) if map_sizes is None else map_sizes
-        ours, theirs = datapath_version(sizes), node.get("datapath_version")
+        plan = node.plan
+        sizes = node.map_sizes if map_sizes is None else map_sizes
+        ours, theirs = datapath_version(sizes), node.datapath_version
         _finish_migration(node)
-        if ours == theirs and not node.get("upgrading_to"):
+        if ours == theirs and not node.upgrading_to:
             return "already this version"
-        if not uses_bpf(plan):
+        if not plan.uses_bpf:
             _record(node, ours, sizes)
             return f"rules only: version {theirs} -> {ours}"
         started = time.monotonic()
@@ -65,25 +65,25 @@ def repair(node, log=lambda msg: None):
     tool): this version's programs go into the links that are left, the missing links are
     created again, and maps and pods stay. The caller holds the node lock. Returns a
     summary; UpgradeError when it cannot (the caller then loads afresh)."""
-    if not node.get("complete") or not uses_bpf(node["plan"]) or \
+    plan = node.plan if node.complete else None
+    if plan is None or not plan.uses_bpf or \
             not all(os.path.exists(paths.map_pin(name)) for name in LAYOUT):
         raise UpgradeError("not a complete load with its maps")
-    sizes = node.get("map_sizes") or {}
+    sizes = node.map_sizes
     version = datapath_version(sizes)
     _finish_migration(node)
-    summary = _swap(node, node["plan"], version, sizes, log)
+    summary = _swap(node, plan, version, sizes, log)
     _record(node, version, sizes)
     return f"repaired in place: {summary}"
 
 
 def _record(node, version, sizes):
-    node["datapath_version"] = version
-    node["map_sizes"] = sizes
-    node["map_layouts"] = layouts()
-    node["upgraded_at"] = time.time()
-    node.pop("upgrading_to", None)
-    node.pop("migrating_maps", None)
-    state.write_json(paths.NODE_STATE, node)
+    node.datapath_version = version
+    node.map_sizes = dict(sizes)
+    node.map_layouts = layouts()
+    node.upgraded_at = time.time()
+    node.upgrading_to, node.migrating_maps = None, []
+    node.write()
 
 
 def _staged_pin(name):
@@ -98,7 +98,7 @@ def _finish_migration(node):
         staged = _staged_pin(name)
         if not os.path.lexists(staged):
             continue
-        if node.get("upgrading_to") and name in node.get("migrating_maps", ()):
+        if node.upgrading_to and name in node.migrating_maps:
             os.replace(staged, paths.map_pin(name))
         else:
             os.unlink(staged)
@@ -108,7 +108,7 @@ def _swap(node, plan, version, sizes, log):
     from .build import Build, BuildError
     from .loader import save_pod_template
     try:
-        build = Build(node["host_netns_cookie"], sizes)
+        build = Build(node.host_netns_cookie, sizes)
     except BuildError as exc:
         raise UpgradeError(f"the new datapath: {exc}") from None
     pinned, new = {}, {}
@@ -135,9 +135,9 @@ def _swap(node, plan, version, sizes, log):
             libbpf.obj_pin(m.new_fd, _staged_pin(m.name))
         # everything verified: swap. Journalled first: killed half-way, the links hold
         # programs of two builds, which status reports and the next upgrade completes.
-        node["upgrading_to"] = version
-        node["migrating_maps"] = [m.name for m in migrations]
-        state.write_json(paths.NODE_STATE, node)
+        node.upgrading_to = version
+        node.migrating_maps = [m.name for m in migrations]
+        node.write()
         swapped = 0
         for prog in PROGRAMS:
             fd = new.get(prog.name)
@@ -145,14 +145,14 @@ def _swap(node, plan, version, sizes, log):
                 continue
             if prog.scope == CGROUP and prog.needed(plan):
                 swapped += _update_link(paths.link_pin(prog.name), fd) or \
-                    _recreate_link(paths.link_pin(prog.name), fd, prog, node["cgroup"])
+                    _recreate_link(paths.link_pin(prog.name), fd, prog, node.cgroup)
             elif prog.scope == NETNS:
                 for cookie in sorted(paths.pinned_pod_cookies()):
                     swapped += _update_link(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), fd)
             elif prog.scope == TAIL:
                 libbpf.map_update(pinned[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
                 swapped += 1
-            elif prog.scope == SOCKHASH and node.get("bypass"):
+            elif prog.scope == SOCKHASH and node.bypass:
                 libbpf.prog_attach(fd, pinned[BYPASS_MAP], prog.attach_type)    # replaces the old
                 swapped += 1
             # pinned beside, then renamed over: the pin is never missing, so a kill here
@@ -188,7 +188,7 @@ def _restub_xdp_pods(plan):
     links get this build's stub (bpf_link_update; the tc stub's contract, skb->cb, has
     not changed). Returns how many links were updated."""
     from . import stubs, xdp
-    if "xdp" not in filter_hooks(plan):
+    if Hook.XDP not in plan.bpf_filter_hooks:
         return 0
     updated = 0
     for cookie in sorted(paths.pinned_pod_cookies()):
@@ -219,7 +219,7 @@ def _migrations(node, compiled, pinned):
             if name in held_by_pods:
                 raise MigrationError(f"map {name} is held by every pod's filter stub: changing it "
                                      "needs `interceptor unload` and `load`")
-            m = MapMigration(name, pinned[name], compiled[name], (node.get("map_layouts") or {}).get(name))
+            m = MapMigration(name, pinned[name], compiled[name], node.map_layouts.get(name))
             m.copy()
         except MigrationError as exc:
             raise UpgradeError(f"{exc}; the loaded datapath stays as it is") from None

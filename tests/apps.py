@@ -57,7 +57,7 @@ def _listen(port, family, host):
 def serve(port):
     def handle(conn):
         # A timeout puts the socket in non-blocking mode (Python polls and retries on
-        # EAGAIN): see test_blocking_recv_on_a_bypassed_socket for why that matters.
+        # EAGAIN): see test_blocking_recv_on_a_bypassed_socket_gets_the_data_or_eagain for why that matters.
         conn.settimeout(60)
         with conn:
             h = hashlib.sha256()

@@ -130,10 +130,9 @@ def sidecar_entries(path, settle=0.3):
 def _all_counters(pod):
     """Counters of the pod whatever serves it (stats map, rules), summed over CPUs."""
     from interceptor import netns, podrecord
-    from interceptor.capabilities import uses_bpf
     cookie = netns.cookie_of(pod.netns_path)
     records = podrecord.all_records()
-    if uses_bpf(loader.node_plan()):
+    if loader.node_plan().uses_bpf:
         with Maps() as maps:
             return counters.by_pod(maps, records).get(cookie, {})
     return counters.by_pod(None, records).get(cookie, {})

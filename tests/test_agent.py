@@ -425,7 +425,7 @@ def test_an_agent_on_a_kernel_that_refuses_a_program_loads_the_fallback_and_says
     try:
         agent.wait_ready(timeout=60, saying=f"fallback: the kernel refused steer_inbound (named in {REFUSE_ENV}): "
                                             "inbound capture on nftables rules")
-        assert loader.node_plan()["inbound"] == "rules"
+        assert loader.node_plan().inbound == "rules"
         assert agent.metric("interceptor_datapath_program_refused", capability="inbound",
                             program="steer_inbound", reason=f"named in {REFUSE_ENV}") == 1
         sid = rt.run_sandbox("shop", "fallback", "uid-fallback")

@@ -57,7 +57,7 @@ MECHANISMS = {
 def mechanism(request):
     refused, _ = MECHANISMS[request.param]
     with loaded(refused=refused) as plan:
-        assert plan["ingress"] == ("nftables" if request.param == "nftables" else "xdp")
+        assert plan.ingress == ("nftables" if request.param == "nftables" else "xdp")
         yield request.param
 
 

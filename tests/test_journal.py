@@ -120,7 +120,7 @@ def test_each_mode_serves_pods_with_its_pieces_in_order(pod, mode):
     expected = {"ebpf": ["inbound-source", "filter-xdp", "capture-bpf"],
                 "nftables": ["inbound-source", "filter-nftables", "capture-rules"],
                 "iptables": ["inbound-source", "filter-nftables", "capture-rules"]}[mode]
-    assert loader.node_plan()["pieces"] == expected
+    assert list(loader.node_plan().pieces) == expected
     rec = enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
     assert [e.piece for e in rec.journal] == expected and rec.complete
     assert all(e.state is not None for e in rec.journal)
@@ -144,7 +144,7 @@ def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, vic
     nothing of it recorded (so removal has to sweep)."""
     before = netfilter(pod)
     cookie = netns.cookie_of(pod.netns_path)
-    names = loader.node_plan()["pieces"]
+    names = list(loader.node_plan().pieces)
     kill_enroll_at(pod, when, victim_piece(names, victim))
 
     rec = podrecord.read(cookie)
@@ -162,7 +162,7 @@ def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, vic
 @pytest.mark.parametrize("victim", ["inbound-source", "filter", "capture"])
 def test_killed_at_a_piece_boundary_then_add_again_ends_healthy(pod, mode, when, victim):
     before = netfilter(pod)
-    names = loader.node_plan()["pieces"]
+    names = list(loader.node_plan().pieces)
     kill_enroll_at(pod, when, victim_piece(names, victim))
     # the retried ADD: other settings, so nothing of the killed run may linger
     rec = enrollment.enroll(pod.netns_path, PodSettings(exclude_outbound_ports=[6379]), pod="test/victim")

@@ -171,7 +171,7 @@ def test_without_bcc_load_says_so_and_rules_run_only_when_asked(clean, lab, monk
         assert r.returncode != 0 and "BCC" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not loader.is_loaded() and not os.path.exists(paths.PIN_ROOT)
     assert loader.load(mode="nftables") == "loaded"
-    assert loader.node_plan()["mode"] == "nftables"
+    assert loader.node_plan().mode == "nftables"
     assert not os.path.exists(paths.PIN_ROOT)
     a = lab.add_pod("a")
     b = lab.add_pod("b")
@@ -236,7 +236,7 @@ def test_only_the_programs_the_plan_uses_are_loaded(clean):
     kernel without them must still load)."""
     load_without("sk_lookup", refused="tc_pod,xdp_pod")
     plan = loader.node_plan()
-    assert (plan["inbound"], plan["ingress"]) == ("rules", "nftables")
+    assert (plan.inbound, plan.ingress) == ("rules", "nftables")
     pinned = set(os.listdir(paths.PIN_PROGS))
     assert {"steer_inbound", "xdp_ingress", "tc_ingress"}.isdisjoint(pinned)
     assert {"connect4", "sockops", "msg_redirect"} <= pinned

@@ -6,19 +6,18 @@ to off. A forced eBPF mode refuses to load rather than fall back."""
 import pytest
 
 from interceptor import capabilities, doctor, pieces, xdp
+from interceptor.capabilities import Probe
+from interceptor.plan import Plan
 from interceptor.programs import PROGRAMS
-
-ALL_PROBES = ("bpffs", "cgroup2", "connect4", "connect6", "getpeername", "getsockopt", "sock_ops",
-              "sockmap", "sk_lookup", "netns_cookie", "xdp_native", "xdp_generic", "bcc_compile",
-              "nftables", "iptables")
 
 
 def report(missing=()):
-    return doctor.Report("test", [doctor.Check(n, n not in missing, "") for n in ALL_PROBES])
+    assert set(missing) <= set(Probe)
+    return doctor.Report("test", [doctor.Check(n, n not in missing, "") for n in Probe])
 
 
 def plan(refused=(), missing=(), mode="auto"):
-    return capabilities.plan(mode, report(missing), {n: "the verifier said no" for n in refused})
+    return capabilities.choose(mode, report(missing), {n: "the verifier said no" for n in refused})
 
 
 # (refused programs, probes missing) -> (mode, outbound, inbound, sockmap, ingress, filter hooks)
@@ -46,15 +45,16 @@ TABLE = [
 @pytest.mark.parametrize("refused,missing,expected", TABLE)
 def test_each_refusal_falls_to_the_next_mechanism(refused, missing, expected):
     p = plan(refused, missing)
-    assert (p["mode"], p["outbound"], p["inbound"], p["sockmap"], p["ingress"], p["filter_hooks"]) == expected
-    assert sorted(p["refused"]) == sorted(refused)
-    assert len(capabilities.fallbacks(p)) == len(refused)
+    assert (p.mode, p.outbound, p.inbound, p.sockmap, p.ingress, list(p.filter_hooks)) == expected
+    assert sorted(p.refused) == sorted(refused)
+    assert len(p.fallbacks()) == len(refused)
+    assert Plan.from_json(p.to_json()) == p          # recorded and read back, the same plan
     # the programs a load pins are exactly the accepted ones the plan needs
     assert not {prog.name for prog in PROGRAMS if prog.loaded(p)} & set(refused)
 
 
 def test_a_fallback_line_names_the_program_the_reason_and_what_serves_instead():
-    lines = capabilities.fallbacks(plan(("xdp_ingress", "steer_inbound", "msg_redirect")))
+    lines = plan(("xdp_ingress", "steer_inbound", "msg_redirect")).fallbacks()
     assert lines == [
         "the kernel refused msg_redirect (the verifier said no): no same-host bypass",
         "the kernel refused steer_inbound (the verifier said no): inbound capture on nftables rules",
@@ -65,7 +65,7 @@ def test_a_fallback_line_names_the_program_the_reason_and_what_serves_instead():
 def test_forced_ebpf_mode_names_the_refused_capture_program():
     with pytest.raises(ValueError, match=r"getsockopt \(refused by the kernel: the verifier said no\)"):
         plan(("getsockopt",), mode="ebpf")
-    assert plan(("xdp_ingress",), mode="ebpf")["filter_hooks"] == ["tc"]     # the filter may fall back
+    assert plan(("xdp_ingress",), mode="ebpf").filter_hooks == ("tc",)     # the filter may fall back
 
 
 def test_pieces_follow_the_plan():
@@ -83,9 +83,35 @@ def test_a_pod_asking_for_a_refused_hook_gets_the_other(asked, driver, hooks, ho
 
 
 def test_a_plan_recorded_before_filter_hooks_existed_has_both():
-    old = {"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "bypass": False, "ingress": "xdp"}
-    assert capabilities.filter_hooks(old) == ["tc", "xdp"]
-    assert capabilities.fallbacks(old) == []
+    old = Plan.from_json({"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "bypass": False,
+                          "ingress": "xdp"})
+    assert old.bpf_filter_hooks == ["tc", "xdp"] and old.filter_text() == "tc/xdp"
+    assert old.fallbacks() == []
+    assert old.sockmap          # (before sockmap was recorded, the bypass program was always loaded)
+
+
+@pytest.mark.parametrize("doc,why", [
+    ([], "plan is not an object"),
+    ({"mode": "ebpf", "outbound": "ebpf"}, "plan without inbound"),
+    ({"mode": "ebpf", "outbound": "ebpf", "inbound": 1}, "plan.inbound is int"),
+    ({"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "bypass": 1}, "plan.bypass is int"),
+    ({"mode": "ebpf", "outbound": "ebpf", "inbound": "magic"}, "plan.inbound is 'magic'"),
+    ({"mode": "ebpf", "outbound": "ebpf", "inbound": "ebpf", "filter_hooks": ["tc", "ebpf"]},
+     "plan.filter_hooks has 'ebpf'"),
+])
+def test_a_recorded_plan_that_is_not_one_says_why(doc, why):
+    from interceptor import plan as planmod
+    assert planmod.problem(doc) == why
+    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
+        Plan.from_json(doc)
+
+
+def test_the_probes_doctor_runs_are_the_probes_the_plan_reads():
+    """A probe doctor runs under another name than the plan asks for would leave it
+    missing, and the node on rules, silently."""
+    import inspect
+    source = inspect.getsource(doctor.run)
+    assert all(f"Probe.{p.name}" in source for p in Probe)
 
 
 def test_the_verifier_reason_is_the_line_that_says_why():

@@ -43,7 +43,7 @@ def test_this_kernel_judges_the_real_programs_and_the_load_uses_only_what_it_acc
     except libbpf.VerifierRejection as exc:
         assert "bpf_xdp_adjust_meta" in exc.reason, exc
     with loaded() as plan:
-        assert plan["refused"] == refused
+        assert plan.refused == refused
         assert not set(os.listdir(paths.PIN_PROGS)) & set(refused)
 
 
@@ -109,7 +109,7 @@ def test_status_metrics_and_enroll_on_a_node_whose_kernel_refused_the_xdp_filter
     counted); status warns with the program and the reason, the metrics carry it."""
     from interceptor import metrics, status
     with loaded(refused="xdp_ingress") as plan, pods_lab("icr", 81) as lab:
-        assert plan["filter_hooks"] == ["tc"]
+        assert plan.filter_hooks == ("tc",)
         assert "xdp_ingress" not in os.listdir(paths.PIN_PROGS)
         assert not os.path.exists(paths.XDP_TEMPLATE)
         pod, peer = lab.add_pod("target"), lab.add_pod("peer")
@@ -134,7 +134,7 @@ def test_status_metrics_and_enroll_on_a_node_whose_kernel_refused_the_xdp_filter
 def test_a_node_whose_kernel_refused_the_tc_filter_gives_a_veth_xdp():
     """tc refused: auto on a veth takes XDP (native first), and the filter judges."""
     with loaded(refused="tc_pod") as plan, pods_lab("icr", 82) as lab:
-        assert plan["filter_hooks"] == ["xdp"]
+        assert plan.filter_hooks == ("xdp",)
         pod, peer = lab.add_pod("target"), lab.add_pod("peer")
         rec = enroll(pod)
         assert [a["mode"] for a in pieces.filter_of(rec)[1]["interfaces"]] == ["native"]
@@ -153,7 +153,7 @@ def test_an_upgrade_to_a_build_the_kernel_refuses_part_of_changes_nothing(tmp_pa
     with open(copy / "sock_connect.c", "a") as f:
         f.write("\n#define INTERCEPTOR_TEST_BUILD 3      /* a changed build */\n")
     with loaded() as plan, pods_lab("icr", 83) as lab:
-        assert "xdp" in plan["filter_hooks"]
+        assert "xdp" in plan.filter_hooks
         pod = lab.add_pod("target")
         rec = enroll(pod, ingress_filter="generic")
         before = libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id

@@ -34,7 +34,7 @@ class NoWire:
 def pod_program(request, datapath):
     """(hook, the program) of a pod that exists only in the maps, with test_ingress's
     policy."""
-    if loader.node_plan()["ingress"] != "xdp":
+    if loader.node_plan().ingress != "xdp":
         pytest.skip("no BPF ingress filter on this kernel")
     with Maps() as maps:
         ingress.write_entries(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from interceptor.capabilities import filter_text  # noqa: E402
+from interceptor.plan import from_json_or_none  # noqa: E402
 from interceptor.selfcheck import ENVOY_STEPS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -259,15 +259,19 @@ def _selfcheck(run, mode, proxy):
 
 
 def _chosen(run, mode, proxy):
-    plan = _selfcheck(run, mode, proxy).get("plan") or {}
-    if not plan:
+    plan = from_json_or_none(_selfcheck(run, mode, proxy).get("plan"))
+    if plan is None:
         return "-"
-    return f"{plan.get('mode')}: {plan.get('outbound')}, {plan.get('inbound')}, {filter_text(plan)}"
+    return f"{plan.mode}: {plan.outbound}, {plan.inbound}, {plan.filter_text()}"
 
 
-def _plan_value(plan, key):
-    value = plan.get(key, "-")
-    return "/".join(value) or "none" if isinstance(value, list) else str(value)
+def _plan_value(doc, key):
+    """One field of the plan a guest's doctor reported ("-" when it made none)."""
+    plan = from_json_or_none(doc)
+    if plan is None:
+        return str(doc.get("mode", "-")) if key == "mode" and doc else "-"
+    value = getattr(plan, key)
+    return "/".join(map(str, value)) or "none" if isinstance(value, tuple) else str(value)
 
 
 def _step(run, mode, proxy, name):

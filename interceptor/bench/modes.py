@@ -46,7 +46,7 @@ def apply(mode, topo, client_settings=None):
             loader.unload()
         return
     load_mode, bypass, legs = want
-    if node is None or node.get("requested_mode") != load_mode:
+    if node is None or node.requested_mode != load_mode:
         loader.unload()
         loader.load(mode=load_mode, bypass=bypass)
     else:

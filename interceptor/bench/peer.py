@@ -276,7 +276,7 @@ class _Server:
             else:
                 load_mode, bypass, legs = want
                 node = loader.node_state() if loader.is_loaded() else None
-                if node is None or node.get("requested_mode") != load_mode:
+                if node is None or node.requested_mode != load_mode:
                     loader.unload()
                 loader.load(mode=load_mode, bypass=bypass)
                 enrollment.enroll(self.topo.server.netns_path, PodSettings(bypass=legs),

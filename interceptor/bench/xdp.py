@@ -237,8 +237,7 @@ def run(runs, seconds, progress, paths_runs=None, modes=STREAM_MODES):
     loader.unload()
     loader.load()
     modes = list(modes)
-    from ..capabilities import filter_hooks
-    hooks = filter_hooks(loader.node_plan())
+    hooks = loader.node_plan().bpf_filter_hooks
     if not hooks:
         progress("xdp: this node has no BPF ingress filter; only the rule-based modes are measured")
         modes = [m for m in modes if not _enrolled(m)]
