@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up what is missing first (idempotent).
 PY := .venv/bin/python
 
-.PHONY: setup demo test abi doctor image reliability vm-image vm-test vm-check vm-bench
+.PHONY: setup demo test unit abi doctor image reliability vm-image vm-test vm-check vm-bench
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -v -p no:cacheprovider tests
+
+# The unit layer: what needs neither root nor the kernel (the plan, the pieces' choice,
+# CNI request validation, renderers, parsing; seconds). Any user.
+unit:
+	$(PY) -m pytest -q -p no:cacheprovider -m "not kernel and not root" tests
 
 # Regenerate the C view of interceptor/abi.py (a test fails when it is stale).
 abi:

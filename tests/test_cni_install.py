@@ -8,6 +8,8 @@ import pytest
 
 from interceptor import cni_install
 
+pytestmark = pytest.mark.root     # the CLI refuses to run as another user
+
 BRIDGE = {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "subnet": "10.1.0.0/16"}}
 
 

@@ -121,6 +121,7 @@ def test_bypass_legs_refused(raw):
         PodSettings(bypass=raw)
 
 
+@pytest.mark.root
 def test_enroll_refuses_an_unknown_bypass_leg_before_doing_anything():
     result = CliRunner().invoke(main, ["enroll", "--netns", "/proc/self/ns/net", "--bypass",
                                        "sideways"])
@@ -156,6 +157,7 @@ def test_star_is_both_families():
     ["load", "--bogus"],
     ["status", "-o", "yaml"],
 ])
+@pytest.mark.root
 def test_bad_flags_are_usage_errors(argv):
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
@@ -250,6 +252,7 @@ def test_nftables_fallback_renders_the_same_verdicts():
     assert set(ingress_nft.LABELS) == {n.lower() for n, _ in abi.Reason.items() if n.startswith("INGRESS_")}
 
 
+@pytest.mark.root
 def test_policy_command_rejects_a_bad_rule_as_usage_error():
     result = CliRunner().invoke(main, ["policy", "add", "--pod", "a/b", "deny from nowhere"])
     assert result.exit_code == 2 and "not a CIDR" in result.output
@@ -385,6 +388,7 @@ def test_flags_and_version_follow_the_sizes():
     assert v() == v({}) != v({"pods": 10}) != v({"pods": 11})
 
 
+@pytest.mark.root
 def test_a_bad_map_size_is_a_usage_error():
     r = CliRunner().invoke(main, ["load", "--map-size", "podz=3"])
     assert r.exit_code == 2 and "not a map with a settable size" in r.output
