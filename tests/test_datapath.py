@@ -199,8 +199,8 @@ def test_connect_then_close_storm_reaches_the_app_without_sidecar_loops(pods, da
     port (it would connect to itself, and again, until maxconn), and a normal request
     must succeed afterwards."""
     lab, a, b = pods
-    if bypass and not datapath["bypass"]:
-        pytest.skip(f"{datapath['mode']} mode has no bypass")
+    if bypass and not datapath.bypass:
+        pytest.skip(f"{datapath.mode} mode has no bypass")
     if family == 4:
         _, log = lab.start_haproxy(a)
         host = b.ipv4
