@@ -18,6 +18,7 @@ from interceptor import libbpf, netns, paths
 pytestmark = pytest.mark.kernel
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "status.txt")
+GOLDEN_REPORT = os.path.join(os.path.dirname(__file__), "golden", "status-report.json")
 HOLD = ("import socket,sys,time\n"
         "s=socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
         "s.sendall(b'held'); print('connected', flush=True); time.sleep(120)\n")
@@ -122,6 +123,11 @@ def test_status_text_is_stable(held):
         os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
         with open(GOLDEN, "w") as f:
             f.write(got)
+        # and the report it came from: tests/test_renderers.py renders it without root
+        report = json.loads(cli("status", "-o", "json").stdout)
+        with open(GOLDEN_REPORT, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+            f.write("\n")
     with open(GOLDEN) as f:
         assert got == f.read()
 
