@@ -51,10 +51,33 @@ def _version_tuple(v):
     return tuple(int(x) for x in v.split("."))
 
 
+class Configuration:
+    """The request's network configuration, decoded once (the agent's server, run() and
+    Request all read it): doc, the document ({} when it did not decode), and error, the
+    CniError decoding raised (None when it decoded)."""
+    __slots__ = ("doc", "error")
+
+    def __init__(self, stdin_text):
+        try:
+            self.doc, self.error = _decode(stdin_text), None
+        except CniError as exc:
+            self.doc, self.error = {}, exc
+
+    @property
+    def as_dict(self):
+        """The document when it is a JSON object, else {}."""
+        return self.doc if isinstance(self.doc, dict) else {}
+
+    def requested_version(self):
+        """Its cniVersion when it is a supported one, for encoding errors in it."""
+        version = self.as_dict.get("cniVersion")
+        return version if version in SUPPORTED_VERSIONS else LATEST
+
+
 class Request:
     """The validated request: environment and network configuration."""
 
-    def __init__(self, environ, stdin_text):
+    def __init__(self, environ, configuration):
         self.command = environ.get("CNI_COMMAND", "")
         if self.command not in COMMANDS:
             raise CniError(E_INVALID_ENV, f"CNI_COMMAND {self.command or '(unset)'} is not one of "
@@ -64,7 +87,9 @@ class Request:
         self.ifname = environ.get("CNI_IFNAME", "")
         self.raw_args = environ.get("CNI_ARGS", "")
         self.cni_version = LATEST
-        self.config = _decode(stdin_text)
+        if configuration.error:
+            raise configuration.error
+        self.config = configuration.doc
         if not isinstance(self.config, dict):
             raise CniError(E_DECODE, "network configuration must be a JSON object")
         version = self.config.get("cniVersion")
@@ -243,16 +268,18 @@ def cmd_status(req, log):
     return None
 
 
-def run(environ, stdin_text, err=None, fixed_locations=False):
+def run(environ, stdin_text, err=None, fixed_locations=False, configuration=None):
     """Returns (exit code, stdout document or None). err: where log lines and tracebacks
     go (stderr). fixed_locations: the caller has checked that the request resolves to
     this process's pin root and run dir (locations()), the node agent's case; otherwise
-    they are set from the configuration before anything reads them."""
+    they are set from the configuration before anything reads them. configuration: the
+    stdin already decoded (Configuration), by a caller that needed it first."""
     err = err or sys.stderr
     config = {}
-    version = _requested_version(stdin_text)
+    configuration = configuration or Configuration(stdin_text)
+    version = configuration.requested_version()
     try:
-        req = Request(environ, stdin_text)
+        req = Request(environ, configuration)
         config, version = req.config, req.cni_version
         if req.command == "VERSION":
             return 0, {"cniVersion": req.cni_version, "supportedVersions": SUPPORTED_VERSIONS}
@@ -319,16 +346,6 @@ def _decode(stdin_text):
         raise CniError(E_DECODE, "network configuration is not valid JSON", str(exc)[:200]) from None
     except RecursionError:
         raise CniError(E_DECODE, "network configuration is nested too deeply") from None
-
-
-def _requested_version(stdin_text):
-    """The request's cniVersion when it is a supported one, for encoding errors in it."""
-    try:
-        doc = _decode(stdin_text)
-    except CniError:
-        return LATEST
-    version = doc.get("cniVersion") if isinstance(doc, dict) else None
-    return version if version in SUPPORTED_VERSIONS else LATEST
 
 
 def _error_doc(config, environ, stream, version, err):

@@ -101,14 +101,10 @@ def encode_reply(status, code=0, stdout=b"", stderr=b""):
         _U32.pack(len(stderr)) + stderr
 
 
-def mine(environ, stdin):
+def mine(environ, configuration):
     """The request resolves to this process's pin root and run dir (a configuration
-    that does not parse is answered here: its error is the same anywhere)."""
-    try:
-        config = json.loads(stdin) if stdin.strip() else {}
-    except (ValueError, RecursionError):
-        config = {}
-    pin_root, run_dir = cni.locations(environ, config if isinstance(config, dict) else {})
+    that does not decode is answered here: its error is the same anywhere)."""
+    pin_root, run_dir = cni.locations(environ, configuration.as_dict)
     return pin_root == paths.PIN_ROOT and run_dir == paths.RUN_DIR
 
 
@@ -195,14 +191,16 @@ class CniServer:
                 if time.monotonic_ns() > deadline - DEADLINE_MARGIN_NS:
                     self._count(command, "expired")     # the front answered it itself
                     return
-                if not mine(environ, stdin):
+                configuration = cni.Configuration(stdin)      # decoded once for all below
+                if not mine(environ, configuration):
                     conn.sendall(encode_reply(NOT_MINE))
                     self._count(command, "not_mine")
                     return
                 err = io.StringIO()
                 try:
                     with state.request_deadline(deadline - DEADLINE_MARGIN_NS):
-                        code, doc = cni.run(environ, stdin, err=err, fixed_locations=True)
+                        code, doc = cni.run(environ, stdin, err=err, fixed_locations=True,
+                                            configuration=configuration)
                 except state.DeadlinePassed:
                     self._count(command, "expired")     # stalled at the node lock
                     return
