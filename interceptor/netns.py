@@ -5,6 +5,7 @@ Kept to the standard library (no pyroute2 import) because enroll and the CNI plu
 this on every pod start. setns() acts on the calling thread only; callers are
 single-threaded, and the original namespace is always restored.
 """
+import _thread
 import collections
 import contextlib
 import ctypes
@@ -22,6 +23,9 @@ SO_NETNS_COOKIE = 71          # Linux 5.14+
 HOST_NETNS_PATH = "/proc/1/ns/net"
 PROC_NET_INIT_INO = 0xEFFFFFF9   # the init namespace's fixed inode (linux/proc_ns.h)
 
+_inside = _thread._local()     # per thread: the namespace path entered() is in
+
+
 def _setns(fd):
     libc.call("setns", "setns", fd, CLONE_NEWNET)
 
@@ -29,9 +33,15 @@ def _setns(fd):
 @contextlib.contextmanager
 def entered(path):
     """Run the body inside the network namespace at path (a /proc/PID/ns/net or a
-    bind-mounted /run/netns/NAME), then come back."""
+    bind-mounted /run/netns/NAME), then come back. Inside it already (by this path, on
+    this thread), the body just runs: a caller that asks one pod several things (status)
+    enters once around all of them."""
     if "\0" in str(path):      # os.open's ValueError would escape every OSError handler
         raise FileNotFoundError(errno.ENOENT, "a path with a NUL byte", str(path).replace("\0", "\\0"))
+    outer = getattr(_inside, "path", None)
+    if outer == str(path):
+        yield
+        return
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(path, os.O_RDONLY)
@@ -39,9 +49,11 @@ def entered(path):
             _setns(target)
         finally:
             os.close(target)
+        _inside.path = str(path)
         try:
             yield
         finally:
+            _inside.path = outer
             _setns(original)
     finally:
         os.close(original)

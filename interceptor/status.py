@@ -3,6 +3,7 @@
 The JSON is the contract (documented in docs/status.md, `version` bumps on incompatible
 changes); the text is rendered from the same object. Nothing here changes state.
 """
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -10,7 +11,7 @@ import platform
 import textwrap
 import time
 
-from . import abi, counters, libbpf, listeners, paths, pieces, podrecord, state
+from . import abi, counters, libbpf, listeners, netns, paths, pieces, podrecord, state
 from .plan import Mechanism
 from .loader import expected_pins
 from .maps import REPORTED, LayoutError, Maps
@@ -228,8 +229,15 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
         name = rec.name if rec else f"cookie:{cookie}"
         if pod_filter and name != pod_filter:
             continue
-        problems = [str(p) for p in verify(rec, None)] if rec else \
-            ["no record (enrolled behind interceptor's back?)"]
+        with contextlib.ExitStack() as visit:
+            if rec and rec.netns_exists():
+                try:       # one visit for every check below (netns.entered nests for free)
+                    visit.enter_context(netns.entered(rec.netns))
+                except OSError:
+                    pass   # each check reports the namespace its own way
+            problems = [str(p) for p in verify(rec, None)] if rec else \
+                ["no record (enrolled behind interceptor's back?)"]
+            proxy_listening = _proxy_listening(rec, cookie, listener_keys) if rec else {}
         live = [s for s in sockets if s["cookie"] == cookie]
         c = stats.get(cookie, {})
         pod = {
@@ -238,7 +246,7 @@ def _pods(report, records, enrolled, listener_keys, sockets, stats, pod_filter):
             "addresses": rec.addresses if rec else [],
             "mode": rec.mode if rec else {"outbound": "unknown", "inbound": "unknown"},
             "pieces": [e.piece for e in rec.journal] if rec else [],
-            "proxy_listening": _proxy_listening(rec, cookie, listener_keys) if rec else {},
+            "proxy_listening": proxy_listening,
             "redirected": {"outbound": c.get("out_redirected", {}).get("count", 0),
                            "inbound": c.get("in_steered", {}).get("count", 0)},
             "live": {"outbound": sum(s["direction"] == "outbound" for s in live),

@@ -196,3 +196,16 @@ def test_broken_attachment_makes_status_fail(datapath, lab):
     assert "Errors:" in r.stdout and "test/a: inbound sk_lookup link missing" in r.stdout
     rc, report = status_json()
     assert rc == 1 and report["pods"][0]["problems"] == ["inbound sk_lookup link missing"]
+
+
+def test_status_enters_each_pods_namespace_once(held, monkeypatch):
+    """Everything `status` asks of a pod's namespace (each piece's check: ::6 on lo, the
+    filter on each interface; the proxy's listeners) is asked in one visit."""
+    from interceptor import netns, status
+    entries = []
+    real = netns._setns
+    monkeypatch.setattr(netns, "_setns", lambda fd: (entries.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    report = status.collect()
+    assert len(report["pods"]) == 2 and not report["errors"], report["errors"]
+    print(f"setns calls for 2 pods: {len(entries)}")
+    assert len(entries) == 2 * 2, entries       # into each pod's namespace and back out, once
