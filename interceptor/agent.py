@@ -68,7 +68,18 @@ class Agent:
         ours = datapath_version(self.config.map_sizes)
         if loader.is_loaded():
             node = loader.node_state()
-            theirs = node.datapath_version if node else None
+            if node.requested_mode != self.config.mode:
+                # another mode is another plan: changing it unenrolls every pod, which an
+                # agent must not do on its own; the operator unloads (or uninstalls) first
+                problem = (f"the datapath is loaded with --mode {node.requested_mode}, this agent asks "
+                           f"for --mode {self.config.mode}: `interceptor unload` (it uncaptures every "
+                           "pod until they are enrolled again) and restart the agent to change it")
+                if self.datapath_problem != problem:
+                    self.counters.datapath["refused"] += 1
+                    self.log(problem)
+                self.datapath_problem = problem
+                return
+            theirs = node.datapath_version
             if theirs == ours and not node.upgrading_to:     # else: finish or undo it
                 if self.datapath_problem:
                     self.counters.datapath["adopted"] += 1

@@ -506,3 +506,25 @@ def test_rules_follow_istio_order_for_the_proxy_over_lo():
     assert "-A INTERCEPTOR_OUTPUT -p tcp -o lo -s 127.0.0.6/32 -m comment --comment out_skip_inbound_source -j RETURN" in v4
     v6 = rules.iptables_restore_input(PodSettings(), [rules.OUTBOUND], 6)
     assert "-s ::6/128" in v6 and "! -d ::1/128" in v6 and "127.0.0" not in v6
+
+
+# --- the agent's datapath decision (agent.ensure_datapath) --------------------------------
+def test_an_agent_asking_for_another_mode_than_the_loaded_one_is_not_ready_and_changes_nothing(monkeypatch):
+    """A node loaded with --mode nftables and an agent configured for auto: changing the
+    mode would uncapture every pod, so the agent leaves the datapath alone, says why it
+    is not ready, and counts it once."""
+    from interceptor import agent, loader, state, upgrade
+    node = state.NodeState(requested_mode="nftables", complete=True, datapath_version="x")
+    monkeypatch.setattr(loader, "is_loaded", lambda: True)
+    monkeypatch.setattr(loader, "node_state", lambda: node)
+    touched = []
+    monkeypatch.setattr(loader, "load", lambda **kw: touched.append("load"))
+    monkeypatch.setattr(upgrade, "upgrade", lambda **kw: touched.append("upgrade"))
+    a = agent.Agent.__new__(agent.Agent)      # no CNI server, no threads: the decision only
+    a.config, a.log, a.counters, a.datapath_problem = agent.AgentConfig(mode="auto"), lambda m: None, \
+        agent.AgentCounters(), "not started"
+    for _ in range(2):
+        a.ensure_datapath()
+    assert touched == []
+    assert "loaded with --mode nftables, this agent asks for --mode auto" in a.datapath_problem
+    assert a.counters.datapath["refused"] == 1
