@@ -140,9 +140,8 @@ def _repaired_in_place(mode, map_sizes, log):
 def _load(plan, mode, cgroup, map_sizes, build, log):
     from .bpf_source import datapath_version
     from .migrate import layouts
-    node = state.NodeState(requested_mode=mode, plan=plan, bypass=plan.bypass,
-                           datapath_version=datapath_version(map_sizes), map_sizes=map_sizes,
-                           map_layouts=layouts())
+    node = state.NodeState(requested_mode=mode, plan=plan, datapath_version=datapath_version(map_sizes),
+                           map_sizes=map_sizes, map_layouts=layouts())
     node.write()     # first, so a failure can be undone
     if plan.uses_bpf:
         mounts.ensure_bpffs()
@@ -249,7 +248,7 @@ def _apply_bypass(bypass):
     _attach_sk_msg(bypass)
     plan = plan.with_bypass(bypass)
     plan = plan.with_pieces(pieces.for_plan(plan))    # new pods' pods entries serve the bypass
-    node.bypass, node.plan = bypass, plan
+    node.plan = plan
     node.write()
     return True
 

@@ -23,7 +23,8 @@ class Serves(StrEnum):
     INGRESS = "ingress"
 
 
-CGROUP, SOCKHASH, NETNS, POD_COPY, TAIL = Scope
+# the short names the table below and the loader use
+CGROUP, SOCKHASH, NETNS, POD_COPY, TAIL = Scope.CGROUP, Scope.SOCKHASH, Scope.NETNS, Scope.POD_COPY, Scope.TAIL
 OUTBOUND, INBOUND, BYPASS, CORE, INGRESS = Serves.OUTBOUND, Serves.INBOUND, Serves.BYPASS, Serves.CORE, Serves.INGRESS
 
 

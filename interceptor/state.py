@@ -104,17 +104,16 @@ _NODE_FIELDS = {
 class NodeState:
     """What load and upgrade recorded of the node's datapath (node.json). Fields of a
     newer or older version this one does not know are kept as they were (extra)."""
-    __slots__ = ("requested_mode", "plan", "bypass", "complete", "cgroup", "datapath_version",
+    __slots__ = ("requested_mode", "plan", "complete", "cgroup", "datapath_version",
                  "host_netns_cookie", "map_sizes", "map_layouts", "upgrading_to", "migrating_maps",
                  "loaded_at", "upgraded_at", "compile_seconds", "extra")
 
-    def __init__(self, requested_mode="auto", plan=None, bypass=False, complete=False, cgroup=None,
+    def __init__(self, requested_mode="auto", plan=None, complete=False, cgroup=None,
                  datapath_version=None, host_netns_cookie=None, map_sizes=None, map_layouts=None,
                  upgrading_to=None, migrating_maps=(), loaded_at=None, upgraded_at=None,
                  compile_seconds=None, extra=None):
         self.requested_mode = requested_mode        # what load was asked for (auto, ebpf, ...)
-        self.plan = plan                            # plan.Plan: what it chose
-        self.bypass = bypass                        # the same-host bypass is switched on
+        self.plan = plan                            # plan.Plan: what it chose (and the bypass switch)
         self.complete = complete                    # every step of the load was done
         self.cgroup = cgroup                        # where the cgroup hooks are attached
         self.datapath_version = datapath_version    # of the loaded programs
@@ -127,8 +126,14 @@ class NodeState:
         self.compile_seconds = compile_seconds
         self.extra = dict(extra or {})
 
+    @property
+    def bypass(self):
+        """The same-host bypass is switched on (the plan's switch: one fact)."""
+        return bool(self.plan and self.plan.bypass)
+
     def to_json(self):
         doc = dict(self.extra)
+        doc["bypass"] = self.bypass        # also at the top, where earlier versions read it
         for name in self.__slots__[:-1]:
             value = getattr(self, name)
             if name == "plan":
@@ -150,9 +155,10 @@ class NodeState:
         if problem:
             raise ValueError(problem)
         known = {k: v for k, v in doc.items() if k in cls.__slots__ and k != "extra"}
+        # "bypass" at the top repeats the plan's (written for earlier versions' readers)
         if known.get("plan") is not None:
             known["plan"] = Plan.from_json(known["plan"])
-        return cls(**known, extra={k: v for k, v in doc.items() if k not in cls.__slots__})
+        return cls(**known, extra={k: v for k, v in doc.items() if k not in cls.__slots__ + ("bypass",)})
 
     def write(self):
         write_json(paths.NODE_STATE, self.to_json())

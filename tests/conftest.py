@@ -93,6 +93,17 @@ def start_server(pod, port=SERVER_PORT):
     return proc
 
 
+def start_http_app(port, netns_path=None):
+    """tests/apps.py's HTTP server (it answers with the peer and local address it saw) on
+    port, in the namespace at netns_path (a runtime's sandbox) or the caller's; returns
+    it once it listens. The caller ends it by its PID."""
+    prefix = ["nsenter", f"--net={netns_path}"] if netns_path else []
+    proc = subprocess.Popen([*prefix, sys.executable, APPS, "http", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "listening"
+    return proc
+
+
 def start_sidecar(lab, pod, outbound_port=abi.OUTBOUND_PORT, inbound_port=abi.INBOUND_PORT):
     """The Python test proxy (IPv4 and IPv6), as uid/gid 1337. Returns its log path."""
     log = os.path.join(lab.workdir, f"sidecar-{pod.name}.log")

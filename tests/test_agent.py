@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from conftest import publish_figures
+from conftest import publish_figures, start_http_app
 from crihelper import Containerd
 from interceptor import abi, cni_chain, envoy_sidecar, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
 from interceptor.maps import Maps
@@ -233,15 +233,9 @@ class MeshTraffic:
         self.load = None
         self.before = {}
 
-    def _http_app(self, port, *prefix):
-        proc = subprocess.Popen([*prefix, sys.executable, os.path.join(TESTS, "apps.py"), "http", str(port)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.procs.append(proc)
-        assert proc.stdout.readline().strip() == "listening"
-
     def __enter__(self):
-        self._http_app(WEB_PORT, "nsenter", f"--net={self.web_ns}")     # the web pod's app
-        self._http_app(OUTSIDE_PORT)                                     # outside every pod
+        self.procs.append(start_http_app(WEB_PORT, self.web_ns))     # the web pod's app
+        self.procs.append(start_http_app(OUTSIDE_PORT))               # outside every pod
         for netns_path, name, shape in ((self.web_ns, "web", dict(app_ports=[WEB_PORT])),
                                         (self.client_ns, "client", dict(services=[self.service]))):
             proc, _ = envoy_sidecar.start(netns_path, self.workdir, name, families=(4,), **shape)

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from conftest import APPS
+from conftest import start_http_app
 from interceptor import abi, counters, lab as labmod, netns, paths, podrecord
 from interceptor.maps import Maps
 
@@ -213,14 +213,8 @@ def test_envoy_sidecars_carry_calls_between_containers_and_from_outside(podman):
     envoy_dir = tempfile.mkdtemp(prefix="icenvoy", dir="/tmp")    # readable by the proxy's uid
     procs = []
     try:
-        app = subprocess.Popen(["nsenter", f"--net={web_ns}", sys.executable, APPS, "http", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(app)
-        assert app.stdout.readline().strip() == "listening"
-        outside = subprocess.Popen([sys.executable, APPS, "http", "18080"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        procs.append(outside)
-        assert outside.stdout.readline().strip() == "listening"
+        procs.append(start_http_app(port, web_ns))           # the web container's app
+        procs.append(start_http_app(18080))                  # outside the mesh, on the host
         for name, sandbox, shape in ((web_name, web_ns, dict(app_ports=[port])),
                                      (caller_name, caller_ns, dict(services=[service]))):
             proc, _ = envoy_sidecar.start(sandbox, envoy_dir, name, families=(4,), **shape)
