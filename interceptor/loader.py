@@ -46,11 +46,15 @@ def expected_pins(plan=None):
     return pins
 
 
-def loaded_plan():
-    """The Plan of a complete load whose pins are all there, else None (one read of the
-    node state)."""
-    plan = node_plan()
-    return plan if plan is not None and all(os.path.exists(p) for p in expected_pins(plan)) else None
+def missing_pins(plan):
+    return [p for p in expected_pins(plan) if not os.path.exists(p)]
+
+
+def loaded_plan(node=None):
+    """The Plan of a complete load whose pins are all there, else None. node: the
+    NodeState the caller has read already (else it is read here)."""
+    plan = node_plan() if node is None else (node.plan if node.complete else None)
+    return plan if plan is not None and not missing_pins(plan) else None
 
 
 def is_loaded():

@@ -13,7 +13,7 @@ import time
 
 from . import abi, counters, libbpf, listeners, netns, paths, pieces, podrecord, state
 from .plan import Mechanism
-from .loader import expected_pins
+from .loader import loaded_plan, missing_pins
 from .maps import REPORTED, LayoutError, Maps
 from .programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 
@@ -141,10 +141,9 @@ def _ingress(rec, c):
 
 def collect(pod_filter=None):
     node, node_problem = state.read_node()          # the one read of the node state
-    complete_plan = node.plan if node and node.complete else None
-    missing = [p for p in expected_pins(complete_plan) if not os.path.exists(p)]
-    loaded = complete_plan is not None and not missing        # (loader.is_loaded, from this read)
-    plan = complete_plan if loaded else None
+    plan = loaded_plan(node) if node else None
+    loaded = plan is not None
+    missing = [] if loaded else missing_pins(node.plan if node and node.complete else None)
     report = {
         "version": REPORT_VERSION,
         "node": {
