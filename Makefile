@@ -9,7 +9,7 @@ setup:
 # `make demo PROXY=envoy`: the same with Envoy sidecars as Istio configures them
 PROXY ?= haproxy
 demo: setup
-	$(PY) -m interceptor.demo --proxy $(PROXY)
+	$(PY) -m interceptor.harness.demo --proxy $(PROXY)
 
 test: setup
 	$(PY) -m pytest -v -p no:cacheprovider tests

@@ -6,8 +6,9 @@ import click
 
 # only import-free modules here: `bench` sets INTERCEPTOR_PIN_ROOT/RUN_DIR before the
 # modules that read them are imported (test_units checks)
-from .cni_defaults import BIN_DIR as DEFAULT_BIN_DIR, CHAIN_NAME, CONF_DIR as DEFAULT_CONF_DIR
-from .plan import REQUESTED_MODES
+from interceptor.datapath.plan import REQUESTED_MODES
+from interceptor.cni.defaults import (BIN_DIR as DEFAULT_BIN_DIR, CHAIN_NAME,
+                                      CONF_DIR as DEFAULT_CONF_DIR)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -27,7 +28,7 @@ def _harness(command, *modules):
     agent's image), a clear error instead of a traceback."""
     import importlib
     try:
-        return [importlib.import_module(f"interceptor.{m}") for m in modules]
+        return [importlib.import_module(f"interceptor.harness.{m}") for m in modules]
     except ImportError as exc:
         if (exc.name or "").split(".")[0] not in HARNESS_DEPENDENCIES:
             raise
@@ -39,7 +40,7 @@ def _map_sizes(ctx, param, value):
     """--map-size MAP=N, repeatable -> {map: N}; None when not given."""
     if not value:
         return None
-    from .map_sizes import MapSizeError, parse
+    from interceptor.ops.map_sizes import MapSizeError, parse
     try:
         return parse(value)
     except MapSizeError as exc:
@@ -67,7 +68,7 @@ def main():
               show_default=True)
 def doctor(output):
     """Probe each kernel capability the datapath needs; exit 0 when eBPF mode works."""
-    from . import doctor as doc
+    from interceptor.ops import doctor as doc
     report = doc.run(judge_programs=True)
     if output == "json":
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -91,7 +92,7 @@ def doctor(output):
                   "sizing a node). `upgrade --map-size` changes it on a loaded node.")
 def load(cgroup, bypass, mode, map_sizes):
     """Decide the mode, compile, pin and attach the datapath (idempotent)."""
-    from . import loader
+    from interceptor.ops import loader
     try:
         result = loader.load(cgroup=cgroup, bypass=bypass, mode=mode, map_sizes=map_sizes,
                              log=lambda m: click.echo(m, err=True))
@@ -105,8 +106,8 @@ def load(cgroup, bypass, mode, map_sizes):
 def upgrade(map_sizes):
     """Replace the loaded datapath's programs with this version's, in place: links and
     enrolled pods are kept, maps too, migrated where their capacity or layout changed."""
-    from . import loader
-    from .upgrade import UpgradeError, upgrade as do_upgrade
+    from interceptor.ops import loader
+    from interceptor.ops.upgrade import UpgradeError, upgrade as do_upgrade
     if map_sizes is not None:
         node = loader.node_state()
         map_sizes = dict(node.map_sizes if node else {}, **map_sizes)
@@ -136,7 +137,7 @@ def selfcheck(mode, proxy, output):
 @main.command()
 def unload():
     """Unenroll every pod, detach and unpin everything (idempotent)."""
-    from . import loader
+    from interceptor.ops import loader
     loader.unload(log=lambda m: click.echo(m, err=True))
     click.echo("unloaded")
 
@@ -150,7 +151,7 @@ def _pod_name(ctx, param, value):
 def _pod_setting_options(fn):
     """One option per pod setting (interceptor/podspec.py): values are passed on as
     given and parsed by PodSettings, the same parse as for CNI config keys."""
-    from .podspec import FIELDS
+    from interceptor.pod.podspec import FIELDS
     for field in reversed(FIELDS):
         if field.name == "bypass":
             # `--bypass` alone, `--bypass mesh,inbound`, or `--no-bypass` (merged in enroll)
@@ -178,8 +179,8 @@ def _pod_setting_options(fn):
 @_pod_setting_options
 def enroll(netns_path, pod, **opts):
     """Intercept one network namespace's traffic (no compile: uses the pinned datapath)."""
-    from .enrollment import EnrollError, enroll as do_enroll
-    from .podspec import PodSettings, SettingError
+    from interceptor.pod.podspec import PodSettings, SettingError
+    from interceptor.ops.enrollment import EnrollError, enroll as do_enroll
     if opts.pop("no_bypass"):
         opts["bypass"] = "false"
     try:
@@ -216,7 +217,7 @@ def policy():
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def policy_list(netns_path, pod, cookie, output):
     """Protected ports and rules of one pod, or of every pod."""
-    from . import policy as pol
+    from interceptor.ops import policy as pol
     try:
         items = pol.listing(_selector(netns_path, pod, cookie, required=False))
     except pol.PolicyCommandError as exc:
@@ -234,7 +235,8 @@ def policy_list(netns_path, pod, cookie, output):
 
 
 def _policy_change(netns_path, pod, cookie, **change):
-    from . import ingress_policy, policy as pol
+    from interceptor.pod import ingress_policy
+    from interceptor.ops import policy as pol
     for text in [*change.get("add", ()), *change.get("remove", ()), *(change.get("replace") or ())]:
         try:
             ingress_policy.parse_rule(text)
@@ -279,7 +281,7 @@ def unenroll(netns_path, pod, cookie):
     """Stop intercepting a namespace (idempotent)."""
     if netns_path is None and pod is None and cookie is None:
         raise click.UsageError("give --netns, --pod or --cookie")
-    from .enrollment import unenroll as do_unenroll
+    from interceptor.ops.enrollment import unenroll as do_unenroll
     removed = do_unenroll(netns_path=netns_path, cookie=cookie, pod=pod)
     click.echo(f"unenrolled {len(removed)} namespace(s)")
 
@@ -314,7 +316,7 @@ def status(ctx, output, pod, watch):
     """What is intercepted and how; exit 1 when there are errors."""
     if ctx.invoked_subcommand is not None:
         return
-    from . import status as st
+    from interceptor.ops import status as st
 
     def once():
         report = st.collect(pod_filter=pod)
@@ -332,7 +334,7 @@ def status(ctx, output, pod, watch):
 @_status_watch
 def status_sockets(output, pod, watch):
     """Live intercepted connections: pod, direction, source, original destination."""
-    from . import status as st
+    from interceptor.ops import status as st
 
     def once():
         report = st.collect(pod_filter=pod)
@@ -351,7 +353,7 @@ def status_sockets(output, pod, watch):
               help="ADDRESS:PORT for the Prometheus endpoint.")
 def metrics(listen):
     """Serve Prometheus metrics (read from the maps at every scrape)."""
-    from . import metrics as m
+    from interceptor.agent import metrics as m
     m.serve(*_listen(listen))
 
 
@@ -394,7 +396,7 @@ def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_s
     reconcile pods. SIGTERM leaves everything in place (see `uninstall`)."""
     import signal
     import threading
-    from . import agent as ag
+    from interceptor.agent import agent as ag
     host, port = _listen(listen)
     sys.stdout.reconfigure(line_buffering=True)     # a log line per event, at once, into a pipe
     if not cni_conf_name.endswith(".conflist") or "/" in cni_conf_name:
@@ -429,7 +431,7 @@ def agent(cni_bin_dir, cni_conf_dir, cni_conf_name, listen, plugin_config, cri_s
 @_agent_conf_name
 def uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name):
     """Take interceptor off the node: CNI chain, plugin, every pod, the datapath."""
-    from . import agent as ag
+    from interceptor.agent import agent as ag
     ag.uninstall(cni_bin_dir, cni_conf_dir, cni_conf_name, log=lambda msg: click.echo(msg))
     click.echo("uninstalled")
 
@@ -438,7 +440,7 @@ def _address(value, param, default_host):
     """--peer / --serve text -> (host, port)."""
     if value is None:
         return None
-    from .bench.peer import parse_address
+    from interceptor.harness.bench.peer import parse_address
     try:
         return parse_address(value, default_host=default_host)
     except ValueError as exc:
@@ -491,14 +493,14 @@ def bench(scenarios, quick, runs, seconds, out_dir, modes_, peer, serve, proxy):
     if proxy == "envoy" and (peer or serve):
         raise click.UsageError("--proxy envoy runs on one machine (the two-machine roles use HAProxy)")
     if proxy == "envoy":
-        from . import envoy_sidecar
+        from interceptor.harness import envoy_sidecar
         try:
             envoy_sidecar.binary()
         except envoy_sidecar.EnvoyMissing as exc:
             _fail(str(exc))
     try:
         if serve:
-            from .bench import peer as bench_peer
+            from interceptor.harness.bench import peer as bench_peer
             bench_peer.serve(serve)
             return
         bench_run.run(scenarios=scenarios or (("xnode",) if peer else bench_run.SCENARIOS), quick=quick,
@@ -526,7 +528,7 @@ _conf_dir = click.option("--conf-dir", default=DEFAULT_CONF_DIR, show_default=Tr
 @_conf_dir
 def cni_install(bin_dir, conf_dir):
     """Put interceptor-cni in BIN_DIR and chain it into the active configuration."""
-    from . import cni_install as inst
+    from interceptor.cni import install as inst
     try:
         done = inst.install(bin_dir, conf_dir)
     except (inst.InstallError, OSError, ValueError) as exc:
@@ -539,7 +541,7 @@ def cni_install(bin_dir, conf_dir):
 @_conf_dir
 def cni_uninstall(bin_dir, conf_dir):
     """Remove exactly what `cni install` added."""
-    from . import cni_install as inst
+    from interceptor.cni import install as inst
     try:
         done = inst.uninstall(bin_dir, conf_dir)
     except (inst.InstallError, OSError) as exc:

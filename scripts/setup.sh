@@ -86,7 +86,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# The CNI plugin's front (cni/front.c), a static executable the plugin is installed with.
-if [ ! -x interceptor/cni-front ] || [ cni/front.c -nt interceptor/cni-front ]; then
-    .venv/bin/python -m interceptor.cni_front
+# The CNI plugin's front (interceptor/cni/front.c), a static executable the plugin is installed with.
+if [ ! -x interceptor/cni/front ] || [ interceptor/cni/front.c -nt interceptor/cni/front ]; then
+    .venv/bin/python -m interceptor.cni.front
 fi

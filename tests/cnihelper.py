@@ -5,7 +5,8 @@ import os
 import subprocess
 import uuid
 
-from interceptor import cni_install, paths
+from interceptor import paths
+from interceptor.cni import install as cni_install
 
 
 def installed_plugin(tmp_path_factory):

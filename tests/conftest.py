@@ -18,9 +18,11 @@ os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-test")
 
 import pytest  # noqa: E402
 
-from interceptor import abi, counters, doctor, enrollment, lab as labmod, loader, paths  # noqa: E402
-from interceptor.maps import Maps  # noqa: E402
-from interceptor.podspec import PodSettings  # noqa: E402
+from interceptor import abi, paths
+from interceptor.datapath.maps import Maps  # noqa: E402
+from interceptor.pod.podspec import PodSettings  # noqa: E402
+from interceptor.ops import counters, doctor, enrollment, loader  # noqa: E402
+from interceptor.harness import lab as labmod
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(TESTS, "apps.py")
@@ -39,7 +41,7 @@ def load_without(disabled="", refused="", **load_args):
     """loader.load with doctor told that these features (comma-separated) are absent,
     and the kernel's verifier answer for these programs turned into a refusal, to
     exercise a fallback on a kernel that has them."""
-    from interceptor.build import REFUSE_ENV
+    from interceptor.datapath.build import REFUSE_ENV
     old = {env: os.environ.get(env) for env in (doctor.DISABLE_ENV, REFUSE_ENV)}
     os.environ[doctor.DISABLE_ENV] = disabled
     os.environ[REFUSE_ENV] = refused
@@ -140,7 +142,8 @@ def sidecar_entries(path, settle=0.3):
 
 def _all_counters(pod):
     """Counters of the pod whatever serves it (stats map, rules), summed over CPUs."""
-    from interceptor import netns, podrecord
+    from interceptor.kernel import netns
+    from interceptor.pod import podrecord
     cookie = netns.cookie_of(pod.netns_path)
     records = podrecord.all_records()
     if loader.node_plan().uses_bpf:
@@ -206,8 +209,8 @@ class Background:
 
 
 # --- what the kernel and the node hold, counted outside our own bookkeeping -----------
-# interceptor.residue's (selfcheck uses them too), under the names tests import
-from interceptor import residue  # noqa: E402
+# interceptor.ops.residue's (selfcheck uses them too), under the names tests import
+from interceptor.ops import residue  # noqa: E402
 bpftool, live_objects, wait_gone = residue.bpftool, residue.live_objects, residue.wait_gone
 
 

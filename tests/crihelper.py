@@ -181,7 +181,7 @@ class Containerd:
         return [pid for pid, ppid in parents.items() if ppid in shims] + shims
 
     def runtime(self):
-        from interceptor import cri
+        from interceptor.agent import cri
         return cri.Runtime(self.socket)
 
     def stop(self):

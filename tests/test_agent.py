@@ -19,8 +19,13 @@ import pytest
 
 from conftest import publish_figures, start_http_app
 from crihelper import Containerd
-from interceptor import abi, cni_chain, envoy_sidecar, enrollment, ingress_policy, lab as labmod, libbpf, loader, paths, podrecord
-from interceptor.maps import Maps
+from interceptor import abi, paths
+from interceptor.kernel import libbpf
+from interceptor.datapath.maps import Maps
+from interceptor.pod import ingress_policy, podrecord
+from interceptor.ops import enrollment, loader
+from interceptor.cni import chain as cni_chain
+from interceptor.harness import envoy_sidecar, lab as labmod
 
 pytestmark = pytest.mark.kernel
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -115,7 +120,7 @@ def node(tmp_path_factory):
     finally:
         # each step whatever the one before did: a containerd left running keeps its
         # shims, mounts, sandboxes' namespaces and the forwarding it turned on
-        from interceptor import agent as ag
+        from interceptor.agent import agent as ag
         try:
             agent.stop()
             ag.uninstall(runtime.cni_bin, runtime.cni_conf, log=lambda msg: None)
@@ -160,7 +165,7 @@ def test_annotations_reach_the_plugin_and_stop_and_remove_leave_nothing(node):
     assert rec is not None and rec.complete, runtime.tail_log()
     assert rec.pod == "shop/web" and rec.settings.exclude_outbound_ports == [5432]
     assert [ingress_policy.rule_text(r) for r in rec.settings.ingress_policy] == ["deny udp port 53"]
-    from interceptor import status
+    from interceptor.ops import status
     report = status.collect(pod_filter="shop/web")
     assert [p["pod"] for p in report["pods"]] == ["shop/web"] and not report["pods"][0]["problems"]
     cookie = rec.cookie
@@ -309,7 +314,7 @@ def changed_datapath(workdir, change):
     """A copy of the C sources with one change: "code" (a new build of the same
     layout) or "sockets" (the inbound listeners' sockhash one entry larger: userspace
     cannot copy sockets, so this map cannot be migrated)."""
-    from interceptor.bpf_source import BPF_DIR
+    from interceptor.datapath.bpf_source import BPF_DIR
     copy = os.path.join(workdir, f"bpf-{change}")
     shutil.copytree(BPF_DIR, copy)
     path = os.path.join(copy, "sock_connect.c" if change == "code" else "lib/maps.h")
@@ -333,7 +338,7 @@ def link_prog_ids(cookie):
 def test_an_agent_of_a_changed_datapath_upgrades_it_in_place_under_load(node, tmp_path):
     runtime, rt, agent, ids = node
     agent.ensure_running().wait_ready()
-    from interceptor import status
+    from interceptor.ops import status
     before = status.collect()["node"]["datapath_version"]
     early = record_of(ids["early"])
     old_ids = link_prog_ids(early.cookie)
@@ -379,7 +384,7 @@ def assert_upgrade_refused_in_place(agent, ids, env, saying):
     """An agent started with env (a build it cannot swap in): not ready saying why, the
     loaded datapath's version unchanged, the early pod still captured, the refusal
     counted; then the module's agent is started again as the other tests know it."""
-    from interceptor import status
+    from interceptor.ops import status
     version = status.collect()["node"]["datapath_version"]
     agent.stop()
     agent.start(env=env)
@@ -398,7 +403,7 @@ def assert_upgrade_refused_in_place(agent, ids, env, saying):
 def test_an_upgrade_the_kernel_refuses_part_of_keeps_the_pods_and_says_why_it_is_not_ready(node, tmp_path):
     """A new build whose xdp_ingress this kernel refuses (the loaded plan uses it): the
     loaded datapath stays, its pods captured, and /readyz names the program and why."""
-    from interceptor.build import REFUSE_ENV
+    from interceptor.datapath.build import REFUSE_ENV
     _, _, agent, ids = node
     agent.ensure_running().wait_ready()
     assert_upgrade_refused_in_place(
@@ -410,7 +415,7 @@ def test_an_agent_on_a_kernel_that_refuses_a_program_loads_the_fallback_and_says
     """sk_lookup's program refused at the agent's first load: inbound capture runs on
     rules, the agent is ready and says which program fell back and why (readiness body,
     metrics), and a pod started now is captured by the fallback."""
-    from interceptor.build import REFUSE_ENV
+    from interceptor.datapath.build import REFUSE_ENV
     runtime, rt, agent, ids = node
     agent.ensure_running().wait_ready()
     agent.stop()

@@ -1,6 +1,6 @@
 """Benchmark reporting: pure logic on synthetic samples (the benchmark itself runs as
 `interceptor bench`, never as a pass/fail test)."""
-from interceptor.bench import report
+from interceptor.harness.bench import report
 
 
 def sample(rps, rnd, p99=1.0):
@@ -50,7 +50,7 @@ def test_rules_ratios_to_the_smallest_list_pair_samples_of_one_round():
 
 
 def test_conns_table_and_plot(tmp_path):
-    from interceptor.bench import conns
+    from interceptor.harness.bench import conns
 
     def row(mode, n, rps, rnd):
         return dict(sample(rps, rnd), mode=mode, connections=n, held=n, failed=0, seconds=1.0,
@@ -67,7 +67,7 @@ def test_conns_table_and_plot(tmp_path):
 
 
 def test_connect_cost_table_gives_per_round_differences_to_the_smallest_lists():
-    from interceptor.bench import connect_cost
+    from interceptor.harness.bench import connect_cost
     results = {"connects_per_block": 100, "samples": {
         "0": [9000.0, 9100.0], "10": [10000.0, 11000.0], "10000": [10500.0, 11300.0]}}
     lines = connect_cost.render(results).splitlines()
@@ -77,7 +77,7 @@ def test_connect_cost_table_gives_per_round_differences_to_the_smallest_lists():
 
 
 def test_filter_cost_subtracts_the_bare_pass_of_the_same_hook_and_round():
-    from interceptor.bench import filter_cost
+    from interceptor.harness.bench import filter_cost
     results = {"repeat": 10, "packet_bytes": 1514, "samples": {
         "tc pass only": [10, 12], "tc filter, default": [50, 54],
         "xdp pass only": [5, 5], "xdp filter, default": [25, 35]}}

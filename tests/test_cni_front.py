@@ -17,7 +17,11 @@ import pytest
 from pyroute2 import netns as pyr_netns
 
 from cnihelper import config, container_env, run
-from interceptor import cni_install, cni_server, loader, netns, paths, podrecord, state
+from interceptor import paths, store
+from interceptor.kernel import netns
+from interceptor.pod import podrecord
+from interceptor.ops import loader
+from interceptor.cni import install as cni_install, server as cni_server
 
 pytestmark = pytest.mark.kernel
 
@@ -121,7 +125,7 @@ def test_the_installed_plugin_is_the_static_front_with_the_plugin_zipped_behind_
     out = subprocess.run(["file", "-b", agent.plugin], capture_output=True, text=True).stdout
     assert "statically linked" in out or "static-pie" in out, out
     with zipfile.ZipFile(agent.plugin) as z:
-        assert "interceptor/cni.py" in z.namelist()
+        assert "interceptor/cni/plugin.py" in z.namelist()
     assert cni_install.installed_fingerprint(agent.plugin) == cni_install._fingerprint_of_this()
 
 
@@ -221,7 +225,7 @@ def test_a_request_waiting_for_the_node_lock_past_its_deadline_is_dropped(agent,
     expired = agent.metric("ADD", "expired")
     answered = agent.metric("ADD", "answered")
     result = {}
-    with state.node_lock():
+    with store.node_lock():
         adder = threading.Thread(target=lambda: result.update(
             out=run(agent.plugin, log, "ADD", config(), INTERCEPTOR_CNI_AGENT_TIMEOUT="1", **env)))
         adder.start()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from interceptor import cni_install
+from interceptor.cni import install as cni_install
 
 pytestmark = pytest.mark.root     # the CLI refuses to run as another user
 

@@ -16,8 +16,12 @@ import uuid
 import pytest
 
 from conftest import start_http_app
-from interceptor import abi, counters, lab as labmod, netns, paths, podrecord
-from interceptor.maps import Maps
+from interceptor import abi, paths
+from interceptor.kernel import netns
+from interceptor.datapath.maps import Maps
+from interceptor.pod import podrecord
+from interceptor.ops import counters
+from interceptor.harness import lab as labmod
 
 pytestmark = pytest.mark.kernel
 
@@ -204,7 +208,7 @@ def test_envoy_sidecars_carry_calls_between_containers_and_from_outside(podman):
     listener and in through the callee's inbound chain, a call to a server outside
     the mesh through PassthroughCluster, and a call from the host into the callee's
     inbound chain; Envoy's own counters say which path each took."""
-    from interceptor import envoy_sidecar
+    from interceptor.harness import envoy_sidecar
     install_chain(podman)
     web_name, web_ns, web = run_container(podman)
     caller_name, caller_ns, caller = run_container(podman)

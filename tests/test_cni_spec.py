@@ -11,9 +11,13 @@ import uuid
 
 import pytest
 
-from interceptor import (abi, ingress_policy, libbpf, loader, netns, paths, pieces,
-                         podrecord, rules, state, tc)
-from interceptor.maps import Maps, addr16
+from interceptor import abi, paths, store
+from interceptor.kernel import libbpf, netns, rules
+from interceptor.datapath.maps import Maps, addr16
+from interceptor.pod import ingress_policy, podrecord
+from interceptor import pieces
+from interceptor.pieces import tc
+from interceptor.ops import loader
 from pyroute2 import netns as pyr_netns
 
 from cnihelper import config, container_env, installed_plugin, prev_result, run
@@ -319,7 +323,7 @@ def test_hostile_requests_get_a_spec_error_and_change_nothing(datapath, namespac
     hostile JSON value (>1,000 requests): each answer is a success or the spec's error
     JSON with a code below 100 (never 999, an internal error), no traceback, and after
     DEL of each nothing is left."""
-    from interceptor import cni
+    from interceptor.cni import plugin as cni
     ns = namespaces()
 
     def valid():
@@ -368,13 +372,13 @@ def test_check(plugin, log, datapath, namespaces):
     rc, doc = run(plugin, log, "CHECK", config(), **dict(env, CNI_NETNS=namespaces()))
     assert doc["code"] == 103 and "not the enrolled one" in doc["msg"]
     # a record an ADD killed half-way leaves (written first, completed last)
-    rec = state.read_json(paths.pod_state_file(cookie))
-    state.write_json(paths.pod_state_file(cookie), dict(rec, complete=False))
+    rec = store.read_json(paths.pod_state_file(cookie))
+    store.write_json(paths.pod_state_file(cookie), dict(rec, complete=False))
     rc, doc = run(plugin, log, "CHECK", config(), **env)
     assert doc["code"] == 106 and "incomplete" in doc["msg"]
-    from interceptor import status
+    from interceptor.ops import status
     assert any("enrollment incomplete" in e for e in status.collect()["errors"])
-    state.write_json(paths.pod_state_file(cookie), rec)
+    store.write_json(paths.pod_state_file(cookie), rec)
     assert run(plugin, log, "CHECK", config(), **env) == (0, None)
     # break the inbound attachment behind the plugin's back
     libbpf.detach_link_pin(paths.pod_link_pin(cookie, "sk_lookup"))

@@ -19,10 +19,13 @@ import pytest
 
 from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
                       sidecar_entries, start_server, start_sidecar)
-from interceptor import abi, enrollment, loader, netns, paths, podrecord, rules
-from interceptor.lab import wait_listening
-from interceptor.maps import Maps, cidr_key
-from interceptor.podspec import PodSettings
+from interceptor import abi, paths
+from interceptor.kernel import netns, rules
+from interceptor.datapath.maps import Maps, cidr_key
+from interceptor.pod import podrecord
+from interceptor.pod.podspec import PodSettings
+from interceptor.ops import enrollment, loader
+from interceptor.harness.lab import wait_listening
 
 pytestmark = pytest.mark.kernel
 
@@ -243,7 +246,8 @@ def test_sidecar_connecting_to_its_own_capture_port_is_refused(pods, datapath):
     refused = pod_counters(a)["out_refused_proxy_loop"]
     assert refused >= 1
     # an operator sees it: a warning in status, and the metric
-    from interceptor import metrics, status
+    from interceptor.ops import status
+    from interceptor.agent import metrics
     assert f"test/a: {refused} connections of its proxy to its own capture port refused" in \
         " ".join(status.collect()["warnings"])
     samples = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from interceptor import cni_config
+from interceptor.cni import config as cni_config
 from interceptor.cli import agent as agent_command, uninstall as uninstall_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,8 +17,10 @@ import time
 import pytest
 
 from conftest import APPS, client, loaded, pod_counters, pods_lab, start_server
-from interceptor import abi, enrollment, envoy_sidecar
-from interceptor.podspec import PodSettings
+from interceptor import abi
+from interceptor.pod.podspec import PodSettings
+from interceptor.ops import enrollment
+from interceptor.harness import envoy_sidecar
 
 pytestmark = pytest.mark.kernel
 

@@ -17,9 +17,11 @@ import pytest
 
 from conftest import (Background, client, enroll, loaded, publish_figures, sidecar_entries, start_server,
                       start_sidecar)
-from interceptor import libbpf, netns, paths, status
-from interceptor.maps import LAYOUT
-from interceptor.migrate import COPYABLE, PERCPU_TYPES, Layout
+from interceptor import paths
+from interceptor.kernel import libbpf, netns
+from interceptor.datapath.maps import LAYOUT
+from interceptor.datapath.migrate import COPYABLE, PERCPU_TYPES, Layout
+from interceptor.ops import status
 
 pytestmark = pytest.mark.kernel
 ENTRIES_PER_MAP = 300

@@ -13,7 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import enroll, loaded, node_fingerprint, publish_figures
-from interceptor import ingress_policy, netns, paths, podrecord, state, status
+from interceptor import paths, store
+from interceptor.kernel import netns
+from interceptor.pod import ingress_policy, podrecord
+from interceptor.ops import status
 from interceptor.cli import main
 
 pytestmark = pytest.mark.kernel
@@ -172,7 +175,7 @@ def test_damaged_state_files_are_named_and_there_is_a_way_out(lab):
         enroll(pod)
         cookie = netns.cookie_of(pod.netns_path)
         record_path = paths.pod_state_file(cookie)
-        good_record = state.read_json(record_path)
+        good_record = store.read_json(record_path)
         for text in corrupted_variants(good_record):
             write_raw(record_path, text)
             tried += 1
@@ -193,7 +196,7 @@ def test_damaged_state_files_are_named_and_there_is_a_way_out(lab):
         assert r.returncode == 0 and podrecord.read(cookie) is None, r.stderr
         enroll(pod)
 
-        good_node = state.read_json(paths.NODE_STATE)
+        good_node = store.read_json(paths.NODE_STATE)
         for text in corrupted_variants(good_node):
             write_raw(paths.NODE_STATE, text)
             tried += 1

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import client, enroll, sidecar_entries, start_server, start_sidecar
-from interceptor import loader, paths, status
-from interceptor.bpf_source import datapath_version
+from interceptor import paths
+from interceptor.datapath.bpf_source import datapath_version
+from interceptor.ops import loader, status
 
 pytestmark = pytest.mark.kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

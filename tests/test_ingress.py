@@ -25,9 +25,12 @@ from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
 from conftest import enroll, load_without, loaded, pod_counters, pods_lab
-from interceptor import (abi, enrollment, ingress_policy, loader, netns, paths, pieces,
-                         podrecord)
-from interceptor.maps import Maps
+from interceptor import abi, paths
+from interceptor.kernel import netns
+from interceptor.datapath.maps import Maps
+from interceptor.pod import ingress_policy, podrecord
+from interceptor import pieces
+from interceptor.ops import enrollment, loader
 
 pytestmark = pytest.mark.kernel
 
@@ -480,7 +483,7 @@ def _attachment_ids(pod):
     rec = record_of(f"test/{pod.name}")
     if pieces.filter_of(rec)[0].mechanism != "xdp":
         return None
-    from interceptor import tc, xdp
+    from interceptor.pieces import tc, xdp
     ids = []
     for a in filter_interfaces(rec):
         if a["mode"] == "tc":
@@ -584,7 +587,8 @@ def test_unenroll_and_unload_detach_everything(flab, mechanism):
 
 def _attach_foreign_xdp(pod):
     """An operator's own XDP program, attached the classic way (netlink, no link)."""
-    from interceptor import libbpf, xdp
+    from interceptor.kernel import libbpf
+    from interceptor.pieces import xdp
     prog = libbpf.load_trivial_prog(libbpf.ProgType.XDP, 0, 2)     # XDP_PASS
     try:
         with netns.entered(pod.netns_path):
@@ -607,7 +611,7 @@ def test_foreign_xdp_program_is_refused_not_replaced(flab, mechanism):
 
     rec = enroll(pod, ingress_filter=mechanism, ingress_conflict="skip")
     assert filter_interfaces(rec) == [] and pieces.filter_of(rec)[1]["skipped"][0]["ifname"] == "eth0"
-    from interceptor import status
+    from interceptor.ops import status
     report = status.collect(pod_filter="test/target")
     assert any("no ingress filter on eth0" in w for w in report["warnings"])
     assert xdp_attached(pod) == "xdpgeneric"
@@ -615,7 +619,8 @@ def test_foreign_xdp_program_is_refused_not_replaced(flab, mechanism):
 
 def _add_foreign_tc_filter(pod, pref, verdict):
     """An operator's own tc filter (direct action, returning verdict) on eth0's ingress."""
-    from interceptor import libbpf, tc
+    from interceptor.kernel import libbpf
+    from interceptor.pieces import tc
     prog = libbpf.load_trivial_prog(libbpf.ProgType.SCHED_CLS, 0, verdict)
     try:
         with netns.entered(pod.netns_path):
@@ -631,7 +636,7 @@ def test_foreign_tc_filter_in_our_place_is_refused_and_others_still_run(flab, me
     it still runs; one already in our place is refused, or skipped on request."""
     if mechanism != "tc":
         pytest.skip("the tc hook only")
-    from interceptor import tc
+    from interceptor.pieces import tc
     pod = flab.add_pod("target")
     _add_foreign_tc_filter(pod, tc.TC_PREF, 0)       # TC_ACT_OK
     with pytest.raises(enrollment.EnrollError, match="already has tc filter .*refusing"):
@@ -672,7 +677,8 @@ def test_status_and_metrics_show_the_filter(flab, mechanism):
         wait_counter(pod, "ingress_dropped_protected_port", before)
     finally:
         wire.close()
-    from interceptor import metrics, status
+    from interceptor.ops import status
+    from interceptor.agent import metrics
     report = status.collect(pod_filter="test/target")
     ing = report["pods"][0]["ingress"]
     assert report["node"]["capabilities"]["ingress"] == ("nftables" if mechanism == "nftables" else "tc/xdp")
@@ -689,7 +695,7 @@ def test_status_and_metrics_show_the_filter(flab, mechanism):
         try:
             assert any(f"missing from {array}" in e for e in status.collect()["errors"])
         finally:
-            from interceptor import libbpf
+            from interceptor.kernel import libbpf
             fd = libbpf.obj_get(paths.prog_pin(prog))
             with Maps() as maps:
                 getattr(maps, array).put(ctypes.c_uint32(0), ctypes.c_uint32(fd))

@@ -9,7 +9,7 @@ import sysconfig
 
 import pytest
 
-from interceptor import loader
+from interceptor.ops import loader
 
 pytestmark = pytest.mark.kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def run(venv, *argv):
 def test_the_wheel_carries_the_c_sources_and_loads_from_them(installed):
     loader.unload()
     try:
-        where = run(installed, "python", "-c", "import interceptor.bpf_source as b; print(b.BPF_DIR)")
+        where = run(installed, "python", "-c", "import interceptor.datapath.bpf_source as b; print(b.BPF_DIR)")
         assert where.stdout.strip().startswith(str(installed)), where
         r = run(installed, "interceptor", "load", "--mode", "ebpf")
         assert r.returncode == 0, r.stderr

@@ -13,10 +13,14 @@ import time
 import pytest
 
 from conftest import killed_after, loaded, pods_lab, publish_figures
-from interceptor import abi, enrollment, loader, netns, paths, pieces, podrecord, status
-from interceptor.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
-from interceptor.podspec import PodSettings
-from interceptor.problems import Kind
+from interceptor import abi, paths
+from interceptor.kernel import netns
+from interceptor.datapath.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
+from interceptor.pod import podrecord
+from interceptor.pod.podspec import PodSettings
+from interceptor.pod.problems import Kind
+from interceptor import pieces
+from interceptor.ops import enrollment, loader, status
 
 pytestmark = pytest.mark.kernel
 
@@ -30,8 +34,9 @@ MODES = {"ebpf": dict(mode="auto"), "nftables": dict(mode="nftables"), "iptables
 
 KILLER = r"""
 import os, signal, sys
-from interceptor import enrollment, pieces
-from interceptor.podspec import PodSettings
+from interceptor.pod.podspec import PodSettings
+from interceptor import pieces
+from interceptor.ops import enrollment
 import json
 netns_path, when, victim, settings = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 cls = type(pieces.BY_NAME[victim])
@@ -222,8 +227,8 @@ def test_a_record_of_the_previous_layout_is_verified_and_removed(pod, mode):
     old["ingress"] = dict(filt, mechanism=piece.mechanism)
     if mode != "ebpf":
         old["rules"] = rec.entry("capture-rules").state
-    from interceptor import state
-    state.write_json(paths.pod_state_file(rec.cookie), old)
+    from interceptor import store
+    store.write_json(paths.pod_state_file(rec.cookie), old)
     again = podrecord.read(rec.cookie)
     assert [e.piece for e in again.journal] == [e.piece for e in rec.journal]
     assert not enrollment.verify(again, pod.netns_path)
@@ -254,7 +259,7 @@ def test_a_damaged_record_is_reported_and_removable(pod, mode):
         assert_nothing_left(pod, rec.cookie, before)
 
 
-ENROLL = ("import sys\nfrom interceptor import enrollment\nfrom interceptor.podspec import PodSettings\n"
+ENROLL = ("import sys\nfrom interceptor import enrollment\nfrom interceptor.pod.podspec import PodSettings\n"
           "import json\nenrollment.enroll(sys.argv[1], PodSettings(**json.loads(sys.argv[2])), pod='test/victim')\n")
 UNENROLL = "import sys\nfrom interceptor import enrollment\nenrollment.unenroll(netns_path=sys.argv[1])\n"
 

@@ -10,9 +10,12 @@ import time
 import pytest
 
 from conftest import enroll, killed_after, loaded, pods_lab, publish_figures, wait_gone
-from interceptor import enrollment, ingress_policy, loader, netns, paths, podrecord, status
-from interceptor.maps import Maps
-from interceptor.problems import Kind
+from interceptor import paths
+from interceptor.kernel import netns
+from interceptor.datapath.maps import Maps
+from interceptor.pod import ingress_policy, podrecord
+from interceptor.pod.problems import Kind
+from interceptor.ops import enrollment, loader, status
 
 pytestmark = pytest.mark.kernel
 RUNS = int(os.environ.get("INTERCEPTOR_KILL_RUNS", 40)) // 4      # 10 by default, 50 at scale
@@ -89,7 +92,7 @@ def test_load_and_unload_killed_at_random_points_converge():
 # milliseconds of map writes, which a timed kill from outside rarely hits.
 POLICY_KILLER = r"""
 import os, signal, sys
-from interceptor import libbpf
+from interceptor.kernel import libbpf
 from interceptor.cli import main
 left = int(sys.argv[1])
 real = libbpf.map_update

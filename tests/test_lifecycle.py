@@ -10,8 +10,11 @@ import pytest
 
 from conftest import (bpftool, client, enroll, load_without, sidecar_entries, start_server, start_sidecar,
                       wait_gone)
-from interceptor import enrollment, libbpf, loader, paths, podrecord
-from interceptor.programs import BYPASS_MAP, POD_COPY, PROGRAMS
+from interceptor import paths
+from interceptor.kernel import libbpf
+from interceptor.datapath.programs import BYPASS_MAP, POD_COPY, PROGRAMS
+from interceptor.pod import podrecord
+from interceptor.ops import enrollment, loader
 
 pytestmark = pytest.mark.kernel
 
@@ -75,12 +78,12 @@ def test_unload_leaves_nothing(clean, lab):
 
 
 def test_interrupted_load_is_repaired(clean):
-    from interceptor import state
+    from interceptor import store
     loader.load()
     ids = pinned_prog_ids()
     # simulate a load killed before it completed: one attachment missing
     libbpf.detach_link_pin(paths.link_pin("connect4"))
-    state.write_json(paths.NODE_STATE, dict(state.read_json(paths.NODE_STATE), complete=False))
+    store.write_json(paths.NODE_STATE, dict(store.read_json(paths.NODE_STATE), complete=False))
     assert not loader.is_loaded()
     assert loader.load() == "loaded"
     assert loader.is_loaded()
@@ -92,7 +95,8 @@ def test_a_load_that_lost_a_link_or_program_is_repaired_keeping_its_pods(clean, 
     """Pins removed behind interceptor's back (by hand, by another tool): `load` (or the
     agent) puts the programs back into the load that is there. Tearing it down would
     uncapture every enrolled pod until each was enrolled again."""
-    from interceptor import netns, status
+    from interceptor.kernel import netns
+    from interceptor.ops import status
     loader.load()
     a, b = lab.add_pod("a"), lab.add_pod("b")
     start_server(b)
@@ -139,7 +143,7 @@ def test_without_the_datapath_nothing_is_intercepted(clean, lab):
 
 
 def test_load_at_a_given_cgroup(clean):
-    from interceptor import mounts
+    from interceptor.kernel import mounts
     root, _ = mounts.ensure_cgroup2()
     child = os.path.join(root, f"interceptor-test-{os.getpid()}")
     os.makedirs(child, exist_ok=True)
@@ -193,9 +197,10 @@ def test_without_bcc_load_says_so_and_rules_run_only_when_asked(clean, lab, monk
 def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     """A plugin or CLI of one version meeting a datapath of another (an upgrade half
     done): a map whose key or value size differs is reported, and nothing is written."""
-    from interceptor import cni, status
-    from interceptor.maps import Maps
-    from interceptor.podspec import PodSettings
+    from interceptor.datapath.maps import Maps
+    from interceptor.pod.podspec import PodSettings
+    from interceptor.ops import status
+    from interceptor.cni import plugin as cni
     loader.load()
     pod = lab.add_pod("a")
     # the pods map as a version with a 4-byte larger value would have pinned it
@@ -220,7 +225,7 @@ def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
 
 
 def test_a_rules_mode_load_neither_compiles_nor_probes_bpf(clean):
-    from interceptor import capabilities, doctor
+    from interceptor.ops import capabilities, doctor
     checks = [c.name for c in doctor.run(only=capabilities.probes_for("nftables")).checks]
     assert checks == ["nftables", "iptables"]
     out = subprocess.run([sys.executable, "-c", "import sys; from interceptor import loader; "
@@ -250,11 +255,12 @@ def test_an_interrupted_upgrade_is_an_error_until_an_upgrade_completes_it(clean)
     """Killed between its first and last link update, an upgrade leaves programs of two
     builds in place: journalled before the swap, status names it (exit 1), and the next
     upgrade, even of the same build, swaps every program again and clears it."""
-    from interceptor import state, status, upgrade
+    from interceptor import store
+    from interceptor.ops import status, upgrade
     loader.load()
-    node = state.read_json(paths.NODE_STATE)
+    node = store.read_json(paths.NODE_STATE)
     old_prog = libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id
-    state.write_json(paths.NODE_STATE, dict(node, upgrading_to=node["datapath_version"]))
+    store.write_json(paths.NODE_STATE, dict(node, upgrading_to=node["datapath_version"]))
     report = status.collect()
     assert any("upgrade of the datapath" in e and "interrupted" in e for e in report["errors"])
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "status"], capture_output=True, text=True)

@@ -12,9 +12,12 @@ import uuid
 import pytest
 
 from conftest import APPS, publish_figures, SERVER_PORT, client, enroll, pod_counters, sidecar_entries, start_server, start_sidecar
-from interceptor import abi, enrollment, libbpf, loader, netns, paths, podrecord, state, status, upgrade
-from interceptor.maps import Maps
-from interceptor.migrate import Layout
+from interceptor import abi, paths, store
+from interceptor.kernel import libbpf, netns
+from interceptor.datapath.maps import Maps
+from interceptor.datapath.migrate import Layout
+from interceptor.pod import podrecord
+from interceptor.ops import enrollment, loader, status, upgrade
 
 pytestmark = pytest.mark.kernel
 
@@ -76,7 +79,7 @@ def test_resizing_in_place_keeps_pods_traffic_and_counters(clean, lab):
     publish_figures({"scenario": "resizing pods, redirected and stats in place while a pod's client runs "
                                  "through its sidecar", "tried": {"requests (a connection each)": counts["ok"]},
                      "failures": counts["failed"], "lost": 0, "leftovers": {}})
-    node = state.read_json(paths.NODE_STATE)
+    node = store.read_json(paths.NODE_STATE)
     assert node["map_sizes"] == sizes and "migrating_maps" not in node
     assert not [p for p in os.listdir(paths.PIN_MAPS) if p.endswith("_migrating")]
     # the pod's entries and counters came along (counted meanwhile too: never reset)
@@ -108,14 +111,14 @@ def test_too_small_or_uncopyable_is_refused_and_changes_nothing(clean, lab):
     for pod in pods:
         enroll(pod)
     ids = {name: map_id(name) for name in ("pods", "inbound_listeners")}
-    version = state.read_json(paths.NODE_STATE)["datapath_version"]
+    version = store.read_json(paths.NODE_STATE)["datapath_version"]
     for sizes, why in (({"pods": 1}, "map pods holds 2 entries, more than the new capacity of 1"),
                        ({"inbound_listeners": 100}, "map inbound_listeners holds sockets")):
         r = subprocess.run([sys.executable, "-m", "interceptor.cli", "upgrade", *(
             f"--map-size={k}={v}" for k, v in sizes.items())], capture_output=True, text=True)
         assert r.returncode == 1 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert {name: map_id(name) for name in ids} == ids
-    assert state.read_json(paths.NODE_STATE)["datapath_version"] == version
+    assert store.read_json(paths.NODE_STATE)["datapath_version"] == version
     assert not status.collect()["errors"]
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "upgrade", "--map-size", "pods=many"],
                        capture_output=True, text=True)
@@ -143,10 +146,10 @@ def _older_pods_map(entries):
 def test_a_map_of_an_older_layout_is_converted_field_by_field(clean):
     loader.load()
     old = _older_pods_map({101: (1337, 15001), 102: (2000, 16001)})
-    node = state.read_json(paths.NODE_STATE)
+    node = store.read_json(paths.NODE_STATE)
     node["map_layouts"]["pods"]["value"] = old.as_json()
     node["datapath_version"] = "older"
-    state.write_json(paths.NODE_STATE, node)
+    store.write_json(paths.NODE_STATE, node)
     summary = upgrade.upgrade()
     assert "migrated pods (value_size 12 -> 16; 2 entries)" in summary, summary
     with Maps() as maps:
@@ -161,11 +164,11 @@ def test_a_layout_that_cannot_be_converted_or_is_not_recorded_is_refused(clean):
     loader.load()
     old = _older_pods_map({101: (1337, 15001)})
     kept = map_id("pods")
-    node = state.read_json(paths.NODE_STATE)
+    node = store.read_json(paths.NODE_STATE)
     node["datapath_version"] = "older"
     # no record of the older layout: 12 bytes cannot be guessed into 16
     node["map_layouts"].pop("pods")
-    state.write_json(paths.NODE_STATE, node)
+    store.write_json(paths.NODE_STATE, node)
     with pytest.raises(upgrade.UpgradeError, match="changes size .12 -> 16 bytes. and the loaded datapath's "
                        "layout of it is not recorded"):
         upgrade.upgrade()
@@ -173,10 +176,10 @@ def test_a_layout_that_cannot_be_converted_or_is_not_recorded_is_refused(clean):
     shrunk = Layout(old.size, [f if f.name != "inbound_port" else type(f)(f.name, f.offset, 8, "int")
                                for f in old.fields])
     node["map_layouts"]["pods"] = {"key": None, "value": shrunk.as_json()}
-    state.write_json(paths.NODE_STATE, node)
+    store.write_json(paths.NODE_STATE, node)
     with pytest.raises(upgrade.UpgradeError, match="field inbound_port changes from 8 bytes"):
         upgrade.upgrade()
-    assert map_id("pods") == kept and state.read_json(paths.NODE_STATE)["datapath_version"] == "older"
+    assert map_id("pods") == kept and store.read_json(paths.NODE_STATE)["datapath_version"] == "older"
 
 
 def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
@@ -188,10 +191,10 @@ def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
         staged_id = libbpf.obj_info(fd, libbpf.MapInfo).id
         libbpf.obj_pin(fd, paths.map_pin("pods") + "_migrating")
         os.close(fd)
-        node = state.read_json(paths.NODE_STATE)
+        node = store.read_json(paths.NODE_STATE)
         if journalled:
             node.update(upgrading_to=node["datapath_version"], migrating_maps=["pods"])
-            state.write_json(paths.NODE_STATE, node)
+            store.write_json(paths.NODE_STATE, node)
         result = upgrade.upgrade()
         assert not os.path.lexists(paths.map_pin("pods") + "_migrating")
         assert (map_id("pods") == staged_id) == journalled

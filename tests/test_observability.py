@@ -13,7 +13,8 @@ import urllib.request
 import pytest
 
 from conftest import SERVER_PORT, enroll, start_server
-from interceptor import libbpf, netns, paths
+from interceptor import paths
+from interceptor.kernel import libbpf, netns
 
 pytestmark = pytest.mark.kernel
 
@@ -178,7 +179,7 @@ def test_metrics_count_the_connections(held, metrics_server):
 
 
 def test_cni_durations_are_a_histogram(datapath, metrics_server, tmp_path):
-    from interceptor import opstats
+    from interceptor.ops import opstats
     opstats.record("cni ADD", True, 0.02)
     m = scrape(metrics_server)
     assert m[("interceptor_cni_command_duration_seconds_bucket", (("command", "ADD"), ("le", "0.025")))] >= 1
@@ -201,7 +202,8 @@ def test_broken_attachment_makes_status_fail(datapath, lab):
 def test_status_enters_each_pods_namespace_once(held, monkeypatch):
     """Everything `status` asks of a pod's namespace (each piece's check: ::6 on lo, the
     filter on each interface; the proxy's listeners) is asked in one visit."""
-    from interceptor import netns, status
+    from interceptor.kernel import netns
+    from interceptor.ops import status
     entries = []
     real = netns._setns
     monkeypatch.setattr(netns, "_setns", lambda fd: (entries.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from interceptor import netns, netns_cookie_bpf, selfcheck
+from interceptor.kernel import netns, netns_cookie_bpf
+from interceptor.harness import selfcheck
 from conftest import bpftool
 
 pytestmark = pytest.mark.kernel
@@ -43,7 +44,7 @@ def test_the_bpf_cookie_probe_leaves_nothing_attached():
 def test_selfcheck_passes_on_this_kernel_in_each_mode():
     """The matrix's check, run here: every step of the behavioural core ok, and unload
     leaves nothing (its last step)."""
-    from interceptor import loader
+    from interceptor.ops import loader
     loader.unload()          # selfcheck refuses a loaded node
     for mode in ("auto", "nftables"):
         p = subprocess.run([sys.executable, "-m", "interceptor.cli", "selfcheck", "--mode", mode,
@@ -59,7 +60,8 @@ def test_a_selfcheck_killed_half_way_is_cleaned_up_by_the_next():
     (namespaces, sidecars, the datapath serving only its pods), then passes."""
     import signal
     import time
-    from interceptor import loader, podrecord, residue
+    from interceptor.pod import podrecord
+    from interceptor.ops import loader, residue
     loader.unload()
     cli = [sys.executable, "-m", "interceptor.cli", "selfcheck", "-o", "json"]
     victim = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from conftest import enroll, loaded, node_fingerprint
-from interceptor import libbpf, netns, paths, state, status
+from interceptor import paths, store
+from interceptor.kernel import libbpf, netns
+from interceptor.ops import status
 
 pytestmark = pytest.mark.kernel
 
@@ -81,7 +83,7 @@ def test_a_symlink_where_state_goes_is_neither_followed_nor_trusted(lab, tmp_pat
         assert not os.path.lexists(record)
         # a writer replaces a symlink at its path; the file it pointed at is untouched
         os.symlink(target, record)
-        state.write_json(record, {"x": 1})
+        store.write_json(record, {"x": 1})
         assert not os.path.islink(record) and target.read_text() == "keep me"
         os.unlink(record)
     with pytest.raises(OSError):

@@ -5,10 +5,12 @@ REDIRECT rules, the XDP filter to tc, tc to XDP, both to nftables, then none; th
 to off. A forced eBPF mode refuses to load rather than fall back."""
 import pytest
 
-from interceptor import capabilities, doctor, pieces, xdp
-from interceptor.capabilities import Probe
-from interceptor.plan import Plan
-from interceptor.programs import PROGRAMS
+from interceptor.datapath.plan import Plan
+from interceptor.datapath.programs import PROGRAMS
+from interceptor import pieces
+from interceptor.pieces import xdp
+from interceptor.ops import capabilities, doctor
+from interceptor.ops.capabilities import Probe
 
 
 def report(missing=()):
@@ -100,7 +102,7 @@ def test_a_plan_recorded_before_filter_hooks_existed_has_both():
      "plan.filter_hooks has 'ebpf'"),
 ])
 def test_a_recorded_plan_that_is_not_one_says_why(doc, why):
-    from interceptor import plan as planmod
+    from interceptor.datapath import plan as planmod
     assert planmod.problem(doc) == why
     with pytest.raises(ValueError, match=why.replace("(", r"\(")):
         Plan.from_json(doc)
@@ -115,7 +117,7 @@ def test_the_probes_doctor_runs_are_the_probes_the_plan_reads():
 
 
 def test_the_verifier_reason_is_the_line_that_says_why():
-    from interceptor.libbpf import verifier_reason
+    from interceptor.kernel.libbpf import verifier_reason
     log = """func#0 @0
 0: R1=ctx() R10=fp0
 0: (b7) r2 = -8                       ; R2_w=-8

@@ -18,7 +18,12 @@ import sys
 import pytest
 
 from conftest import enroll, loaded, pod_counters, pods_lab
-from interceptor import abi, build, libbpf, loader, netns, paths, pieces, selfcheck
+from interceptor import abi, paths
+from interceptor.kernel import libbpf, netns
+from interceptor.datapath import build
+from interceptor import pieces
+from interceptor.ops import loader
+from interceptor.harness import selfcheck
 
 pytestmark = pytest.mark.kernel
 CLI = [sys.executable, "-m", "interceptor.cli"]
@@ -107,7 +112,8 @@ def test_envoy_as_istio_configures_it_on_each_capture_fallback(refused):
 def test_status_metrics_and_enroll_on_a_node_whose_kernel_refused_the_xdp_filter():
     """A pod that asks for XDP gets the tc filter, which judges alike (the drop is
     counted); status warns with the program and the reason, the metrics carry it."""
-    from interceptor import metrics, status
+    from interceptor.ops import status
+    from interceptor.agent import metrics
     with loaded(refused="xdp_ingress") as plan, pods_lab("icr", 81) as lab:
         assert plan.filter_hooks == ("tc",)
         assert "xdp_ingress" not in os.listdir(paths.PIN_PROGS)
@@ -147,7 +153,8 @@ def test_an_upgrade_to_a_build_the_kernel_refuses_part_of_changes_nothing(tmp_pa
     """The loaded datapath uses the XDP filter; a new build whose xdp_ingress the kernel
     refuses is not swapped in: `interceptor upgrade` fails naming it, the programs in the
     links are the old ones, the pod stays captured."""
-    from interceptor import bpf_source, enrollment
+    from interceptor.datapath import bpf_source
+    from interceptor.ops import enrollment
     copy = tmp_path / "bpf"
     shutil.copytree(bpf_source.BPF_DIR, copy)
     with open(copy / "sock_connect.c", "a") as f:

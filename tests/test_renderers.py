@@ -10,8 +10,10 @@ import pathlib
 
 import pytest
 
-from interceptor import ingress_nft, ingress_policy, rules
-from interceptor.podspec import PodSettings
+from interceptor.kernel import rules
+from interceptor.pod import ingress_policy
+from interceptor.pod.podspec import PodSettings
+from interceptor.pieces import ingress_nft
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "rules"
 BOTH = (rules.OUTBOUND, rules.INBOUND)
@@ -62,6 +64,6 @@ def test_status_renders_a_report_as_its_golden_text():
     """`interceptor status` from a report `status -o json` gave (two enrolled pods with a
     connection held open: tests/test_observability.py writes the fixture)."""
     import json
-    from interceptor import status
+    from interceptor.ops import status
     report = json.loads((GOLDEN.parent / "status-report.json").read_text())
     check("../status-from-report.txt", status.render(report))

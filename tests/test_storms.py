@@ -17,8 +17,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from cnihelper import config, installed_plugin, run
 from conftest import Background, bpftool, pods_lab, publish_figures
-from interceptor import metrics, paths, podrecord
-from interceptor.maps import REPORTED, Maps
+from interceptor import paths
+from interceptor.datapath.maps import REPORTED, Maps
+from interceptor.pod import podrecord
+from interceptor.agent import metrics
 
 pytestmark = pytest.mark.kernel
 PODS = int(os.environ.get("INTERCEPTOR_STORM_PODS", 50))

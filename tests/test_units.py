@@ -8,10 +8,12 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from interceptor import abi, bpf_source
+from interceptor import abi
+from interceptor.datapath import bpf_source
+from interceptor.pod import parsing, podspec
+from interceptor.pod.podspec import PodSettings, SettingError
+from interceptor.cni import config as cni_config
 from interceptor.cli import main
-from interceptor import cni_config, parsing, podspec
-from interceptor.podspec import PodSettings, SettingError
 
 
 def test_committed_abi_header_is_current():
@@ -61,9 +63,9 @@ def test_settings_normalise():
 
 
 def test_the_plugin_entry_lists_every_setting_with_its_default():
-    """cni/interceptor-entry.json is the operator's reference: every config key of the
+    """deploy/cni/interceptor-entry.json is the operator's reference: every config key of the
     table, at its default."""
-    entry = json.loads((pathlib.Path(bpf_source.BPF_DIR).parent / "cni" / "interceptor-entry.json").read_text())
+    entry = json.loads((pathlib.Path(bpf_source.BPF_DIR).parent / "deploy" / "cni" / "interceptor-entry.json").read_text())
     plugin_keys = {"type", "capabilities", "excludeNamespaces", "sidecarMarker",
                    "enrollWithoutNamespace", "logFile", "pinRoot", "runDir"}
     assert set(entry) - plugin_keys == set(podspec.BY_CONFIG_KEY)
@@ -164,14 +166,15 @@ def test_bad_flags_are_usage_errors(argv):
 
 
 def test_cni_plugin_answers_version_without_config():
-    out = subprocess.run([sys.executable, "-m", "interceptor.cni"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "interceptor.cni.plugin"], capture_output=True, text=True,
                          env={"CNI_COMMAND": "VERSION"})
     assert out.returncode == 0
     assert '"supportedVersions"' in out.stdout
 
 
 # --- ingress policy (interceptor/ingress_policy.py) ---------------------------------------
-from interceptor import ingress_nft, ingress_policy  # noqa: E402
+from interceptor.pod import ingress_policy  # noqa: E402
+from interceptor.pieces import ingress_nft
 
 
 @pytest.mark.parametrize("text,rule", [
@@ -234,7 +237,7 @@ def test_policy_set_ids_are_stable_across_edits():
 
 def test_policy_source_keys_are_v4_mapped():
     import ipaddress
-    from interceptor.maps import cidr_key
+    from interceptor.datapath.maps import cidr_key
     key = cidr_key(7, abi.CidrKind.INGRESS_V4, ipaddress.ip_network("10.0.0.0/8"))
     assert bytes(key.addr) == b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 0])
     assert key.prefixlen == abi.CIDR_KEY_FIXED_BITS + 96 + 8
@@ -284,7 +287,7 @@ def test_vagrantfile_validates():
 def test_cni_log_file_is_a_plain_path_under_var_log_or_the_default(monkeypatch, configured, expected):
     """A relative logFile would land in whatever directory the runtime runs plugins from;
     one elsewhere would let a network config append to any file on the node."""
-    from interceptor import cni
+    from interceptor.cni import plugin as cni
     monkeypatch.delenv("INTERCEPTOR_CNI_LOG", raising=False)
     assert cni.Log({"logFile": configured}, {}, sys.stderr).path == (expected or cni.DEFAULT_LOG)
 
@@ -294,7 +297,7 @@ def test_listener_lookup_skips_ipv6_where_the_node_has_none(monkeypatch):
     that family has no listeners, rather than failing every enroll. Other errors stand."""
     import errno
     import socket
-    from interceptor import listeners
+    from interceptor.kernel import listeners
 
     def dump(protocol, msg_type, req):
         if req[0] == socket.AF_INET6:
@@ -316,8 +319,8 @@ def test_the_cni_add_path_needs_only_the_standard_library():
     click or prometheus_client."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "import interceptor.cni, interceptor.cni_config, interceptor.enrollment\n"
-            "import interceptor.pieces, interceptor.rules, interceptor.ingress_nft\n"
+            "import interceptor.cni.plugin, interceptor.cni.config, interceptor.ops.enrollment\n"
+            "import interceptor.pieces, interceptor.kernel.rules, interceptor.pieces.ingress_nft\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'bcc', 'scapy', 'pyroute2', 'click', 'prometheus_client', "
             "'dataclasses', 'inspect'}))" % root)     # the last two: ~14 ms per call
@@ -330,7 +333,7 @@ def test_dirwatch_sees_writes_renames_and_its_directory_replaced(tmp_path):
     """The agent's conf-dir watch (inotify): a write and a rename into place wake it,
     and a directory removed and made again is reported stale (the agent then watches
     the new one instead of a dead inode)."""
-    from interceptor.dirwatch import DirWatch
+    from interceptor.agent.dirwatch import DirWatch
     d = tmp_path / "net.d"
     d.mkdir()
     w = DirWatch(str(d))
@@ -360,8 +363,9 @@ def test_the_cli_reads_no_node_paths_before_a_command_runs():
 
 
 # --- map sizes and migrations (migrate.py, map_sizes.py) -----------------------------
-from interceptor import map_sizes, migrate  # noqa: E402
-from interceptor.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE  # noqa: E402
+from interceptor.datapath import migrate
+from interceptor.datapath.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE  # noqa: E402
+from interceptor.ops import map_sizes  # noqa: E402
 
 
 def test_every_sizable_map_exists_and_only_fixed_ones_are_left_out():
@@ -478,7 +482,7 @@ def test_the_kernel_matrix_table_shows_each_kernels_capabilities_choice_and_step
 
 
 # --- Istio's rules for the proxy's own connections over lo (rules.py) -------------------
-from interceptor import rules  # noqa: E402
+from interceptor.kernel import rules  # noqa: E402
 
 
 def test_inbound_source_constants_agree():
@@ -513,8 +517,10 @@ def test_an_agent_asking_for_another_mode_than_the_loaded_one_is_not_ready_and_c
     """A node loaded with --mode nftables and an agent configured for auto: changing the
     mode would uncapture every pod, so the agent leaves the datapath alone, says why it
     is not ready, and counts it once."""
-    from interceptor import agent, loader, state, upgrade
-    node = state.NodeState(requested_mode="nftables", complete=True, datapath_version="x")
+    from interceptor.datapath import node_state
+    from interceptor.ops import loader, upgrade
+    from interceptor.agent import agent
+    node = node_state.NodeState(requested_mode="nftables", complete=True, datapath_version="x")
     monkeypatch.setattr(loader, "is_loaded", lambda: True)
     monkeypatch.setattr(loader, "node_state", lambda: node)
     touched = []

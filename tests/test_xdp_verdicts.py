@@ -12,9 +12,13 @@ import os
 
 import pytest
 
-from interceptor import abi, ingress, libbpf, loader, stubs
-from interceptor.maps import Maps
-from interceptor.podspec import PodSettings
+from interceptor import abi
+from interceptor.kernel import libbpf
+from interceptor.datapath import stubs
+from interceptor.datapath.maps import Maps
+from interceptor.pod.podspec import PodSettings
+from interceptor.pieces import ingress
+from interceptor.ops import loader
 from test_ingress import CASES, POLICY
 
 pytestmark = pytest.mark.kernel

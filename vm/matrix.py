@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from interceptor.plan import from_json_or_none  # noqa: E402
-from interceptor.selfcheck import ENVOY_STEPS  # noqa: E402
+from interceptor.datapath.plan import from_json_or_none  # noqa: E402
+from interceptor.harness.selfcheck import ENVOY_STEPS  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGE_DIR = os.environ.get("INTERCEPTOR_VM_DIR", os.path.join(HERE, "..", "build", "vm"))

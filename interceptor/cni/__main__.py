@@ -1,0 +1,5 @@
+import sys
+
+from interceptor.cni.plugin import main
+
+sys.exit(main())
