@@ -92,11 +92,11 @@ def doctor(output):
                   "sizing a node). `upgrade --map-size` changes it on a loaded node.")
 def load(cgroup, bypass, mode, map_sizes):
     """Decide the mode, compile, pin and attach the datapath (idempotent)."""
-    from interceptor.ops import loader
+    from interceptor.ops import ensure
     try:
-        result = loader.load(cgroup=cgroup, bypass=bypass, mode=mode, map_sizes=map_sizes,
+        result = ensure.load(cgroup=cgroup, bypass=bypass, mode=mode, map_sizes=map_sizes,
                              log=lambda m: click.echo(m, err=True))
-    except (loader.LoadError, OSError) as exc:
+    except (ensure.LoadError, OSError) as exc:
         _fail(str(exc))
     click.echo(result)
 
@@ -106,14 +106,10 @@ def load(cgroup, bypass, mode, map_sizes):
 def upgrade(map_sizes):
     """Replace the loaded datapath's programs with this version's, in place: links and
     enrolled pods are kept, maps too, migrated where their capacity or layout changed."""
-    from interceptor.ops import loader
-    from interceptor.ops.upgrade import UpgradeError, upgrade as do_upgrade
-    if map_sizes is not None:
-        node = loader.node_state()
-        map_sizes = dict(node.map_sizes if node else {}, **map_sizes)
+    from interceptor.ops import ensure
     try:
-        click.echo(do_upgrade(map_sizes=map_sizes, log=click.echo))
-    except UpgradeError as exc:
+        click.echo(ensure.upgrade(map_sizes=map_sizes, log=click.echo))
+    except (ensure.LoadError, ensure.UpgradeError) as exc:
         _fail(str(exc))
 
 

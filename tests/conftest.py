@@ -19,8 +19,10 @@ os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-test")
 import pytest  # noqa: E402
 
 from interceptor import abi, paths
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps  # noqa: E402
 from interceptor.pod.podspec import PodSettings  # noqa: E402
+from interceptor.ops import ensure
 from interceptor.ops import counters, doctor, enrollment, loader  # noqa: E402
 from interceptor.harness import lab as labmod
 
@@ -46,7 +48,7 @@ def load_without(disabled="", refused="", **load_args):
     os.environ[doctor.DISABLE_ENV] = disabled
     os.environ[REFUSE_ENV] = refused
     try:
-        return loader.load(**load_args)
+        return ensure.load(**load_args)
     finally:
         for env, value in old.items():
             if value is None:
@@ -61,7 +63,7 @@ def loaded(disabled="", refused="", **load_args):
     refused refused), unloaded after, and checked gone."""
     loader.unload()
     load_without(disabled, refused, **load_args)
-    yield loader.node_plan()
+    yield node_state.node_plan()
     loader.unload()
     assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
 
@@ -146,7 +148,7 @@ def _all_counters(pod):
     from interceptor.pod import podrecord
     cookie = netns.cookie_of(pod.netns_path)
     records = podrecord.all_records()
-    if loader.node_plan().uses_bpf:
+    if node_state.node_plan().uses_bpf:
         with Maps() as maps:
             return counters.by_pod(maps, records).get(cookie, {})
     return counters.by_pod(None, records).get(cookie, {})

@@ -21,6 +21,7 @@ from conftest import publish_figures, start_http_app
 from crihelper import Containerd
 from interceptor import abi, paths
 from interceptor.kernel import libbpf
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pod import ingress_policy, podrecord
 from interceptor.ops import enrollment, loader
@@ -138,10 +139,10 @@ def record_of(sandbox_id):
 
 def test_the_agent_loads_chains_and_enrolls_the_pod_that_started_before_it(node):
     runtime, rt, agent, ids = node
-    assert record_of(ids["early"]) is None and not loader.is_loaded()
+    assert record_of(ids["early"]) is None and not node_state.is_loaded()
     agent.start()
     agent.wait_ready()
-    assert loader.is_loaded()
+    assert node_state.is_loaded()
     owned = json.load(open(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME)))
     assert [p["type"] for p in owned["plugins"]] == ["bridge", "interceptor-cni"]
     assert owned["name"] == "k8s-pod-network"       # the primary's network, so DEL matches
@@ -299,7 +300,7 @@ def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(
     agent.ensure_running().wait_ready()
     with MeshTraffic(rt, "client") as traffic:
         assert agent.stop() == 0                    # SIGTERM: everything stays
-        assert loader.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
+        assert node_state.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
         time.sleep(1)
         meanwhile = rt.run_sandbox("shop", "meanwhile", "uid-meanwhile")    # no agent running
         assert record_of(meanwhile) is not None and record_of(meanwhile).complete
@@ -390,7 +391,7 @@ def assert_upgrade_refused_in_place(agent, ids, env, saying):
     agent.start(env=env)
     try:
         agent.wait_ready(False, timeout=60, saying=saying)
-        assert loader.is_loaded() and status.collect()["node"]["datapath_version"] == version
+        assert node_state.is_loaded() and status.collect()["node"]["datapath_version"] == version
         rec = record_of(ids["early"])
         assert rec is not None and not enrollment.verify(rec, rec.netns)    # still captured
         assert agent.metric("interceptor_agent_datapath_events_total", event="refused") == 1
@@ -424,7 +425,7 @@ def test_an_agent_on_a_kernel_that_refuses_a_program_loads_the_fallback_and_says
     try:
         agent.wait_ready(timeout=60, saying=f"fallback: the kernel refused steer_inbound (named in {REFUSE_ENV}): "
                                             "inbound capture on nftables rules")
-        assert loader.node_plan().inbound == "rules"
+        assert node_state.node_plan().inbound == "rules"
         assert agent.metric("interceptor_datapath_program_refused", capability="inbound",
                             program="steer_inbound", reason=f"named in {REFUSE_ENV}") == 1
         sid = rt.run_sandbox("shop", "fallback", "uid-fallback")

@@ -13,10 +13,12 @@ import pytest
 
 from interceptor import abi, paths, store
 from interceptor.kernel import libbpf, netns, rules
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps, addr16
 from interceptor.pod import ingress_policy, podrecord
 from interceptor import pieces
 from interceptor.pieces import tc
+from interceptor.ops import ensure
 from interceptor.ops import loader
 from pyroute2 import netns as pyr_netns
 
@@ -151,7 +153,7 @@ def test_add_returns_prev_result_and_enrolls_then_del_removes(plugin, log, datap
     assert (rec.container_id, rec.ifname, rec.netns, rec.pod) == (
         env["CNI_CONTAINERID"], "eth0", ns, "default/web")
     assert rec.addresses == ["10.66.0.5"]
-    assert [e.piece for e in rec.journal] == pieces.for_plan(loader.node_plan()) and rec.complete
+    assert [e.piece for e in rec.journal] == pieces.for_plan(node_state.node_plan()) and rec.complete
     assert os.path.exists(paths.pod_link_pin(cookie, "sk_lookup"))
     with Maps() as maps:
         owner = maps.pod_addrs.get(abi.PodAddrKey(addr=addr16(ipaddress.ip_address("10.66.0.5"))))
@@ -215,7 +217,7 @@ def test_add_when_datapath_not_loaded_asks_to_try_again(plugin, log, datapath, n
         assert doc["code"] == 11 and "not loaded" in doc["msg"]
         assert podrecord.all_records() == {}
     finally:
-        loader.load(bypass=True)
+        ensure.load(bypass=True)
 
 
 # --- which pods -----------------------------------------------------------------------
@@ -441,7 +443,7 @@ def test_status(plugin, log, datapath):
         rc, doc = run(plugin, log, "STATUS", {"cniVersion": "1.1.0", "name": "test"})
         assert doc["code"] == 50
     finally:
-        loader.load(bypass=True)
+        ensure.load(bypass=True)
 
 
 # --- concurrency ------------------------------------------------------------------------
@@ -466,7 +468,7 @@ def test_concurrent_add_and_del(plugin, log, datapath, namespaces):
 def test_add_check_del_on_rules(plugin, log, namespaces, mode):
     """The same plugin behaviour when the node runs on REDIRECT rules."""
     loader.unload()
-    loader.load(mode=mode)
+    ensure.load(mode=mode)
     try:
         ns = namespaces()
         env = container_env(ns)
@@ -488,4 +490,4 @@ def test_add_check_del_on_rules(plugin, log, namespaces, mode):
         assert not backend.present(ns)
     finally:
         loader.unload()
-        loader.load(bypass=True)       # back to the module's datapath
+        ensure.load(bypass=True)       # back to the module's datapath

@@ -21,9 +21,11 @@ from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines
                       sidecar_entries, start_server, start_sidecar)
 from interceptor import abi, paths
 from interceptor.kernel import netns, rules
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps, cidr_key
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness.lab import wait_listening
 
@@ -46,7 +48,7 @@ def datapath(request):
     load_mode, disabled = MODES[request.param]
     loader.unload()
     load_without(disabled, mode=load_mode, bypass=True)
-    plan = loader.node_plan()
+    plan = node_state.node_plan()
     expected = {"ebpf": "ebpf", "nftables": "nftables", "iptables": "iptables", "hybrid": "hybrid"}
     assert plan.mode == expected[request.param], plan
     yield plan
@@ -392,7 +394,7 @@ def test_large_transfer_through_both_sidecars(pods, datapath, bypass):
     if bypass:
         needs_ebpf(datapath, "outbound", "inbound", why="the bypass pairs eBPF-redirected sockets")
     if datapath.uses_bpf:
-        loader.load(bypass=bool(bypass), mode=loader.node_state().requested_mode)
+        ensure.load(bypass=bool(bypass), mode=node_state.current().requested_mode)
     try:
         _, log_a = lab.start_haproxy(a)
         _, log_b = lab.start_haproxy(b)
@@ -411,7 +413,7 @@ def test_large_transfer_through_both_sidecars(pods, datapath, bypass):
                 assert moved < max(hi * size, 1), (pod.name, moved)
     finally:
         if datapath.uses_bpf:
-            loader.load(bypass=True, mode=loader.node_state().requested_mode)
+            ensure.load(bypass=True, mode=node_state.current().requested_mode)
 
 
 def bypassed_client(pods, datapath):

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import client, enroll, sidecar_entries, start_server, start_sidecar
 from interceptor import paths
+from interceptor.datapath import node_state
 from interceptor.datapath.bpf_source import datapath_version
 from interceptor.ops import loader, status
 
@@ -73,7 +74,7 @@ def test_the_image_loads_the_datapath_the_host_works_with_and_unloads_it(image, 
         r = run_in_image(image, "load")
         assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stdout + r.stderr
         # the image's build of the datapath is this checkout's: the plugin and CLI use it
-        assert loader.is_loaded() and loader.node_state().datapath_version == datapath_version()
+        assert node_state.is_loaded() and node_state.current().datapath_version == datapath_version()
         assert not status.collect()["errors"]
         a, b = lab.add_pod("a"), lab.add_pod("b")
         start_server(b)

@@ -9,6 +9,7 @@ import sysconfig
 
 import pytest
 
+from interceptor.datapath import node_state
 from interceptor.ops import loader
 
 pytestmark = pytest.mark.kernel
@@ -58,6 +59,6 @@ def test_the_wheel_carries_the_c_sources_and_loads_from_them(installed):
         r = run(installed, "interceptor-cni")
         assert r.returncode != 0 and json.loads(r.stdout)["code"] in (4, 7)     # no CNI_COMMAND
         assert run(installed, "interceptor", "unload").returncode == 0
-        assert not loader.is_loaded()
+        assert not node_state.is_loaded()
     finally:
         loader.unload()

@@ -15,12 +15,13 @@ import pytest
 from conftest import killed_after, loaded, pods_lab, publish_figures
 from interceptor import abi, paths
 from interceptor.kernel import netns
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.pod.problems import Kind
 from interceptor import pieces
-from interceptor.ops import enrollment, loader, status
+from interceptor.ops import enrollment, status
 
 pytestmark = pytest.mark.kernel
 
@@ -125,7 +126,7 @@ def test_each_mode_serves_pods_with_its_pieces_in_order(pod, mode):
     expected = {"ebpf": ["inbound-source", "filter-xdp", "capture-bpf"],
                 "nftables": ["inbound-source", "filter-nftables", "capture-rules"],
                 "iptables": ["inbound-source", "filter-nftables", "capture-rules"]}[mode]
-    assert list(loader.node_plan().pieces) == expected
+    assert list(node_state.node_plan().pieces) == expected
     rec = enrollment.enroll(pod.netns_path, PodSettings(**SETTINGS), pod="test/victim")
     assert [e.piece for e in rec.journal] == expected and rec.complete
     assert all(e.state is not None for e in rec.journal)
@@ -149,7 +150,7 @@ def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, vic
     nothing of it recorded (so removal has to sweep)."""
     before = netfilter(pod)
     cookie = netns.cookie_of(pod.netns_path)
-    names = list(loader.node_plan().pieces)
+    names = list(node_state.node_plan().pieces)
     kill_enroll_at(pod, when, victim_piece(names, victim))
 
     rec = podrecord.read(cookie)
@@ -167,7 +168,7 @@ def test_killed_at_a_piece_boundary_then_del_leaves_nothing(pod, mode, when, vic
 @pytest.mark.parametrize("victim", ["inbound-source", "filter", "capture"])
 def test_killed_at_a_piece_boundary_then_add_again_ends_healthy(pod, mode, when, victim):
     before = netfilter(pod)
-    names = list(loader.node_plan().pieces)
+    names = list(node_state.node_plan().pieces)
     kill_enroll_at(pod, when, victim_piece(names, victim))
     # the retried ADD: other settings, so nothing of the killed run may linger
     rec = enrollment.enroll(pod.netns_path, PodSettings(exclude_outbound_ports=[6379]), pod="test/victim")
@@ -259,9 +260,9 @@ def test_a_damaged_record_is_reported_and_removable(pod, mode):
         assert_nothing_left(pod, rec.cookie, before)
 
 
-ENROLL = ("import sys\nfrom interceptor import enrollment\nfrom interceptor.pod.podspec import PodSettings\n"
+ENROLL = ("import sys\nfrom interceptor.ops import enrollment\nfrom interceptor.pod.podspec import PodSettings\n"
           "import json\nenrollment.enroll(sys.argv[1], PodSettings(**json.loads(sys.argv[2])), pod='test/victim')\n")
-UNENROLL = "import sys\nfrom interceptor import enrollment\nenrollment.unenroll(netns_path=sys.argv[1])\n"
+UNENROLL = "import sys\nfrom interceptor.ops import enrollment\nenrollment.unenroll(netns_path=sys.argv[1])\n"
 
 
 def _killed_after(code, args, delay):

@@ -12,9 +12,11 @@ import pytest
 from conftest import enroll, killed_after, loaded, pods_lab, publish_figures, wait_gone
 from interceptor import paths
 from interceptor.kernel import netns
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pod import ingress_policy, podrecord
 from interceptor.pod.problems import Kind
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, status
 
 pytestmark = pytest.mark.kernel
@@ -55,7 +57,7 @@ def test_load_and_unload_killed_at_random_points_converge():
         killed = {"load": 0, "unload": 0}
         for i in range(RUNS):
             if i % 2:        # an unload of a loaded node with pods
-                loader.load()
+                ensure.load()
                 for pod in pods:
                     enroll(pod)
                 what, delay = "unload", rng.uniform(0.1, max(0.3, full_unload))
@@ -64,21 +66,21 @@ def test_load_and_unload_killed_at_random_points_converge():
             killed[what] += killed_after(cli(what), delay)
             # whatever was left is never called healthy unless it is complete
             if healthy():
-                assert loader.is_loaded()
+                assert node_state.is_loaded()
                 for rec in podrecord.all_records().values():
                     assert rec.complete and not enrollment.verify(rec)
             if i % 4 < 2:
                 loader.unload()
                 nothing_left()
             else:
-                loader.load()
+                ensure.load()
                 # an unload killed half-way leaves pods partly removed (reported as
                 # incomplete); load keeps the datapath, and each pod's retried ADD settles it
                 if what == "unload":
                     assert all(not r.complete or not enrollment.verify(r) for r in podrecord.all_records().values())
                     for pod in pods:
                         enroll(pod)
-                assert loader.is_loaded() and healthy(), status.collect()["errors"]
+                assert node_state.is_loaded() and healthy(), status.collect()["errors"]
                 loader.unload()
                 nothing_left()
     print(f"killed {killed} of {RUNS} runs (load takes {full_load:.2f}s, unload {full_unload:.2f}s)")

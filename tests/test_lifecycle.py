@@ -12,8 +12,10 @@ from conftest import (bpftool, client, enroll, load_without, sidecar_entries, st
                       wait_gone)
 from interceptor import paths
 from interceptor.kernel import libbpf
+from interceptor.datapath import node_state
 from interceptor.datapath.programs import BYPASS_MAP, POD_COPY, PROGRAMS
 from interceptor.pod import podrecord
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 
 pytestmark = pytest.mark.kernel
@@ -53,18 +55,18 @@ def clean():
 
 
 def test_load_twice_changes_nothing(clean):
-    assert loader.load() == "loaded"
+    assert ensure.load() == "loaded"
     ids = pinned_prog_ids()
     attached = cgroup_attachments()
     assert sorted(a["name"] for a in attached) == sorted(
         p.name for p in PROGRAMS if p.scope == "cgroup")
-    assert loader.load() == "already loaded"
+    assert ensure.load() == "already loaded"
     assert pinned_prog_ids() == ids
     assert len(cgroup_attachments()) == len(attached)
 
 
 def test_unload_leaves_nothing(clean, lab):
-    loader.load()
+    ensure.load()
     pod = lab.add_pod("a")
     enroll(pod)
     assert os.path.exists(paths.pod_link_pin(enrollment.netns.cookie_of(pod.netns_path), "sk_lookup"))
@@ -79,14 +81,14 @@ def test_unload_leaves_nothing(clean, lab):
 
 def test_interrupted_load_is_repaired(clean):
     from interceptor import store
-    loader.load()
+    ensure.load()
     ids = pinned_prog_ids()
     # simulate a load killed before it completed: one attachment missing
     libbpf.detach_link_pin(paths.link_pin("connect4"))
     store.write_json(paths.NODE_STATE, dict(store.read_json(paths.NODE_STATE), complete=False))
-    assert not loader.is_loaded()
-    assert loader.load() == "loaded"
-    assert loader.is_loaded()
+    assert not node_state.is_loaded()
+    assert ensure.load() == "loaded"
+    assert node_state.is_loaded()
     assert pinned_prog_ids() != ids       # a fresh, complete load
     assert len(cgroup_attachments()) == sum(p.scope == "cgroup" for p in PROGRAMS)
 
@@ -97,7 +99,7 @@ def test_a_load_that_lost_a_link_or_program_is_repaired_keeping_its_pods(clean, 
     uncapture every enrolled pod until each was enrolled again."""
     from interceptor.kernel import netns
     from interceptor.ops import status
-    loader.load()
+    ensure.load()
     a, b = lab.add_pod("a"), lab.add_pod("b")
     start_server(b)
     log = start_sidecar(lab, a)
@@ -106,25 +108,25 @@ def test_a_load_that_lost_a_link_or_program_is_repaired_keeping_its_pods(clean, 
     maps_before = {n: libbpf.pinned_info(paths.map_pin(n), libbpf.MapInfo).id for n in ("pods", "redirected")}
     libbpf.detach_link_pin(paths.link_pin("connect4"))
     os.unlink(paths.prog_pin("sockops"))
-    assert not loader.is_loaded()
+    assert not node_state.is_loaded()
     assert any("connect4" in e or "sockops" in e or "incomplete" in e for e in status.collect()["errors"])
-    assert loader.load() == "repaired"
-    assert loader.is_loaded() and not status.collect()["errors"]
+    assert ensure.load() == "repaired"
+    assert node_state.is_loaded() and not status.collect()["errors"]
     assert len(cgroup_attachments()) == sum(p.scope == "cgroup" for p in PROGRAMS)
     assert {n: libbpf.pinned_info(paths.map_pin(n), libbpf.MapInfo).id for n in maps_before} == maps_before
     rec = podrecord.read(cookie)
     assert rec is not None and not enrollment.verify(rec, a.netns_path)
     assert client(a, b.ipv4)["reply"]["bytes"] == 5
     assert [e["orig_dst"] for e in sidecar_entries(log)] == [f"{b.ipv4}:8080"]
-    assert loader.load() == "already loaded"
+    assert ensure.load() == "already loaded"
 
 
 def test_bypass_switch_attaches_and_detaches_sk_msg(clean):
-    loader.load(bypass=False)
+    ensure.load(bypass=False)
     assert not sk_msg_attached()
-    assert loader.load(bypass=True) == "bypass switched"
+    assert ensure.load(bypass=True) == "bypass switched"
     assert sk_msg_attached()
-    assert loader.load(bypass=False) == "bypass switched"
+    assert ensure.load(bypass=False) == "bypass switched"
     assert not sk_msg_attached()
 
 
@@ -148,11 +150,11 @@ def test_load_at_a_given_cgroup(clean):
     child = os.path.join(root, f"interceptor-test-{os.getpid()}")
     os.makedirs(child, exist_ok=True)
     try:
-        loader.load(cgroup=child)
+        ensure.load(cgroup=child)
         names = {a["name"] for a in bpftool("cgroup", "show", child)}
         assert names == {p.name for p in PROGRAMS if p.scope == "cgroup"}
         with pytest.raises(loader.LoadError, match="already loaded at cgroup"):
-            loader.load(cgroup=root)
+            ensure.load(cgroup=root)
         loader.unload()
         assert bpftool("cgroup", "show", child) == []
     finally:
@@ -173,9 +175,9 @@ def test_without_bcc_load_says_so_and_rules_run_only_when_asked(clean, lab, monk
         r = subprocess.run([sys.executable, "-m", "interceptor.cli", "load", "--mode", mode],
                            capture_output=True, text=True)
         assert r.returncode != 0 and "BCC" in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert not loader.is_loaded() and not os.path.exists(paths.PIN_ROOT)
-    assert loader.load(mode="nftables") == "loaded"
-    assert loader.node_plan().mode == "nftables"
+        assert not node_state.is_loaded() and not os.path.exists(paths.PIN_ROOT)
+    assert ensure.load(mode="nftables") == "loaded"
+    assert node_state.node_plan().mode == "nftables"
     assert not os.path.exists(paths.PIN_ROOT)
     a = lab.add_pod("a")
     b = lab.add_pod("b")
@@ -201,7 +203,7 @@ def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     from interceptor.pod.podspec import PodSettings
     from interceptor.ops import status
     from interceptor.cni import plugin as cni
-    loader.load()
+    ensure.load()
     pod = lab.add_pod("a")
     # the pods map as a version with a 4-byte larger value would have pinned it
     os.unlink(paths.map_pin("pods"))
@@ -228,11 +230,11 @@ def test_a_rules_mode_load_neither_compiles_nor_probes_bpf(clean):
     from interceptor.ops import capabilities, doctor
     checks = [c.name for c in doctor.run(only=capabilities.probes_for("nftables")).checks]
     assert checks == ["nftables", "iptables"]
-    out = subprocess.run([sys.executable, "-c", "import sys; from interceptor import loader; "
-                          "loader.load(mode='nftables'); print(sorted(m for m in ('bcc', 'pyroute2') "
+    out = subprocess.run([sys.executable, "-c", "import sys; from interceptor.ops import ensure; "
+                          "ensure.load(mode='nftables'); print(sorted(m for m in ('bcc', 'pyroute2') "
                           "if m in sys.modules))"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert loader.is_loaded() and not os.path.exists(paths.PIN_ROOT)
+    assert node_state.is_loaded() and not os.path.exists(paths.PIN_ROOT)
 
 
 def test_only_the_programs_the_plan_uses_are_loaded(clean):
@@ -240,14 +242,14 @@ def test_only_the_programs_the_plan_uses_are_loaded(clean):
     runs on rules and the filter on nftables, so neither program is loaded (an old
     kernel without them must still load)."""
     load_without("sk_lookup", refused="tc_pod,xdp_pod")
-    plan = loader.node_plan()
+    plan = node_state.node_plan()
     assert (plan.inbound, plan.ingress) == ("rules", "nftables")
     pinned = set(os.listdir(paths.PIN_PROGS))
     assert {"steer_inbound", "xdp_ingress", "tc_ingress"}.isdisjoint(pinned)
     assert {"connect4", "sockops", "msg_redirect"} <= pinned
-    assert loader.is_loaded() and not os.path.exists(paths.XDP_TEMPLATE)
+    assert node_state.is_loaded() and not os.path.exists(paths.XDP_TEMPLATE)
     assert not os.path.exists(paths.TC_TEMPLATE)
-    assert loader.load(bypass=True, mode="auto") == "bypass switched"    # sk_msg is there to switch
+    assert ensure.load(bypass=True, mode="auto") == "bypass switched"    # sk_msg is there to switch
     assert sk_msg_attached()
 
 
@@ -256,8 +258,8 @@ def test_an_interrupted_upgrade_is_an_error_until_an_upgrade_completes_it(clean)
     builds in place: journalled before the swap, status names it (exit 1), and the next
     upgrade, even of the same build, swaps every program again and clears it."""
     from interceptor import store
-    from interceptor.ops import status, upgrade
-    loader.load()
+    from interceptor.ops import status
+    ensure.load()
     node = store.read_json(paths.NODE_STATE)
     old_prog = libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id
     store.write_json(paths.NODE_STATE, dict(node, upgrading_to=node["datapath_version"]))
@@ -265,7 +267,7 @@ def test_an_interrupted_upgrade_is_an_error_until_an_upgrade_completes_it(clean)
     assert any("upgrade of the datapath" in e and "interrupted" in e for e in report["errors"])
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "status"], capture_output=True, text=True)
     assert r.returncode == 1
-    assert "in place" in upgrade.upgrade()
+    assert "in place" in ensure.upgrade()
     assert not status.collect()["errors"]
     assert libbpf.pinned_info(paths.link_pin("connect4"), libbpf.LinkInfo).prog_id != old_prog
-    assert upgrade.upgrade() == "already this version"
+    assert ensure.upgrade() == "already this version"

@@ -17,6 +17,7 @@ from interceptor.kernel import libbpf, netns
 from interceptor.datapath.maps import Maps
 from interceptor.datapath.migrate import Layout
 from interceptor.pod import podrecord
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, status, upgrade
 
 pytestmark = pytest.mark.kernel
@@ -51,7 +52,7 @@ class Requests:
 
 
 def test_resizing_in_place_keeps_pods_traffic_and_counters(clean, lab):
-    loader.load()
+    ensure.load()
     a, b = lab.add_pod("a"), lab.add_pod("b")
     start_server(b)
     log = start_sidecar(lab, a)
@@ -93,7 +94,7 @@ def test_resizing_in_place_keeps_pods_traffic_and_counters(clean, lab):
     report = status.collect()
     assert not report["errors"] and report["node"]["datapath_version"] == node["datapath_version"]
     # a same-size upgrade is no upgrade; the CLI keeps the sizes it was not given
-    assert upgrade.upgrade() == "already this version"
+    assert ensure.upgrade() == "already this version"
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "upgrade", "--map-size", "pods=4096"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and capacity("pods") == 4096 and capacity("redirected") == 131072, r.stdout
@@ -106,7 +107,7 @@ def test_resizing_in_place_keeps_pods_traffic_and_counters(clean, lab):
 
 
 def test_too_small_or_uncopyable_is_refused_and_changes_nothing(clean, lab):
-    loader.load()
+    ensure.load()
     pods = [lab.add_pod(n) for n in "ab"]
     for pod in pods:
         enroll(pod)
@@ -144,13 +145,13 @@ def _older_pods_map(entries):
 
 
 def test_a_map_of_an_older_layout_is_converted_field_by_field(clean):
-    loader.load()
+    ensure.load()
     old = _older_pods_map({101: (1337, 15001), 102: (2000, 16001)})
     node = store.read_json(paths.NODE_STATE)
     node["map_layouts"]["pods"]["value"] = old.as_json()
     node["datapath_version"] = "older"
     store.write_json(paths.NODE_STATE, node)
-    summary = upgrade.upgrade()
+    summary = ensure.upgrade()
     assert "migrated pods (value_size 12 -> 16; 2 entries)" in summary, summary
     with Maps() as maps:
         got = {k.value: (v.proxy_uid, v.proxy_gid, v.outbound_port, v.inbound_port, v.flags)
@@ -161,7 +162,7 @@ def test_a_map_of_an_older_layout_is_converted_field_by_field(clean):
 
 
 def test_a_layout_that_cannot_be_converted_or_is_not_recorded_is_refused(clean):
-    loader.load()
+    ensure.load()
     old = _older_pods_map({101: (1337, 15001)})
     kept = map_id("pods")
     node = store.read_json(paths.NODE_STATE)
@@ -171,21 +172,21 @@ def test_a_layout_that_cannot_be_converted_or_is_not_recorded_is_refused(clean):
     store.write_json(paths.NODE_STATE, node)
     with pytest.raises(upgrade.UpgradeError, match="changes size .12 -> 16 bytes. and the loaded datapath's "
                        "layout of it is not recorded"):
-        upgrade.upgrade()
+        ensure.upgrade()
     # recorded, but a field that was wider than it is now
     shrunk = Layout(old.size, [f if f.name != "inbound_port" else type(f)(f.name, f.offset, 8, "int")
                                for f in old.fields])
     node["map_layouts"]["pods"] = {"key": None, "value": shrunk.as_json()}
     store.write_json(paths.NODE_STATE, node)
     with pytest.raises(upgrade.UpgradeError, match="field inbound_port changes from 8 bytes"):
-        upgrade.upgrade()
+        ensure.upgrade()
     assert map_id("pods") == kept and store.read_json(paths.NODE_STATE)["datapath_version"] == "older"
 
 
 def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
     """Killed before its swap, an upgrade's new maps are unused: dropped. Killed after
     the swap began (journalled), new programs may use them: they take their place."""
-    loader.load()
+    ensure.load()
     for journalled in (False, True):
         fd = libbpf.map_create(libbpf.MapType.HASH, 8, 16, abi.MAX_PODS)
         staged_id = libbpf.obj_info(fd, libbpf.MapInfo).id
@@ -195,7 +196,7 @@ def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
         if journalled:
             node.update(upgrading_to=node["datapath_version"], migrating_maps=["pods"])
             store.write_json(paths.NODE_STATE, node)
-        result = upgrade.upgrade()
+        result = ensure.upgrade()
         assert not os.path.lexists(paths.map_pin("pods") + "_migrating")
         assert (map_id("pods") == staged_id) == journalled
         assert ("in place" in result) == journalled, result
@@ -206,7 +207,7 @@ def test_unload_and_load_under_load_fail_no_request_and_the_uncaptured_gap_is_me
     """unload is the one operation that stops interception: it removes every pod's
     enrollment. Requests meanwhile still succeed (they go straight to the server); how
     many went uncaptured until the pod was enrolled again is the gap, measured."""
-    loader.load()
+    ensure.load()
     a, b = lab.add_pod("a"), lab.add_pod("b")
     start_server(b)
     log = start_sidecar(lab, a)
@@ -215,7 +216,7 @@ def test_unload_and_load_under_load_fail_no_request_and_the_uncaptured_gap_is_me
     time.sleep(1)
     started = time.monotonic()
     loader.unload()
-    loader.load()
+    ensure.load()
     enroll(a)
     gap = time.monotonic() - started
     time.sleep(1)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from interceptor.kernel import netns, netns_cookie_bpf
+from interceptor.datapath import node_state
 from interceptor.harness import selfcheck
 from conftest import bpftool
 
@@ -70,7 +71,7 @@ def test_a_selfcheck_killed_half_way_is_cleaned_up_by_the_next():
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert loader.is_loaded() and os.path.exists(f"/run/netns/{selfcheck.LAB_PREFIX}-server")
+    assert node_state.is_loaded() and os.path.exists(f"/run/netns/{selfcheck.LAB_PREFIX}-server")
     p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "interrupted selfcheck" in p.stderr

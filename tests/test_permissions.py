@@ -46,7 +46,7 @@ def test_nobody_cannot_change_the_node(lab):
         assert fingerprint() == before
         # and not around the CLI: the pins and the state refuse a non-root writer
         probe = ("import os, sys\n"
-                 "from interceptor import libbpf\n"
+                 "from interceptor.kernel import libbpf\n"
                  "for pin in sys.argv[1:3]:\n"
                  "    try:\n        libbpf.obj_get(pin); print('opened', pin)\n"
                  "    except OSError as e:\n        print('refused', e.errno)\n"

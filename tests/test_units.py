@@ -512,25 +512,81 @@ def test_rules_follow_istio_order_for_the_proxy_over_lo():
     assert "-s ::6/128" in v6 and "! -d ::1/128" in v6 and "127.0.0" not in v6
 
 
-# --- the agent's datapath decision (agent.ensure_datapath) --------------------------------
-def test_an_agent_asking_for_another_mode_than_the_loaded_one_is_not_ready_and_changes_nothing(monkeypatch):
-    """A node loaded with --mode nftables and an agent configured for auto: changing the
-    mode would uncapture every pod, so the agent leaves the datapath alone, says why it
-    is not ready, and counts it once."""
-    from interceptor.datapath import node_state
-    from interceptor.ops import loader, upgrade
+# --- what to do with the node's datapath (ensure.decide), for load, upgrade and the agent
+def _node(mode="auto", version="v1", sizes=None, complete=True, bypass=False, upgrading_to=None, cgroup=None):
+    from interceptor.datapath.node_state import NodeState
+    from interceptor.datapath.plan import Mechanism, Plan
+    plan = Plan(mode="ebpf", outbound=Mechanism.EBPF, inbound=Mechanism.EBPF, bypass=bypass, sockmap=True)
+    return NodeState(requested_mode=mode, plan=plan, complete=complete, datapath_version=version,
+                     map_sizes=sizes or {}, upgrading_to=upgrading_to, cgroup=cgroup)
+
+
+def _decide_cases():
+    from interceptor.ops.ensure import Action as A, Asker, Request
+    L, U, G = Asker.LOAD, Asker.UPGRADE, Asker.AGENT
+    big = {"pods": 8192}
+    # (what is loaded, whole, request, version of what is asked, action, words of why)
+    return [
+        (None, False, Request(L, mode="auto"), "v1", A.LOAD, ""),
+        (None, False, Request(G, mode="auto", map_sizes={}), "v1", A.LOAD, ""),
+        (None, False, Request(U), "v1", A.REFUSE, "nothing is loaded to upgrade"),
+        (_node(complete=False), False, Request(L, mode="auto"), "v1", A.LOAD, ""),
+        # complete but lost a pin: repaired in place, unless asked for another mode or sizes
+        (_node(), False, Request(L, mode="auto"), "v1", A.REPAIR, ""),
+        (_node(), False, Request(G, mode="auto", map_sizes={}), "v1", A.REPAIR, ""),
+        (_node(), False, Request(L, mode="nftables"), "v1", A.LOAD, ""),
+        (_node(), False, Request(G, mode="auto", map_sizes=big), "v2", A.LOAD, ""),
+        # whole: load keeps it, switches the bypass, refuses other sizes, mode or cgroup
+        (_node(), True, Request(L, mode="auto", bypass=False), "v1", A.KEEP, ""),
+        (_node(version="v0"), True, Request(L, mode="auto", bypass=False), "v1", A.KEEP, ""),
+        (_node(), True, Request(L, mode="auto", bypass=True), "v1", A.SWITCH_BYPASS, ""),
+        (_node(), True, Request(L, mode="auto", map_sizes=big), "v2", A.REFUSE, "upgrade --map-size"),
+        (_node(mode="nftables"), True, Request(L, mode="auto"), "v1", A.REFUSE, "this load asks for --mode auto"),
+        (_node(cgroup="/sys/fs/cgroup/a"), True, Request(L, mode="auto", cgroup="/sys/fs/cgroup/b"), "v1",
+         A.REFUSE, "already loaded at cgroup"),
+        # whole: the agent and upgrade keep this version and upgrade another (or finish one)
+        (_node(), True, Request(G, mode="auto", map_sizes={}), "v1", A.KEEP, ""),
+        (_node(version="v0"), True, Request(G, mode="auto", map_sizes={}), "v1", A.UPGRADE, ""),
+        (_node(version="v2", sizes=big), True, Request(G, mode="auto", map_sizes={}), "v1", A.UPGRADE, ""),
+        (_node(upgrading_to="v1"), True, Request(G, mode="auto", map_sizes={}), "v1", A.UPGRADE, ""),
+        (_node(mode="nftables"), True, Request(G, mode="auto", map_sizes={}), "v1",
+         A.REFUSE, "loaded with --mode nftables, this agent asks for --mode auto"),
+        (_node(), True, Request(U), "v1", A.KEEP, ""),
+        (_node(version="v0"), True, Request(U, map_sizes=big), "v2", A.UPGRADE, ""),
+    ]
+
+
+@pytest.mark.parametrize("case", range(21))
+def test_ensure_decides_load_repair_keep_switch_upgrade_or_refuse(case):
+    from interceptor.ops.ensure import decide
+    cases = _decide_cases()
+    assert len(cases) == 21
+    node, whole, request, version, action, why = cases[case]
+    decision = decide(node, whole, request, version)
+    assert decision.action == action and why in decision.why, decision
+
+
+def test_an_upgrade_keeps_the_map_sizes_it_does_not_name_and_the_agent_declares_them():
+    from interceptor.ops.ensure import Asker, Request
+    node = _node(sizes={"pods": 8192, "redirected": 1024})
+    assert Request(Asker.UPGRADE, map_sizes={"pods": 100}).sizes_for(node) == {"pods": 100, "redirected": 1024}
+    assert Request(Asker.UPGRADE).sizes_for(node) == node.map_sizes
+    assert Request(Asker.AGENT, map_sizes={"pods": 100}).sizes_for(node) == {"pods": 100}
+
+
+def test_an_agent_refused_by_ensure_is_not_ready_says_why_and_counts_it_once(monkeypatch):
+    """A node loaded with another --mode: ensure refuses (above), the agent leaves the
+    datapath alone, says why it is not ready, and counts it once however often it retries."""
     from interceptor.agent import agent
-    node = node_state.NodeState(requested_mode="nftables", complete=True, datapath_version="x")
-    monkeypatch.setattr(loader, "is_loaded", lambda: True)
-    monkeypatch.setattr(loader, "node_state", lambda: node)
-    touched = []
-    monkeypatch.setattr(loader, "load", lambda **kw: touched.append("load"))
-    monkeypatch.setattr(upgrade, "upgrade", lambda **kw: touched.append("upgrade"))
+    from interceptor.ops import ensure
+    def refuse(request, log):
+        raise ensure.Refused(ensure.decide(_node(mode="nftables"), True, request, "v1").why)
+    monkeypatch.setattr(ensure, "ensure", refuse)
     a = agent.Agent.__new__(agent.Agent)      # no CNI server, no threads: the decision only
     a.config, a.log, a.counters, a.datapath_problem = agent.AgentConfig(mode="auto"), lambda m: None, \
         agent.AgentCounters(), "not started"
     for _ in range(2):
         a.ensure_datapath()
-    assert touched == []
     assert "loaded with --mode nftables, this agent asks for --mode auto" in a.datapath_problem
+    assert "restart the agent" in a.datapath_problem
     assert a.counters.datapath["refused"] == 1

@@ -14,11 +14,11 @@ import pytest
 
 from interceptor import abi
 from interceptor.kernel import libbpf
+from interceptor.datapath import node_state
 from interceptor.datapath import stubs
 from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
 from interceptor.pieces import ingress
-from interceptor.ops import loader
 from test_ingress import CASES, POLICY
 
 pytestmark = pytest.mark.kernel
@@ -38,7 +38,7 @@ class NoWire:
 def pod_program(request, datapath):
     """(hook, the program) of a pod that exists only in the maps, with test_ingress's
     policy."""
-    if loader.node_plan().ingress != "xdp":
+    if node_state.node_plan().ingress != "xdp":
         pytest.skip("no BPF ingress filter on this kernel")
     with Maps() as maps:
         ingress.write_entries(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)

@@ -24,11 +24,14 @@ import time
 from interceptor import paths, store
 from interceptor.kernel import netns
 from interceptor.datapath import node_state
-from interceptor.datapath.bpf_source import datapath_version
 from interceptor.pod import podrecord
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.cni import (chain as cni_chain, config as cni_config, install as cni_install,
                              server as cni_server)
+
+# the agent's datapath event counted for what ensure did (KEEP: "adopted", once)
+_COUNTED = {ensure.Action.LOAD: "loaded", ensure.Action.REPAIR: "loaded", ensure.Action.UPGRADE: "upgraded"}
+
 
 @dataclasses.dataclass
 class AgentConfig:
@@ -66,53 +69,40 @@ class Agent:
 
     # --- the datapath ------------------------------------------------------------------
     def ensure_datapath(self):
-        """Load, adopt what is loaded, or upgrade it in place (upgrade.py). A datapath
-        that cannot be upgraded in place (a map's layout changed) stays as it is, its
-        pods captured, and the agent is not ready. Other map sizes are another version:
-        the loaded maps are resized in place (migrated) to the declared ones."""
-        ours = datapath_version(self.config.map_sizes)
-        if loader.is_loaded():
-            node = loader.node_state()
-            if node.requested_mode != self.config.mode:
-                # another mode is another plan: changing it unenrolls every pod, which an
-                # agent must not do on its own; the operator unloads (or uninstalls) first
-                problem = (f"the datapath is loaded with --mode {node.requested_mode}, this agent asks "
-                           f"for --mode {self.config.mode}: `interceptor unload` (it uncaptures every "
-                           "pod until they are enrolled again) and restart the agent to change it")
-                if self.datapath_problem != problem:
-                    self.counters.datapath["refused"] += 1
-                    self.log(problem)
-                self.datapath_problem = problem
-                return
-            theirs = node.datapath_version
-            if theirs == ours and not node.upgrading_to:     # else: finish or undo it
-                if self.datapath_problem:
-                    self.counters.datapath["adopted"] += 1
-                    self.log(f"adopted the loaded datapath {ours}")
-                self.datapath_problem = None
-                return
-            from interceptor.ops.upgrade import UpgradeError, upgrade
-            try:
-                self.log(upgrade(map_sizes=self.config.map_sizes, log=self.log))
-            except UpgradeError as exc:
-                if self.datapath_problem is None or not self.datapath_problem.startswith("datapath"):
-                    self.counters.datapath["refused"] += 1
-                    self.log(f"upgrade refused: {exc}")
-                self.datapath_problem = f"datapath {theirs} is loaded, this agent is {ours}: {exc}"
-                return
-            self.counters.datapath["upgraded"] += 1
-            self.datapath_problem = None
-            return
+        """Load, adopt what is loaded, or upgrade it in place (ensure.py decides, as for
+        `interceptor load` and `upgrade`, with the agent's own rules: another version or
+        other declared map sizes are upgraded). A datapath that cannot be upgraded in
+        place (a map's layout changed) or was loaded with another --mode stays as it is,
+        its pods captured, and the agent is not ready, saying why."""
+        request = ensure.Request(ensure.Asker.AGENT, mode=self.config.mode,
+                                 map_sizes=self.config.map_sizes, bypass=self.config.bypass)
         try:
-            result = loader.load(bypass=self.config.bypass, mode=self.config.mode,
-                                 map_sizes=self.config.map_sizes, log=self.log)
-        except loader.LoadError as exc:
-            self.datapath_problem = f"cannot load the datapath: {exc}"
-            self.log(self.datapath_problem)
+            outcome = ensure.ensure(request, log=self.log)
+        except ensure.Refused as exc:
+            self._not_ready(f"{exc}; then restart the agent", "refused")
             return
-        self.counters.datapath["loaded"] += 1
+        except ensure.UpgradeError as exc:
+            self._not_ready(str(exc), "refused")
+            return
+        except ensure.LoadError as exc:
+            self._not_ready(f"cannot load the datapath: {exc}")
+            return
+        if outcome.action == ensure.Action.KEEP:
+            if self.datapath_problem:
+                self.counters.datapath["adopted"] += 1
+                self.log(f"adopted the loaded datapath {outcome.version}")
+        else:
+            self.counters.datapath[_COUNTED[outcome.action]] += 1
+            self.log(f"datapath {outcome.version}: {outcome.summary}")
         self.datapath_problem = None
-        self.log(f"datapath {ours}: {result}")
+
+    def _not_ready(self, problem, counter=None):
+        """Counted and logged once per new problem (the agent retries every pass)."""
+        if problem != self.datapath_problem:
+            if counter:
+                self.counters.datapath[counter] += 1
+            self.log(problem)
+        self.datapath_problem = problem
 
     # --- the CNI chain -----------------------------------------------------------------
     def install_plugin(self):
@@ -191,7 +181,7 @@ class Agent:
         reasons = []
         if self.datapath_problem:
             reasons.append(self.datapath_problem)
-        elif not loader.is_loaded():
+        elif not node_state.is_loaded():
             reasons.append("the datapath is not loaded")
         with self._lock:
             chain = self.chain

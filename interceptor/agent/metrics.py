@@ -9,10 +9,10 @@ from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFa
                                     HistogramMetricFamily)
 
 from interceptor.datapath.maps import REPORTED, Maps
+from interceptor.datapath.node_state import loaded_plan
 from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops import counters, opstats
-from interceptor.ops.loader import loaded_plan
 from interceptor.ops.opstats import DURATION_BUCKETS
 
 # Datapath reason label (abi.Reason names in lower case) -> (metric, extra labels);

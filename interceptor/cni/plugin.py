@@ -262,7 +262,7 @@ def cmd_gc(req, log):
 
 
 def cmd_status(req, log):
-    from interceptor.ops.loader import is_loaded
+    from interceptor.datapath.node_state import is_loaded
     if not is_loaded():
         raise CniError(E_PLUGIN_NOT_AVAILABLE, "the interceptor datapath is not loaded on this node",
                        "run `interceptor load`")

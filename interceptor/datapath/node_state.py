@@ -1,14 +1,52 @@
-"""The node state (node.json): what load and upgrade recorded of the node's datapath,
-read by every operation once."""
+"""The node state (node.json): what load and upgrade recorded of the node's datapath
+(read once per operation), and whether that load is whole: complete, with every pin
+its plan leaves."""
+import os
+
 from interceptor import paths
 from interceptor.store import misfit, read_json, write_json
 
 
+def current():
+    """The NodeState; None when there is none or it is damaged (read_node says why)."""
+    return read_node()[0]
+
+
 def node_plan():
-    """The Plan of the current complete load, or None. Read here rather than through
-    loader, which the CNI path has no need to import."""
-    node = read_node()[0]
+    """The Plan of the current complete load, or None."""
+    node = current()
     return node.plan if node and node.complete else None
+
+
+def expected_pins(plan=None):
+    """Every pin a complete load with this plan leaves (per-pod pins excluded)."""
+    from interceptor.datapath.maps import LAYOUT
+    from interceptor.datapath.plan import Mechanism, Plan
+    from interceptor.datapath.programs import CGROUP, PROGRAMS
+    plan = plan or node_plan()
+    if plan is None:
+        plan = Plan(mode="ebpf", outbound=Mechanism.EBPF, inbound=Mechanism.EBPF, bypass=True, sockmap=True)
+    if not plan.uses_bpf:
+        return []
+    pins = [paths.map_pin(name) for name in LAYOUT]
+    pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.loaded(plan)]
+    pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP and p.needed(plan)]
+    return pins
+
+
+def missing_pins(plan):
+    return [p for p in expected_pins(plan) if not os.path.exists(p)]
+
+
+def loaded_plan(node=None):
+    """The Plan of a complete load whose pins are all there, else None. node: the
+    NodeState the caller has read already (else it is read here)."""
+    plan = node_plan() if node is None else (node.plan if node.complete else None)
+    return plan if plan is not None and not missing_pins(plan) else None
+
+
+def is_loaded():
+    return loaded_plan() is not None
 
 
 # The node state's fields and their types, as load and upgrade write them. A file that

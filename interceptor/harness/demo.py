@@ -11,9 +11,11 @@ import sys
 import time
 
 from interceptor import abi
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
 from interceptor import pieces
+from interceptor.ops import ensure
 from interceptor.ops import counters, enrollment, loader, status
 from interceptor.harness import lab as labmod
 
@@ -51,10 +53,10 @@ def main(argv=None):
     if envoy:
         from interceptor.harness import envoy_sidecar
         envoy_sidecar.binary()          # EnvoyMissing says how to install it, before anything
-    loaded_here = not loader.is_loaded()
+    loaded_here = not node_state.is_loaded()
     if loaded_here:
         say("== Loading the datapath (compile once, pin, attach at the cgroup2 root)")
-        loader.load(log=say)
+        ensure.load(log=say)
     lab = labmod.Lab(prefix="icdemo", net=78)
     try:
         client = lab.add_pod("client")

@@ -21,8 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from interceptor import abi
+from interceptor.datapath import node_state
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, residue, status
 from interceptor.harness import lab as labmod
 
@@ -110,7 +112,7 @@ def run(mode="auto", log=lambda msg: None, proxy="haproxy"):
         except envoy_sidecar.EnvoyMissing as exc:
             step("load", False, str(exc))
             return result
-    if loader.is_loaded():
+    if node_state.is_loaded():
         step("load", False, "the datapath is already loaded on this node: selfcheck loads and "
                             "unloads its own, run it on a node without pods", fatal=False)
         return result
@@ -118,10 +120,10 @@ def run(mode="auto", log=lambda msg: None, proxy="haproxy"):
     try:
         try:
             started = time.monotonic()
-            loader.load(mode=mode, log=log)
+            ensure.load(mode=mode, log=log)
         except loader.LoadError as exc:
             step("load", False, str(exc), fatal=True)
-        result.plan = loader.node_plan().to_json(pieces=False)
+        result.plan = node_state.node_plan().to_json(pieces=False)
         step("load", True, f"{describe_plan(result.plan)} ({time.monotonic() - started:.1f} s)")
         lab = labmod.Lab(prefix=LAB_PREFIX, net=LAB_NET)
         if proxy == "envoy":
@@ -158,7 +160,7 @@ def _remove_leftovers(log):
         labmod.delete_netns(name)
         log(f"removed {name}, left by an interrupted selfcheck")
     pods = [rec.name for rec in podrecord.all_records().values()]
-    if loader.is_loaded() and pods and all(p.startswith(f"{POD_NAMESPACE}/") for p in pods):
+    if node_state.is_loaded() and pods and all(p.startswith(f"{POD_NAMESPACE}/") for p in pods):
         log("unloading the datapath an interrupted selfcheck left")
         loader.unload()
 

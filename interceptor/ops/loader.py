@@ -1,7 +1,8 @@
 """The node loader: decide the mode, compile the datapath once, pin it, attach the
-node-wide hooks.
+node-wide hooks; switch the bypass; unload. Whether to load afresh, or to keep, repair
+or upgrade what is loaded, is ensure.py's decision: these are its steps.
 
-This is the only module that imports BCC. Everything it creates is pinned under
+Everything it creates is pinned under
 paths.PIN_ROOT so that other processes (enroll, the CNI plugin, status) reach it through
 libbpf, and so that unload can remove exactly what load made. Which capabilities run on
 eBPF and which on rules (the plan) is decided here, once, from doctor's probes, and
@@ -14,12 +15,10 @@ import time
 
 from interceptor import abi, paths, store
 from interceptor.kernel import libbpf, mounts, netns
-from interceptor.datapath.maps import LAYOUT, Maps
-from interceptor.datapath.node_state import NodeState, read_node
-from interceptor.datapath.node_state import node_plan as recorded_plan
-from interceptor.datapath.plan import Mechanism, Plan
-from interceptor.datapath.programs import (BYPASS_MAP, CGROUP, POD_COPY, PROGRAMS, SOCKHASH, TAIL,
-                                           TAIL_MAPS)
+from interceptor.datapath import attach
+from interceptor.datapath.maps import Maps
+from interceptor.datapath.node_state import NodeState
+from interceptor.datapath.programs import BYPASS_MAP
 from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops.capabilities import choose, probes_for
@@ -29,95 +28,44 @@ class LoadError(Exception):
     pass
 
 
-def node_state():
-    """The NodeState; None when there is none or it is damaged (read_node)."""
-    return read_node()[0]
-
-
-def node_plan():
-    """The plan of the current load, or None when nothing is loaded."""
-    return recorded_plan()
-
-
-def expected_pins(plan=None):
-    """Every pin a complete load with this plan leaves (per-pod pins excluded)."""
-    plan = plan or node_plan()
-    if plan is None:
-        plan = Plan(mode="ebpf", outbound=Mechanism.EBPF, inbound=Mechanism.EBPF, bypass=True, sockmap=True)
-    if not plan.uses_bpf:
-        return []
-    pins = [paths.map_pin(name) for name in LAYOUT]
-    pins += [paths.prog_pin(p.name) for p in PROGRAMS if p.loaded(plan)]
-    pins += [paths.link_pin(p.name) for p in PROGRAMS if p.scope == CGROUP and p.needed(plan)]
-    return pins
-
-
-def missing_pins(plan):
-    return [p for p in expected_pins(plan) if not os.path.exists(p)]
-
-
-def loaded_plan(node=None):
-    """The Plan of a complete load whose pins are all there, else None. node: the
-    NodeState the caller has read already (else it is read here)."""
-    plan = node_plan() if node is None else (node.plan if node.complete else None)
-    return plan if plan is not None and not missing_pins(plan) else None
-
-
-def is_loaded():
-    return loaded_plan() is not None
-
-
-def load(cgroup=None, bypass=False, mode="auto", map_sizes=None, log=lambda msg: None):
-    """Idempotent: a complete earlier load is kept (only the bypass switch is applied);
-    leftovers of an interrupted one are removed first. map_sizes: {map: capacity} over
-    abi.py's defaults (map_sizes.py). Returns a short summary."""
+def load_fresh(mode, cgroup, bypass, map_sizes, log):
+    """Load the datapath afresh (ensure.py decided to; the caller holds the node lock):
+    leftovers of an interrupted load are removed first, doctor's probes and then the
+    kernel's verdicts on the compiled programs choose the plan, and the maps and
+    programs are pinned and attached. map_sizes: {map: capacity} over abi.py's
+    defaults (map_sizes.py). Anything failing half-way is torn down again."""
     from interceptor.ops import doctor
-    with store.node_lock():
-        if is_loaded():
-            node = node_state()
-            if mode != node.requested_mode:
-                raise LoadError(f"already loaded with --mode {node.requested_mode}; "
-                                "unload first to change the mode")
-            if cgroup and node.cgroup and os.path.realpath(cgroup) != os.path.realpath(node.cgroup):
-                raise LoadError(f"already loaded at cgroup {node.cgroup}; "
-                                "unload first to attach elsewhere")
-            if map_sizes is not None and map_sizes != node.map_sizes:
-                raise LoadError("already loaded with other map sizes: `interceptor upgrade "
-                                "--map-size` resizes them in place, keeping every pod")
-            return "bypass switched" if _apply_bypass(bypass) else "already loaded"
-        if _repaired_in_place(mode, map_sizes, log):
-            return "repaired"
-        if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
-            log("removing leftovers of an incomplete load")
-            _teardown()
-        report = doctor.run(only=probes_for(mode))
-        build = None
-        try:
-            plan = choose(mode, report)
-            if plan.uses_bpf:
-                # the kernel judges the programs that will run: compiled once, each
-                # loaded; what it refuses goes to the next mechanism down (build.py)
-                build = _build(map_sizes or {}, log)
-                plan = choose(mode, report, build.refused)
-        except ValueError as exc:
-            if build is not None:
-                build.close()
-            raise LoadError(str(exc)) from None
-        plan = plan.with_bypass(plan.bypass and bypass)
-        plan = plan.with_pieces(pieces.for_plan(plan))
-        log(f"mode {plan.mode}: outbound {plan.outbound}, inbound {plan.inbound}, "
-            f"bypass {'on' if plan.bypass else 'off'}, ingress filter {plan.filter_text()}")
-        for line in plan.fallbacks():
-            log(line)
-        try:
-            _load(plan, mode, cgroup, map_sizes or {}, build, log)
-        except BaseException:
-            _teardown()
-            raise
-        finally:
-            if build is not None:
-                build.close()
-        return "loaded"
+    if os.path.exists(paths.PIN_ROOT) or os.path.exists(paths.NODE_STATE):
+        log("removing leftovers of an incomplete load")
+        teardown()
+    report = doctor.run(only=probes_for(mode))
+    build = None
+    try:
+        plan = choose(mode, report)
+        if plan.uses_bpf:
+            # the kernel judges the programs that will run: compiled once, each
+            # loaded; what it refuses goes to the next mechanism down (build.py)
+            build = _build(map_sizes, log)
+            plan = choose(mode, report, build.refused)
+    except ValueError as exc:
+        if build is not None:
+            build.close()
+        raise LoadError(str(exc)) from None
+    plan = plan.with_bypass(plan.bypass and bypass)
+    plan = plan.with_pieces(pieces.for_plan(plan))
+    log(f"mode {plan.mode}: outbound {plan.outbound}, inbound {plan.inbound}, "
+        f"bypass {'on' if plan.bypass else 'off'}, ingress filter {plan.filter_text()}")
+    for line in plan.fallbacks():
+        log(line)
+    try:
+        _load(plan, mode, cgroup, map_sizes, build, log)
+    except BaseException:
+        teardown()
+        raise
+    finally:
+        if build is not None:
+            build.close()
+    return "loaded"
 
 
 def _build(map_sizes, log):
@@ -130,28 +78,11 @@ def _build(map_sizes, log):
     return build.load()
 
 
-def _repaired_in_place(mode, map_sizes, log):
-    """A load that was complete and lost a program or link keeps its maps and pods: the
-    programs are loaded again into it (upgrade.repair). Tearing it down instead would
-    uncapture every pod until it is enrolled again."""
-    from interceptor.ops.upgrade import UpgradeError, repair
-    node = node_state()
-    if node is None or not node.complete or node.requested_mode != mode or \
-            (map_sizes is not None and map_sizes != node.map_sizes):
-        return False
-    try:
-        log(repair(node, log))
-    except (UpgradeError, OSError) as exc:
-        log(f"cannot repair the loaded datapath in place ({exc}): loading afresh")
-        return False
-    return is_loaded()
-
-
 def _load(plan, mode, cgroup, map_sizes, build, log):
     from interceptor.datapath.bpf_source import datapath_version
     from interceptor.datapath.migrate import layouts
     node = NodeState(requested_mode=mode, plan=plan, datapath_version=datapath_version(map_sizes),
-                           map_sizes=map_sizes, map_layouts=layouts())
+                     map_sizes=map_sizes, map_layouts=layouts())
     node.write()     # first, so a failure can be undone
     if plan.uses_bpf:
         mounts.ensure_bpffs()
@@ -171,83 +102,21 @@ def _load(plan, mode, cgroup, map_sizes, build, log):
 
 
 def _load_bpf(plan, cg_path, build):
-    """Pin the build's maps and the programs the plan uses (the kernel accepted each of
-    them when the plan was made), save the per-pod stubs' templates, attach."""
-    for d in (paths.PIN_MAPS, paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
-        os.makedirs(d, exist_ok=True)
-    # the build's own fds are used throughout (its close() releases them): nothing is
-    # reopened from its pin here
-    map_fds = build.map_fds
-    for name, fd in map_fds.items():
+    """Pin the build's maps, set the node's settings, and put the programs the plan
+    uses in place (attach.py; the kernel accepted each of them when the plan was
+    made). The build's own fds are used throughout (its close() releases them)."""
+    os.makedirs(paths.PIN_MAPS, exist_ok=True)
+    for name, fd in build.map_fds.items():
         libbpf.obj_pin(fd, paths.map_pin(name))
-    for prog in PROGRAMS:
-        if prog.scope == POD_COPY and prog.needed(plan):
-            save_pod_template(build, prog)
-        if not prog.loaded(plan):
-            continue
-        fd = build.fd(prog.name)
-        libbpf.obj_pin(fd, paths.prog_pin(prog.name))
-        if prog.scope == TAIL:
-            libbpf.map_update(map_fds[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
-    libbpf.map_update(map_fds["settings"], ctypes.c_uint32(0),
+    libbpf.map_update(build.map_fds["settings"], ctypes.c_uint32(0),
                       abi.NodeSettings(abi.NODE_F_BYPASS if plan.bypass else 0))
-
-    # Links, not legacy attachments: they coexist with other programs on the same hook
-    # (multi-attach) and go away with their pin, which is what makes unload clean.
-    if plan.captures_with_bpf:
-        cg_fd = os.open(cg_path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for prog in PROGRAMS:
-                if prog.scope != CGROUP or not prog.needed(plan):
-                    continue
-                link = libbpf.link_create(build.fd(prog.name), cg_fd, prog.attach_type)
-                try:
-                    libbpf.obj_pin(link, paths.link_pin(prog.name))
-                finally:
-                    os.close(link)
-        finally:
-            os.close(cg_fd)
-    if plan.bypass:
-        _attach_sk_msg(True, build.fd(_sk_msg_prog().name), map_fds[BYPASS_MAP])
+    attach.place(plan, build, build.map_fds, cg_path)
 
 
-def save_pod_template(build, prog):
-    """Per-pod programs (the filter's stubs) are loaded by enroll from a saved copy of
-    the build's instructions, with each map reference recorded by name. (The build has
-    loaded this one for trial already: a verifier rejection changed the plan, not every
-    pod start.)"""
-    from interceptor.datapath import stubs
-    stubs.save_template(stubs.BY_PROG[prog.name], build.insns(prog.name),
-                        {fd: name for name, fd in build.map_fds.items()})
-
-
-def _sk_msg_prog():
-    return next(p for p in PROGRAMS if p.scope == SOCKHASH)
-
-
-def _attach_sk_msg(attach, prog_fd=None, map_fd=None):
-    """sk_msg attaches to the bypass sockhash itself (legacy attach; it is detached
-    explicitly on unload). The fds are opened from the pins unless given."""
-    prog = _sk_msg_prog()
-    opened = []
-    try:
-        if prog_fd is None:
-            prog_fd = libbpf.obj_get(paths.prog_pin(prog.name))
-            opened.append(prog_fd)
-        if map_fd is None:
-            map_fd = libbpf.obj_get(paths.map_pin(BYPASS_MAP))
-            opened.append(map_fd)
-        if attach:
-            libbpf.prog_attach(prog_fd, map_fd, prog.attach_type)
-        else:
-            libbpf.prog_detach(prog_fd, map_fd, prog.attach_type)
-    finally:
-        for fd in opened:
-            os.close(fd)
-
-
-def _apply_bypass(bypass):
-    node = node_state()
+def switch_bypass(node, bypass):
+    """The same-host bypass on or off on a loaded node (the caller holds the node lock):
+    its flag in the settings map, the sk_msg program on the bypass map, the plan's switch
+    and its pieces (new pods' pods entries serve the bypass). False when it already is."""
     plan = node.plan
     if node.bypass == bypass:
         return False
@@ -255,10 +124,9 @@ def _apply_bypass(bypass):
         raise LoadError(f"mode {plan.mode} has no same-host bypass (it needs eBPF and sockmap)")
     with Maps() as maps:
         maps.settings.put(ctypes.c_uint32(0), abi.NodeSettings(abi.NODE_F_BYPASS if bypass else 0))
-    _attach_sk_msg(bypass)
+    attach.set_sk_msg(bypass)
     plan = plan.with_bypass(bypass)
-    plan = plan.with_pieces(pieces.for_plan(plan))    # new pods' pods entries serve the bypass
-    node.plan = plan
+    node.plan = plan.with_pieces(pieces.for_plan(plan))
     node.write()
     return True
 
@@ -266,13 +134,14 @@ def _apply_bypass(bypass):
 def unload(log=lambda msg: None):
     """Remove every pod enrollment, detach and unpin everything load made. Idempotent."""
     with store.node_lock():
-        _teardown(log)
+        teardown(log)
 
 
 UNLOAD_GRACE_S = 0.2
 
 
-def _teardown(log=lambda msg: None):
+def teardown(log=lambda msg: None):
+    """unload's work (the caller holds the node lock)."""
     from interceptor.datapath import stubs
     from interceptor.ops import enrollment
     cookies = set(podrecord.all_records()) | paths.pinned_pod_cookies()
@@ -286,9 +155,9 @@ def _teardown(log=lambda msg: None):
         time.sleep(UNLOAD_GRACE_S)
     for name in paths.listdir(paths.PIN_LINKS):
         libbpf.detach_link_pin(paths.link_pin(name))
-    prog = _sk_msg_prog()
+    prog = attach.sk_msg_program()
     if os.path.exists(paths.prog_pin(prog.name)) and os.path.exists(paths.map_pin(BYPASS_MAP)):
-        _attach_sk_msg(False)
+        attach.set_sk_msg(False)
     if os.path.exists(paths.PIN_ROOT):
         shutil.rmtree(paths.PIN_ROOT)   # unlinking a bpffs pin drops its reference
     # ours by its path: released whatever the node state says (it may be damaged, or a

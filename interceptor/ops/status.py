@@ -15,12 +15,12 @@ from interceptor import abi, paths
 from interceptor.kernel import libbpf, listeners, netns
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import REPORTED, LayoutError, Maps
+from interceptor.datapath.node_state import loaded_plan, missing_pins
 from interceptor.datapath.plan import Mechanism
 from interceptor.datapath.programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
 from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops import counters
-from interceptor.ops.loader import loaded_plan, missing_pins
 
 REPORT_VERSION = 1
 MAP_WARN_FRACTION = 0.8

@@ -19,47 +19,39 @@ original destinations, are kept).
    copy; save the new stub templates (for pods enrolled from now on); record the new
    datapath version. A map the new build adds is pinned as compiled.
 """
-import ctypes
-import errno
 import os
 import time
 
-from interceptor import paths, store
+from interceptor import paths
 from interceptor.kernel import libbpf, libc
+from interceptor.datapath import attach
 from interceptor.datapath.bpf_source import datapath_version
 from interceptor.datapath.maps import LAYOUT
 from interceptor.datapath.migrate import MapMigration, MigrationError, layouts
 from interceptor.datapath.plan import Hook
-from interceptor.datapath.programs import (BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH,
-                                           TAIL, TAIL_MAPS)
-from interceptor.pieces import SK_LOOKUP_LINK
+from interceptor.datapath.programs import POD_COPY, PROGRAMS
 
 
 class UpgradeError(Exception):
     pass
 
 
-def upgrade(map_sizes=None, log=lambda msg: None):
-    """Upgrade to this version with these map capacities (None: the ones the node
-    has). Returns a summary; UpgradeError when it cannot be done (nothing changed)."""
-    from interceptor.ops import loader
-    with store.node_lock():
-        if not loader.is_loaded():
-            raise UpgradeError("nothing is loaded to upgrade")
-        node = loader.node_state()
-        plan = node.plan
-        sizes = node.map_sizes if map_sizes is None else map_sizes
-        ours, theirs = datapath_version(sizes), node.datapath_version
-        _finish_migration(node)
-        if ours == theirs and not node.upgrading_to:
-            return "already this version"
-        if not plan.uses_bpf:
-            _record(node, ours, sizes)
-            return f"rules only: version {theirs} -> {ours}"
-        started = time.monotonic()
-        summary = _swap(node, plan, ours, sizes, log)
-        _record(node, ours, sizes)
-        return f"datapath {theirs} -> {ours} in place: {summary} ({time.monotonic() - started:.2f}s)"
+def upgrade(node, sizes, version, log=lambda msg: None):
+    """Upgrade the loaded datapath (node: its NodeState, complete and whole) to this
+    version (version, of these map capacities). ensure.py decided to; the caller holds
+    the node lock. Returns a summary; UpgradeError when it cannot be done (nothing
+    changed)."""
+    theirs = node.datapath_version
+    finish_migration(node)
+    if version == theirs and not node.upgrading_to:
+        return "already this version"
+    if not node.plan.uses_bpf:
+        _record(node, version, sizes)
+        return f"rules only: version {theirs} -> {version}"
+    started = time.monotonic()
+    summary = _swap(node, node.plan, version, sizes, log)
+    _record(node, version, sizes)
+    return f"datapath {theirs} -> {version} in place: {summary} ({time.monotonic() - started:.2f}s)"
 
 
 def repair(node, log=lambda msg: None):
@@ -73,7 +65,7 @@ def repair(node, log=lambda msg: None):
         raise UpgradeError("not a complete load with its maps")
     sizes = node.map_sizes
     version = datapath_version(sizes)
-    _finish_migration(node)
+    finish_migration(node)
     summary = _swap(node, plan, version, sizes, log)
     _record(node, version, sizes)
     return f"repaired in place: {summary}"
@@ -92,7 +84,7 @@ def _staged_pin(name):
     return paths.map_pin(name) + "_migrating"      # bpffs refuses dots
 
 
-def _finish_migration(node):
+def finish_migration(node):
     """A migrating upgrade killed part-way left new maps pinned beside the old ones.
     Once the swap had begun (journalled), new programs may use them: they take the old
     ones' place and the upgrade is redone over them. Before that, they are unused."""
@@ -108,7 +100,6 @@ def _finish_migration(node):
 
 def _swap(node, plan, version, sizes, log):
     from interceptor.datapath.build import Build, BuildError
-    from interceptor.ops.loader import save_pod_template
     try:
         build = Build(node.host_netns_cookie, sizes)
     except BuildError as exc:
@@ -140,30 +131,7 @@ def _swap(node, plan, version, sizes, log):
         node.upgrading_to = version
         node.migrating_maps = [m.name for m in migrations]
         node.write()
-        swapped = 0
-        for prog in PROGRAMS:
-            fd = new.get(prog.name)
-            if fd is None:
-                continue
-            if prog.scope == CGROUP and prog.needed(plan):
-                swapped += _update_link(paths.link_pin(prog.name), fd) or \
-                    _recreate_link(paths.link_pin(prog.name), fd, prog, node.cgroup)
-            elif prog.scope == NETNS:
-                for cookie in sorted(paths.pinned_pod_cookies()):
-                    swapped += _update_link(paths.pod_link_pin(cookie, SK_LOOKUP_LINK), fd)
-            elif prog.scope == TAIL:
-                libbpf.map_update(pinned[TAIL_MAPS[prog.name]], ctypes.c_uint32(0), ctypes.c_uint32(fd))
-                swapped += 1
-            elif prog.scope == SOCKHASH and node.bypass:
-                libbpf.prog_attach(fd, pinned[BYPASS_MAP], prog.attach_type)    # replaces the old
-                swapped += 1
-            # pinned beside, then renamed over: the pin is never missing, so a kill here
-            # cannot leave a load that `is_loaded` calls incomplete
-            staged = paths.prog_pin(prog.name) + "_upgrading"     # bpffs refuses dots
-            if os.path.lexists(staged):
-                os.unlink(staged)
-            libbpf.obj_pin(fd, staged)
-            os.replace(staged, paths.prog_pin(prog.name))
+        swapped = attach.place(plan, build, pinned, node.cgroup)
         # a program run that began before its swap still writes the old maps: wait it out,
         # or what it counts after catch_up() reads them is lost
         if migrations:
@@ -171,9 +139,6 @@ def _swap(node, plan, version, sizes, log):
         for m in migrations:
             os.replace(_staged_pin(m.name), paths.map_pin(m.name))
             m.catch_up()
-        for prog in PROGRAMS:
-            if prog.scope == POD_COPY and prog.needed(plan):
-                save_pod_template(build, prog)
         swapped += _restub_xdp_pods(plan)
         moved = "".join(f"; migrated {m.describe()}" for m in migrations)
         log(f"replaced {len(new)} programs, {swapped} attachments{moved}")
@@ -201,7 +166,7 @@ def _restub_xdp_pods(plan):
         fd = stubs.load_for_pod(stubs.XDP, cookie)
         try:
             for name in links:
-                updated += _update_link(os.path.join(paths.pod_pin_dir(cookie), name), fd)
+                updated += attach.update_link(os.path.join(paths.pod_pin_dir(cookie), name), fd)
         finally:
             os.close(fd)
     return updated
@@ -228,34 +193,3 @@ def _migrations(node, compiled, pinned):
             raise UpgradeError(f"{exc}; the loaded datapath stays as it is") from None
         migrations.append(m)
     return migrations
-
-
-def _recreate_link(pin, prog_fd, prog, cgroup):
-    """A node-wide link whose pin is gone (repair): attached and pinned again."""
-    if os.path.exists(pin):
-        return 0
-    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        link = libbpf.link_create(prog_fd, cg_fd, prog.attach_type)
-    finally:
-        os.close(cg_fd)
-    try:
-        libbpf.obj_pin(link, pin)
-    finally:
-        os.close(link)
-    return 1
-
-
-def _update_link(pin, prog_fd):
-    if not os.path.exists(pin):
-        return 0
-    fd = libbpf.obj_get(pin)
-    try:
-        libbpf.link_update(fd, prog_fd)
-    except OSError as exc:
-        if exc.errno == errno.ENOLINK:    # its netns or cgroup is gone: nothing to upgrade
-            return 0
-        raise
-    finally:
-        os.close(fd)
-    return 1

@@ -25,6 +25,8 @@ import uuid
 
 from pyroute2 import netns as pyr_netns
 
+from interceptor.datapath import node_state
+from interceptor.ops import ensure
 from interceptor.ops import loader
 from interceptor.cni import install as cni_install, server as cni_server
 
@@ -133,9 +135,9 @@ def _batch(plugin, names, parallel, results, label):
 
 def run(sequential=100, concurrent=40, versions=50, rounds=1, echo=print):
     """{mode: {operation: [ms]}}: the agent answering, and the plugin on its own."""
-    loaded_here = not loader.is_loaded()
+    loaded_here = not node_state.is_loaded()
     if loaded_here:
-        loader.load()
+        ensure.load()
     workdir = tempfile.mkdtemp(prefix="icbench-cni-")
     agent = _Agent(workdir)
     results = {mode: {} for mode in MODES}

@@ -21,6 +21,7 @@ if __name__ == "__main__":
 
 from interceptor import abi
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import report
@@ -60,7 +61,7 @@ def run(rounds, sizes=SIZES, progress=print):
     plan = [NOT_ENROLLED, *sizes]
     samples = {size: [] for size in plan}
     loader.unload()
-    loader.load(mode="ebpf")
+    ensure.load(mode="ebpf")
     try:
         with labmod.Lab(prefix=f"icx{os.getpid() % 10000}", net=71) as lab:
             pod = lab.add_pod("a")

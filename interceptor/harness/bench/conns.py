@@ -29,6 +29,7 @@ if __name__ == "__main__":
     os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
 
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import report, tools, topology
@@ -117,7 +118,7 @@ def _release(procs):
 
 def sample(mode, count, progress):
     loader.unload()
-    loader.load(**_LOAD[mode])
+    ensure.load(**_LOAD[mode])
     pods = _Pods(count)
     procs = []
     try:

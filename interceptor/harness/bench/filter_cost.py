@@ -29,6 +29,7 @@ from interceptor.datapath import stubs
 from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
 from interceptor.pieces import ingress
+from interceptor.ops import ensure
 from interceptor.ops import loader
 from interceptor.harness.bench import report
 
@@ -70,7 +71,7 @@ def _programs(fds):
 
 def run(rounds, progress=print):
     loader.unload()
-    loader.load(mode="ebpf")
+    ensure.load(mode="ebpf")
     frame = _segment()
     samples = {}
     fds = {}

@@ -16,7 +16,9 @@ import subprocess
 import sys
 
 from interceptor import abi
+from interceptor.datapath import node_state
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness.bench.topology import (APP_PORT, APP_PORTS, EXPLICIT_APP_PORT,
                                                 EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT,
@@ -41,7 +43,7 @@ def apply(mode, topo, client_settings=None):
     topo.server_node, when set, is the server pod's own node (another datapath instance
     on this machine, or another machine): it is switched too."""
     want = _LOAD[mode]
-    node = loader.node_state() if loader.is_loaded() else None
+    node = node_state.current() if node_state.is_loaded() else None
     if topo.server_node is not None:
         topo.server_node.apply(mode, want, topo)
     if want is None:
@@ -51,9 +53,9 @@ def apply(mode, topo, client_settings=None):
     load_mode, bypass, legs = want
     if node is None or node.requested_mode != load_mode:
         loader.unload()
-        loader.load(mode=load_mode, bypass=bypass)
+        ensure.load(mode=load_mode, bypass=bypass)
     else:
-        loader.load(mode=load_mode, bypass=bypass)      # only switches the bypass
+        ensure.load(mode=load_mode, bypass=bypass)      # only switches the bypass
     enrollment.enroll(topo.client.netns_path,
                       PodSettings(**dict(client_settings or {}, bypass=legs)), pod="bench/client")
     if topo.server_node is None:
@@ -95,7 +97,7 @@ class LocalNode2:
 def release(topo):
     """Unenroll the topology's pods from whichever datapath holds them (before their
     namespaces go, so no record or map entry outlives them)."""
-    if loader.node_plan() is not None:
+    if node_state.node_plan() is not None:
         enrollment.unenroll(netns_path=topo.client.netns_path)
         if topo.server_node is None:
             enrollment.unenroll(netns_path=topo.server.netns_path)

@@ -21,7 +21,9 @@ import os
 import socket
 import subprocess
 
+from interceptor.datapath import node_state
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import modes, tools
@@ -276,10 +278,10 @@ class _Server:
                 loader.unload()
             else:
                 load_mode, bypass, legs = want
-                node = loader.node_state() if loader.is_loaded() else None
+                node = node_state.current() if node_state.is_loaded() else None
                 if node is None or node.requested_mode != load_mode:
                     loader.unload()
-                loader.load(mode=load_mode, bypass=bypass)
+                ensure.load(mode=load_mode, bypass=bypass)
                 enrollment.enroll(self.topo.server.netns_path, PodSettings(bypass=legs),
                                   pod="bench/server")
             self.log(f"bench peer: {msg['mode']}")
@@ -303,7 +305,7 @@ class _Server:
         if self.topo is None:
             return
         try:
-            if loader.node_plan() is not None:
+            if node_state.node_plan() is not None:
                 enrollment.unenroll(netns_path=self.topo.server.netns_path)
         finally:
             self.topo.close()

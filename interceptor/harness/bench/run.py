@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from interceptor.datapath import node_state
 from interceptor.ops import loader
 from interceptor.harness.bench import cni as cni_bench, modes, report, tools, xdp as xdp_bench
 from interceptor.harness.bench.topology import POD_SYSCTLS, Topology
@@ -81,7 +82,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
                "samples": {}, "rules": {}, "cni": None, "xdp": {}}
     old_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if loader.is_loaded():
+        if node_state.is_loaded():
             loader.unload()
         per_mode = [s for s in scenarios if s in ("rr", "crr", "stream")]
         if per_mode:

@@ -18,8 +18,10 @@ import subprocess
 import time
 
 from interceptor import abi
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
+from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod
 
@@ -134,9 +136,9 @@ def connections(progress, counts=CONNECTIONS, repeat=5):
 
 
 def run(max_pods, progress, connection_counts=CONNECTIONS):
-    loaded_here = not loader.is_loaded()
+    loaded_here = not node_state.is_loaded()
     if loaded_here:
-        loader.load(map_sizes=MAP_SIZES)
+        ensure.load(map_sizes=MAP_SIZES)
     try:
         return {"pods": pods(max_pods, progress), "connections": connections(progress, connection_counts)}
     finally:

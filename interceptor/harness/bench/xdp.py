@@ -34,9 +34,11 @@ import tempfile
 import time
 
 from interceptor import abi
+from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
 from interceptor.pieces import ingress_nft
+from interceptor.ops import ensure
 from interceptor.ops import counters, enrollment, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench.tools import machine_ticks
@@ -238,9 +240,9 @@ def run(runs, seconds, progress, paths_runs=None, modes=STREAM_MODES):
         progress("xdp: trafgen (Debian package netsniff-ng) is not installed; skipped")
         return {}
     loader.unload()
-    loader.load()
+    ensure.load()
     modes = list(modes)
-    hooks = loader.node_plan().bpf_filter_hooks
+    hooks = node_state.node_plan().bpf_filter_hooks
     if not hooks:
         progress("xdp: this node has no BPF ingress filter; only the rule-based modes are measured")
         modes = [m for m in modes if not _enrolled(m)]
