@@ -50,13 +50,6 @@ XDP_MAX_EXT_HEADERS = 6          # IPv6 extension headers walked; more = malform
 XDP_COOKIE_PLACEHOLDER = 0x1C0FFEE0DEADBEEF
 # The capacities an operator may set at load time (`--map-size MAP=N`), by map: the
 # header lets a -D flag override each default.
-MAP_CAPACITY = {
-    "pods": "MAX_PODS", "pod_addrs": "MAX_POD_ADDRS", "port_rules": "MAX_PORT_RULES",
-    "cidr_rules": "MAX_CIDRS", "inbound_listeners": "MAX_LISTENERS",
-    "bypass_socks": "MAX_BYPASS_SOCKETS", "redirected": "MAX_REDIRECTED_SOCKETS",
-    "stats": "MAX_STAT_KEYS", "xdp_pods": "MAX_XDP_PODS",
-    "ingress_sources": "MAX_INGRESS_SOURCES", "ingress_rules": "MAX_INGRESS_RULES",
-}
 
 # --- Pod flags (pod_config.flags) -----------------------------------------------------
 POD_F_PASSTHROUGH = 1 << 0        # proxy not listening: let the flow through (else reject)
@@ -319,6 +312,48 @@ STRUCTS = {
     "xdp_pod_config": XdpPodConfig,
     "ingress_rule_key": IngressRuleKey,
 }
+
+# --- The maps (bpf/lib/maps.h declares each) ------------------------------------------
+KEYED, PER_SOCKET, SLOTS = "keyed", "per-socket", "slots"      # how userspace sees a map
+POD_ENTRIES = "datapath.pod_entries"
+
+
+class Map:
+    """One map: its key and value types (per CPU: one value each), the capacity
+    constant an operator may set (abi.h, `--map-size`), its shape (keyed: entries to
+    list and count; per-socket storage: no keys; slots: a fixed few), and the one
+    module that writes it from userspace (None: only the programs; a map migration
+    copies any). tests/test_layers.py holds the code to the writer named here."""
+    __slots__ = ("name", "key", "value", "capacity", "shape", "percpu", "counters", "writer")
+
+    def __init__(self, name, key, value, capacity=None, shape=KEYED, percpu=False, counters=False,
+                 writer=None):
+        self.name, self.key, self.value, self.capacity = name, key, value, capacity
+        self.shape, self.percpu, self.counters, self.writer = shape, percpu, counters, writer
+
+
+MAPS = (
+    Map("pods", ctypes.c_uint64, PodConfig, "MAX_PODS", writer=POD_ENTRIES),
+    Map("pod_addrs", PodAddrKey, ctypes.c_uint64, "MAX_POD_ADDRS", writer=POD_ENTRIES),
+    Map("port_rules", PortKey, ctypes.c_uint8, "MAX_PORT_RULES", writer=POD_ENTRIES),
+    Map("cidr_rules", CidrKey, ctypes.c_uint8, "MAX_CIDRS", writer=POD_ENTRIES),
+    # sock_ops adds the listeners of enrolled pods; userspace those that listened first
+    Map("inbound_listeners", ListenerKey, None, "MAX_LISTENERS", writer=POD_ENTRIES),
+    Map("bypass_socks", SockTuple, None, "MAX_BYPASS_SOCKETS"),
+    # the programs' records; userspace removes a pod's with the pod
+    Map("redirected", SockTuple, OrigDst, "MAX_REDIRECTED_SOCKETS", writer=POD_ENTRIES),
+    Map("connect_orig", ctypes.c_int, OrigDst, shape=PER_SOCKET),
+    Map("proxy_orig", ctypes.c_int, OrigDst, shape=PER_SOCKET),
+    Map("stats", StatKey, StatValue, "MAX_STAT_KEYS", percpu=True, counters=True, writer=POD_ENTRIES),
+    Map("settings", ctypes.c_uint32, NodeSettings, shape=SLOTS, writer="ops.loader"),
+    Map("xdp_main", ctypes.c_uint32, ctypes.c_uint32, shape=SLOTS, writer="datapath.attach"),  # prog array
+    Map("tc_main", ctypes.c_uint32, ctypes.c_uint32, shape=SLOTS, writer="datapath.attach"),   # likewise
+    Map("xdp_cookie_slot", ctypes.c_uint32, ctypes.c_uint64, shape=SLOTS, percpu=True),  # stub -> filter
+    Map("xdp_pods", ctypes.c_uint64, XdpPodConfig, "MAX_XDP_PODS", writer=POD_ENTRIES),
+    Map("ingress_sources", CidrKey, ctypes.c_uint32, "MAX_INGRESS_SOURCES", writer=POD_ENTRIES),
+    Map("ingress_rules", IngressRuleKey, ctypes.c_uint8, "MAX_INGRESS_RULES", writer=POD_ENTRIES),
+)
+MAP_CAPACITY = {m.name: m.capacity for m in MAPS if m.capacity}     # map -> its abi.h constant
 
 # Plain constants exported to C under the same name.
 CONSTANTS = {name: globals()[name] for name in (

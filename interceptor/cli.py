@@ -145,7 +145,7 @@ def _pod_name(ctx, param, value):
 
 
 def _pod_setting_options(fn):
-    """One option per pod setting (interceptor/podspec.py): values are passed on as
+    """One option per pod setting (interceptor/pod/podspec.py): values are passed on as
     given and parsed by PodSettings, the same parse as for CNI config keys."""
     from interceptor.pod.podspec import FIELDS
     for field in reversed(FIELDS):

@@ -19,9 +19,9 @@ os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-test")
 import pytest  # noqa: E402
 
 from interceptor import abi, paths
+from interceptor.pod.podspec import PodSettings  # noqa: E402
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps  # noqa: E402
-from interceptor.pod.podspec import PodSettings  # noqa: E402
 from interceptor.ops import ensure
 from interceptor.ops import counters, doctor, enrollment, loader  # noqa: E402
 from interceptor.harness import lab as labmod
@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def load_without(disabled="", refused="", **load_args):
-    """loader.load with doctor told that these features (comma-separated) are absent,
+    """ensure.load with doctor told that these features (comma-separated) are absent,
     and the kernel's verifier answer for these programs turned into a refusal, to
     exercise a fallback on a kernel that has them."""
     from interceptor.datapath.build import REFUSE_ENV

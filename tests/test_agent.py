@@ -21,9 +21,9 @@ from conftest import publish_figures, start_http_app
 from crihelper import Containerd
 from interceptor import abi, paths
 from interceptor.kernel import libbpf
+from interceptor.pod import ingress_policy, podrecord
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.pod import ingress_policy, podrecord
 from interceptor.ops import enrollment, loader
 from interceptor.cni import chain as cni_chain
 from interceptor.harness import envoy_sidecar, lab as labmod

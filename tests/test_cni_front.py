@@ -1,4 +1,4 @@
-"""The installed plugin's front (cni/front.c) and the agent's end of it (cni_server.py):
+"""The installed plugin's front (interceptor/cni/front.c) and the agent's end of it (cni/server.py):
 requests answered in the running `interceptor agent`, and answered all the same by the
 plugin itself whenever the agent cannot: not running, killed, stalled, or serving other
 pin roots. Which process answered is told by the pid in the plugin's log line.

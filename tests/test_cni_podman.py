@@ -18,8 +18,8 @@ import pytest
 from conftest import start_http_app
 from interceptor import abi, paths
 from interceptor.kernel import netns
-from interceptor.datapath.maps import Maps
 from interceptor.pod import podrecord
+from interceptor.datapath.maps import Maps
 from interceptor.ops import counters
 from interceptor.harness import lab as labmod
 

@@ -13,9 +13,9 @@ import pytest
 
 from interceptor import abi, paths, store
 from interceptor.kernel import libbpf, netns, rules
+from interceptor.pod import ingress_policy, podrecord
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps, addr16
-from interceptor.pod import ingress_policy, podrecord
 from interceptor import pieces
 from interceptor.pieces import tc
 from interceptor.ops import ensure

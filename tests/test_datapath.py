@@ -21,10 +21,10 @@ from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines
                       sidecar_entries, start_server, start_sidecar)
 from interceptor import abi, paths
 from interceptor.kernel import netns, rules
-from interceptor.datapath import node_state
-from interceptor.datapath.maps import Maps, cidr_key
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
+from interceptor.datapath import node_state
+from interceptor.datapath.maps import Maps, cidr_key
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness.lab import wait_listening

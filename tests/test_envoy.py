@@ -1,4 +1,4 @@
-"""Envoy as Istio configures a sidecar (interceptor/envoy_sidecar.py), in two pods, in
+"""Envoy as Istio configures a sidecar (interceptor/harness/envoy_sidecar.py), in two pods, in
 every mode: each test asserts on Envoy's own statistics (listener, filter-chain, route
 and cluster counters from its admin endpoint), so a connection that took the wrong path
 fails even when the app got an answer.

@@ -14,8 +14,8 @@ from cnihelper import config, installed_plugin, run
 from conftest import enroll, loaded, pod_counters, sidecar_entries, start_server, start_sidecar
 from interceptor import paths
 from interceptor.kernel import netns
-from interceptor.datapath.maps import Maps, addr16
 from interceptor.pod import podrecord
+from interceptor.datapath.maps import Maps, addr16
 from interceptor.ops import enrollment, status
 
 pytestmark = pytest.mark.kernel

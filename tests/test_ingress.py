@@ -27,8 +27,8 @@ from scapy.packet import Raw
 from conftest import enroll, load_without, loaded, pod_counters, pods_lab
 from interceptor import abi, paths
 from interceptor.kernel import netns
-from interceptor.datapath.maps import Maps
 from interceptor.pod import ingress_policy, podrecord
+from interceptor.datapath.maps import Maps
 from interceptor import pieces
 from interceptor.ops import enrollment, loader
 

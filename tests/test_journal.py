@@ -1,4 +1,4 @@
-"""Enrollment as a journal of datapath pieces (interceptor/pieces.py): a run killed at any
+"""Enrollment as a journal of datapath pieces (interceptor/pieces/): a run killed at any
 piece boundary leaves a record that says so, status and CHECK call it incomplete, and
 both ways forward converge: DEL leaves nothing, a new ADD ends healthy. Killed for real
 (SIGKILL from inside the enrolling process), in each mode's set of pieces."""
@@ -15,11 +15,11 @@ import pytest
 from conftest import killed_after, loaded, pods_lab, publish_figures
 from interceptor import abi, paths
 from interceptor.kernel import netns
-from interceptor.datapath import node_state
-from interceptor.datapath.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.pod.problems import Kind
+from interceptor.datapath import node_state
+from interceptor.datapath.maps import LAYOUT, SINGLE_SLOT, SK_STORAGE, Maps
 from interceptor import pieces
 from interceptor.ops import enrollment, status
 

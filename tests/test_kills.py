@@ -12,10 +12,10 @@ import pytest
 from conftest import enroll, killed_after, loaded, pods_lab, publish_figures, wait_gone
 from interceptor import paths
 from interceptor.kernel import netns
-from interceptor.datapath import node_state
-from interceptor.datapath.maps import Maps
 from interceptor.pod import ingress_policy, podrecord
 from interceptor.pod.problems import Kind
+from interceptor.datapath import node_state
+from interceptor.datapath.maps import Maps
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, status
 

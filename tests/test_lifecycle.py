@@ -12,9 +12,9 @@ from conftest import (bpftool, client, enroll, load_without, sidecar_entries, st
                       wait_gone)
 from interceptor import paths
 from interceptor.kernel import libbpf
+from interceptor.pod import podrecord
 from interceptor.datapath import node_state
 from interceptor.datapath.programs import BYPASS_MAP, POD_COPY, PROGRAMS
-from interceptor.pod import podrecord
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 
@@ -199,8 +199,8 @@ def test_without_bcc_load_says_so_and_rules_run_only_when_asked(clean, lab, monk
 def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     """A plugin or CLI of one version meeting a datapath of another (an upgrade half
     done): a map whose key or value size differs is reported, and nothing is written."""
-    from interceptor.datapath.maps import Maps
     from interceptor.pod.podspec import PodSettings
+    from interceptor.datapath.maps import Maps
     from interceptor.ops import status
     from interceptor.cni import plugin as cni
     ensure.load()

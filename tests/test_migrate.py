@@ -14,9 +14,9 @@ import pytest
 from conftest import APPS, publish_figures, SERVER_PORT, client, enroll, pod_counters, sidecar_entries, start_server, start_sidecar
 from interceptor import abi, paths, store
 from interceptor.kernel import libbpf, netns
+from interceptor.pod import podrecord
 from interceptor.datapath.maps import Maps
 from interceptor.datapath.migrate import Layout
-from interceptor.pod import podrecord
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, status, upgrade
 

@@ -1,7 +1,7 @@
 """Programs the kernel refuses: each capability falls back to the next mechanism down,
 and doctor, status, the metrics and selfcheck say which program and why.
 
-The kernel judges the datapath's real programs at load (interceptor/build.py). Where it
+The kernel judges the datapath's real programs at load (interceptor/datapath/build.py). Where it
 refuses one (a vendor or hardened build; this machine kind's build v1300 refuses
 bpf_xdp_adjust_meta to every XDP program) the capability it serves runs another way.
 INTERCEPTOR_REFUSE_PROGRAMS turns the verifier's answer into a refusal for the programs

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cnihelper import config, installed_plugin, run
 from conftest import Background, bpftool, pods_lab, publish_figures
 from interceptor import paths
-from interceptor.datapath.maps import REPORTED, Maps
 from interceptor.pod import podrecord
+from interceptor.datapath.maps import REPORTED, Maps
 from interceptor.agent import metrics
 
 pytestmark = pytest.mark.kernel

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from interceptor import abi
-from interceptor.datapath import bpf_source
 from interceptor.pod import parsing, podspec
 from interceptor.pod.podspec import PodSettings, SettingError
+from interceptor.datapath import bpf_source
 from interceptor.cni import config as cni_config
 from interceptor.cli import main
 
@@ -172,7 +172,7 @@ def test_cni_plugin_answers_version_without_config():
     assert '"supportedVersions"' in out.stdout
 
 
-# --- ingress policy (interceptor/ingress_policy.py) ---------------------------------------
+# --- ingress policy (interceptor/pod/ingress_policy.py) ---------------------------------------
 from interceptor.pod import ingress_policy  # noqa: E402
 from interceptor.pieces import ingress_nft
 
@@ -577,8 +577,8 @@ def test_an_upgrade_keeps_the_map_sizes_it_does_not_name_and_the_agent_declares_
 def test_an_agent_refused_by_ensure_is_not_ready_says_why_and_counts_it_once(monkeypatch):
     """A node loaded with another --mode: ensure refuses (above), the agent leaves the
     datapath alone, says why it is not ready, and counts it once however often it retries."""
-    from interceptor.agent import agent
     from interceptor.ops import ensure
+    from interceptor.agent import agent
     def refuse(request, log):
         raise ensure.Refused(ensure.decide(_node(mode="nftables"), True, request, "v1").why)
     monkeypatch.setattr(ensure, "ensure", refuse)

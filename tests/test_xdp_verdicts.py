@@ -14,11 +14,11 @@ import pytest
 
 from interceptor import abi
 from interceptor.kernel import libbpf
+from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath import stubs
+from interceptor.datapath import pod_entries
 from interceptor.datapath.maps import Maps
-from interceptor.pod.podspec import PodSettings
-from interceptor.pieces import ingress
 from test_ingress import CASES, POLICY
 
 pytestmark = pytest.mark.kernel
@@ -41,7 +41,7 @@ def pod_program(request, datapath):
     if node_state.node_plan().ingress != "xdp":
         pytest.skip("no BPF ingress filter on this kernel")
     with Maps() as maps:
-        ingress.write_entries(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)
+        pod_entries.write_filter(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)
     fd = stubs.load_for_pod(HOOKS[request.param][0], COOKIE)
     yield request.param, fd
     os.close(fd)       # the entries go with the maps when the datapath fixture unloads

@@ -1,12 +1,12 @@
 """`interceptor agent`: the node component, run by a Kubernetes DaemonSet.
 
 On start it loads the datapath or adopts the one already pinned, installs the CNI plugin
-and keeps it chained (cni_chain.py), and reconciles: records of pods whose network
+and keeps it chained (cni/chain.py), and reconciles: records of pods whose network
 namespace is gone are removed, and pod sandboxes that started while the plugin was not
 in place (found through the runtime's CRI socket) are enrolled with the settings the
 plugin would have computed. Then it watches the CNI conf dir (re-chaining within a
 second of a change) and reconciles periodically. /healthz, /readyz and /metrics share
-one HTTP server. It also answers the plugin's requests in-process (cni_server.py): the
+one HTTP server. It also answers the plugin's requests in-process (cni/server.py): the
 installed plugin's front hands them over, and runs the plugin itself when the agent
 is not there.
 
@@ -23,8 +23,8 @@ import time
 
 from interceptor import paths, store
 from interceptor.kernel import netns
-from interceptor.datapath import node_state
 from interceptor.pod import podrecord
+from interceptor.datapath import node_state
 from interceptor.ops import enrollment, ensure, loader
 from interceptor.cni import (chain as cni_chain, config as cni_config, install as cni_install,
                              server as cni_server)

@@ -8,9 +8,9 @@ from prometheus_client import start_http_server
 from prometheus_client.core import (REGISTRY, CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
+from interceptor.pod import podrecord
 from interceptor.datapath.maps import REPORTED, Maps
 from interceptor.datapath.node_state import loaded_plan
-from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops import counters, opstats
 from interceptor.ops.opstats import DURATION_BUCKETS

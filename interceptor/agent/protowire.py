@@ -1,5 +1,5 @@
 """The protobuf wire format, for the handful of CRI messages the agent exchanges
-(interceptor/cri.py). Field numbers come from the public CRI API definition
+(interceptor/agent/cri.py). Field numbers come from the public CRI API definition
 (k8s.io/cri-api, package runtime.v1). A few dozen lines instead of generated code and
 the protobuf runtime: the agent only builds small requests and reads a few fields.
 

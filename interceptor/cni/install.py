@@ -32,7 +32,7 @@ PACKAGE_DIR = os.path.dirname(HERE)                      # interceptor
 # container or a virtualenv has (the runtime runs it on the host), and its path imports
 # only the standard library (that saves about 5 ms on every VERSION/ADD/DEL). In front of
 # the zip: the static executable cni/front.c, which has the node agent answer the request
-# and runs the zip with PYTHON only when the agent cannot (cni_front.py builds it); a
+# and runs the zip with PYTHON only when the agent cannot (front.py builds it); a
 # package installed without it gets a shebang line there instead.
 PYTHON = "/usr/bin/python3"
 INTERPRETER = f"{PYTHON} -S"

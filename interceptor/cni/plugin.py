@@ -6,7 +6,7 @@ changed, so a malformed request leaves nothing behind. Imports are lazy and noth
 this path compiles or imports BCC: the runtime calls VERSION before every ADD and DEL.
 
 `run` is the whole plugin: the installed front (cni/front.c) has the node agent call it
-in-process (cni_server.py) and runs this module itself only when the agent cannot.
+in-process (server.py) and runs this module itself only when the agent cannot.
 """
 import json
 import os

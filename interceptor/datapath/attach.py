@@ -18,7 +18,8 @@ import os
 from interceptor import paths
 from interceptor.kernel import libbpf
 from interceptor.datapath import stubs
-from interceptor.datapath.programs import BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
+from interceptor.datapath.programs import (BYPASS_MAP, CGROUP, NETNS, POD_COPY, PROGRAMS, SOCKHASH,
+                                           TAIL, TAIL_MAPS)
 
 SK_LOOKUP_LINK = "sk_lookup"        # a pod's pin of its sk_lookup link (paths.pod_link_pin)
 

@@ -8,30 +8,13 @@ from interceptor.kernel import libbpf
 
 ENOTSUPP = 524      # the kernel's own "not supported", which reaches userspace as is
 
-# name -> (key type, value type); per-CPU maps hold one value per possible CPU.
-LAYOUT = {
-    "pods": (ctypes.c_uint64, abi.PodConfig),
-    "pod_addrs": (abi.PodAddrKey, ctypes.c_uint64),
-    "port_rules": (abi.PortKey, ctypes.c_uint8),
-    "cidr_rules": (abi.CidrKey, ctypes.c_uint8),
-    "inbound_listeners": (abi.ListenerKey, None),
-    "bypass_socks": (abi.SockTuple, None),
-    "redirected": (abi.SockTuple, abi.OrigDst),
-    "connect_orig": (ctypes.c_int, abi.OrigDst),
-    "proxy_orig": (ctypes.c_int, abi.OrigDst),
-    "stats": (abi.StatKey, abi.StatValue),
-    "settings": (ctypes.c_uint32, abi.NodeSettings),
-    "xdp_main": (ctypes.c_uint32, ctypes.c_uint32),    # prog array: key -> program fd
-    "tc_main": (ctypes.c_uint32, ctypes.c_uint32),     # likewise
-    "xdp_cookie_slot": (ctypes.c_uint32, ctypes.c_uint64),   # per CPU: stub -> filter
-    "xdp_pods": (ctypes.c_uint64, abi.XdpPodConfig),
-    "ingress_sources": (abi.CidrKey, ctypes.c_uint32),
-    "ingress_rules": (abi.IngressRuleKey, ctypes.c_uint8),
-}
-PERCPU = {"stats", "xdp_cookie_slot"}
-COUNTERS = {"stats"}                          # values are counts: a migration adds them up
-SK_STORAGE = ("connect_orig", "proxy_orig")   # per-socket: no keys to list or count
-SINGLE_SLOT = ("settings", "xdp_main", "tc_main", "xdp_cookie_slot")     # one entry by design
+# Views of abi.MAPS, the one table of the maps. name -> (key type, value type); per-CPU
+# maps hold one value per possible CPU.
+LAYOUT = {m.name: (m.key, m.value) for m in abi.MAPS}
+PERCPU = {m.name for m in abi.MAPS if m.percpu}
+COUNTERS = {m.name for m in abi.MAPS if m.counters}            # a migration adds them up
+SK_STORAGE = tuple(m.name for m in abi.MAPS if m.shape == abi.PER_SOCKET)   # no keys to list or count
+SINGLE_SLOT = tuple(m.name for m in abi.MAPS if m.shape == abi.SLOTS)      # a fixed few entries
 # Maps whose fill level status and metrics report (entries / capacity).
 REPORTED = tuple(name for name in LAYOUT if name not in SK_STORAGE + SINGLE_SLOT)
 
@@ -190,14 +173,6 @@ class Maps:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def forget_pod(maps, cookie):
-    """The entries the datapath itself made for a pod (its counters, its connections'
-    original destinations): removed with the pod, after every piece is gone."""
-    maps.stats.delete_pod_keys(cookie)
-    for key in maps.redirected.pod_keys(cookie, in_value=True):
-        maps.redirected.delete(key)
 
 
 def addr16(ip):

@@ -11,9 +11,9 @@ import sys
 import time
 
 from interceptor import abi
+from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.pod.podspec import PodSettings
 from interceptor import pieces
 from interceptor.ops import ensure
 from interceptor.ops import counters, enrollment, loader, status

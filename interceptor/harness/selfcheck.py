@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from interceptor import abi
-from interceptor.datapath import node_state
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
+from interceptor.datapath import node_state
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader, residue, status
 from interceptor.harness import lab as labmod

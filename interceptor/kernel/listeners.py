@@ -1,17 +1,16 @@
-"""Registering a proxy listener that already existed when its pod was enrolled.
+"""Finding a proxy's listening sockets that existed before its pod was enrolled.
 
 sock_ops registers the proxy's inbound listener when it calls listen(), but only in an
 enrolled namespace; a proxy that started first is found here instead: its socket inode
 through sock_diag inside the namespace, the owning process from /proc/*/fd, and a
-duplicate of the descriptor through pidfd_getfd() to hand to the sockhash.
+duplicate of the descriptor through pidfd_getfd(), which the caller hands to the
+inbound_listeners map (datapath/pod_entries.py).
 """
-import ctypes
 import errno
 import os
 import socket
 import struct
 
-from interceptor import abi
 from interceptor.kernel import libc, netlink, netns
 
 _SYS_pidfd_getfd = 438
@@ -78,8 +77,9 @@ def _dup_from(pid, fd):
         os.close(pidfd)
 
 
-def register_existing(maps, cookie, netns_path, port):
-    """Put already-listening sockets on port into inbound_listeners. Returns how many."""
+def each_listening(netns_path, port, each):
+    """each(family, fd) for every socket listening on port in the namespace (a dup of
+    the owning process's fd, closed afterwards). Returns how many."""
     with netns.entered(netns_path):
         inodes = _listener_inodes(port)
     registered = 0
@@ -92,8 +92,7 @@ def register_existing(maps, cookie, netns_path, port):
         except OSError:
             continue   # the process went away meanwhile
         try:
-            key = abi.ListenerKey(netns_cookie=cookie, family=family)
-            maps.inbound_listeners.put(key, ctypes.c_uint32(fd))
+            each(family, fd)
             registered += 1
         finally:
             os.close(fd)

@@ -2,8 +2,8 @@
 
 This path runs for every pod start (CNI ADD), so it never imports BCC or compiles: it
 opens the pinned maps and programs through libbpf. A pod is served by the pieces the
-plan names (interceptor/pieces.py), applied in order as a journal kept in the pod's
-record (interceptor/podrecord.py): the record is written before the first piece and
+plan names (interceptor/pieces/), applied in order as a journal kept in the pod's
+record (interceptor/pod/podrecord.py): the record is written before the first piece and
 after each one, so a run killed anywhere leaves a record that says what may be in
 place, and removal undoes the journal in reverse.
 """
@@ -13,12 +13,13 @@ import os
 
 from interceptor import paths, store
 from interceptor.kernel import libbpf, netns
-from interceptor.datapath import node_state
-from interceptor.datapath.maps import LayoutError, Maps, forget_pod
 from interceptor.pod import podrecord
 from interceptor.pod.podrecord import JournalEntry, PodRecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.pod.problems import Kind, Problem
+from interceptor.datapath import node_state
+from interceptor.datapath import pod_entries
+from interceptor.datapath.maps import LayoutError, Maps
 from interceptor import pieces
 from interceptor.ops import opstats
 
@@ -176,7 +177,7 @@ def remove_pod(cookie, unloading=False):
             if piece is not None:
                 piece.remove(rec, entry.state, maps)
         if maps is not None:
-            forget_pod(maps, cookie)
+            pod_entries.forget(maps, cookie)
         _detach_pins(paths.pod_pin_dir(cookie))
     finally:
         if maps is not None:

@@ -15,11 +15,11 @@ import time
 
 from interceptor import abi, paths, store
 from interceptor.kernel import libbpf, mounts, netns
+from interceptor.pod import podrecord
 from interceptor.datapath import attach
 from interceptor.datapath.maps import Maps
 from interceptor.datapath.node_state import NodeState
 from interceptor.datapath.programs import BYPASS_MAP
-from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops.capabilities import choose, probes_for
 

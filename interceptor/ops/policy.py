@@ -3,10 +3,9 @@ filter piece writes the new rule set to the maps (or the nftables chain) as a
 difference, and the pod's record keeps it, so a re-enroll or CNI CHECK sees the live
 policy."""
 from interceptor import store
-from interceptor.datapath.maps import Maps
 from interceptor.pod import ingress_policy, podrecord
+from interceptor.datapath.maps import Maps
 from interceptor import pieces
-from interceptor.pieces import ingress
 from interceptor.ops import enrollment
 
 
@@ -95,7 +94,7 @@ def listing(selector=None):
         out.append({
             "pod": rec.pod, "cookie": rec.cookie, "netns": rec.netns,
             "mechanism": piece.mechanism if piece else None,
-            "protected_ports": ingress.protected_ports(rec.settings),
+            "protected_ports": rec.settings.filter_protected_ports(),
             "allow_only": ingress_policy.allow_only(rec.settings.ingress_policy),
             "rules": [ingress_policy.rule_text(r) for r in rec.settings.ingress_policy],
         })

@@ -13,12 +13,12 @@ import time
 
 from interceptor import abi, paths
 from interceptor.kernel import libbpf, listeners, netns
+from interceptor.pod import podrecord
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import REPORTED, LayoutError, Maps
 from interceptor.datapath.node_state import loaded_plan, missing_pins
 from interceptor.datapath.plan import Mechanism
 from interceptor.datapath.programs import CGROUP, FILTER_HOOKS, PROGRAMS, SOCKHASH, TAIL, TAIL_MAPS
-from interceptor.pod import podrecord
 from interceptor import pieces
 from interceptor.ops import counters
 
@@ -131,12 +131,11 @@ def _ingress(rec, c):
                for label in INGRESS_DROP_LABELS}
     passed = sum(c.get(label, {}).get("count", 0) for label in
                  ("ingress_passed", "ingress_passed_non_ip", "ingress_passed_fragment"))
-    from interceptor.pieces.ingress import protected_ports
     return {
         "mechanism": piece.mechanism,
         "interfaces": [{"ifname": a["ifname"], "mode": a["mode"]} for a in interfaces],
         "skipped": [f"{a['ifname']} ({a['reason']})" for a in skipped],
-        "protected_ports": protected_ports(rec.settings),
+        "protected_ports": rec.settings.filter_protected_ports(),
         "rules": len(rec.settings.ingress_policy),
         "passed": passed,
         "dropped": sum(dropped.values()),

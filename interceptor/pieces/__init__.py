@@ -1,6 +1,6 @@
 """The datapath pieces that serve a pod, behind one interface (base.py), one module each
 (the piece's name with an underscore), built on the mechanisms beside them: tc.py and
-xdp.py attach the filter's per-pod stub, ingress.py writes the filter's map entries,
+xdp.py attach the filter's per-pod stub (its map entries are datapath/pod_entries.py),
 ingress_nft.py the nftables filter.
 
   filter-xdp       the pod's filter stub on each interface (tc or XDP), its entries in xdp_pods,

@@ -2,8 +2,8 @@
 the directions eBPF cannot capture on this node."""
 import shutil
 
-from interceptor.datapath.plan import RulesBackend
 from interceptor.pod.problems import Kind, Problem
+from interceptor.datapath.plan import RulesBackend
 from interceptor.pieces.base import CAPTURE, Piece, PieceError
 
 

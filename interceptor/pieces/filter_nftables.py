@@ -2,9 +2,8 @@
 a node where the kernel runs no BPF filter."""
 import os
 
-from interceptor.datapath.plan import Ingress
 from interceptor.pod.problems import Kind, Problem
-from interceptor.pieces import ingress
+from interceptor.datapath.plan import Ingress
 from interceptor.pieces.base import Filter
 
 
@@ -16,7 +15,7 @@ class FilterNftables(Filter):
         from interceptor.pieces import ingress_nft
         rec, view = target.record, target.view
         names = [i.name for i in view.interfaces]
-        ingress_nft.apply(rec.netns, names, ingress.protected_ports(rec.settings),
+        ingress_nft.apply(rec.netns, names, rec.settings.filter_protected_ports(),
                           rec.settings.ingress_policy, view.ephemeral_low)
         skipped = [{"ifname": rec.ifname, "ifindex": 0, "reason": "no such interface"}] \
             if rec.ifname and not names else []
@@ -27,7 +26,7 @@ class FilterNftables(Filter):
     def update(self, record, state, maps):
         from interceptor.pieces import ingress_nft
         ingress_nft.apply(record.netns, [a["ifname"] for a in state["interfaces"]],
-                          ingress.protected_ports(record.settings),
+                          record.settings.filter_protected_ports(),
                           record.settings.ingress_policy, state["ephemeral_low"])
         return state
 

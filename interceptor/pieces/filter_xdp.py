@@ -1,9 +1,9 @@
 """filter-xdp: the BPF ingress filter, the pod's stub on each interface (tc or XDP) and
 its entries in xdp_pods, ingress_sources, ingress_rules and port_rules (kind PROTECTED)."""
-from interceptor.datapath import stubs
-from interceptor.datapath.plan import Ingress
 from interceptor.pod.problems import Kind, Problem
-from interceptor.pieces import ingress, tc, xdp
+from interceptor.datapath import pod_entries, stubs
+from interceptor.datapath.plan import Ingress
+from interceptor.pieces import tc, xdp
 from interceptor.pieces.base import Filter, PieceError
 
 
@@ -18,7 +18,7 @@ class FilterXdp(Filter):
     def apply(self, target, previous):
         rec, view, maps = target.record, target.view, target.maps
         s = rec.settings
-        ingress.write_entries(maps, rec.cookie, s, view.ephemeral_low)
+        pod_entries.write_filter(maps, rec.cookie, s, view.ephemeral_low)
         out = {"ephemeral_low": view.ephemeral_low, "interfaces": [], "skipped": []}
         if rec.ifname and not view.interfaces:
             out["skipped"].append({"ifname": rec.ifname, "ifindex": 0, "reason": "no such interface"})
@@ -69,7 +69,7 @@ class FilterXdp(Filter):
                 xdp.detach(rec.cookie, ifindex)
 
     def update(self, record, state, maps):
-        ingress.write_entries(maps, record.cookie, record.settings, state["ephemeral_low"])
+        pod_entries.write_filter(maps, record.cookie, record.settings, state["ephemeral_low"])
         return state
 
     def remove(self, record, state, maps):
@@ -85,7 +85,7 @@ class FilterXdp(Filter):
                 tc.remove_from(record.netns, [a["ifindex"] for a in on_tc],
                                {a["ifindex"] for a in on_tc if a.get("clsact_ours")})
         if maps is not None:
-            ingress.remove_entries(maps, record.cookie)
+            pod_entries.remove_filter(maps, record.cookie)
 
     def verify(self, record, state, netns_path):
         if state is None:

@@ -10,8 +10,8 @@ import os
 
 from interceptor import paths
 from interceptor.kernel import libbpf, netns
-from interceptor.datapath import stubs
 from interceptor.pod.problems import Kind, Problem
+from interceptor.datapath import stubs
 
 PROG_NAME = "xdp_pod"
 LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may have)

@@ -1,6 +1,6 @@
 """Values operators give (enroll options, CNI config keys, annotations, policy rules):
 ports, port lists and CIDR lists. Errors are ValueErrors saying what is wrong with the
-value; the caller names the setting (interceptor/podspec.py). Standard library only:
+value; the caller names the setting (interceptor/pod/podspec.py). Standard library only:
 the CNI plugin parses its configuration on every ADD."""
 import ipaddress
 

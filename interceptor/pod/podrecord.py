@@ -1,5 +1,5 @@
 """One enrolled pod's record, typed: what was asked (settings), where (netns, cookie),
-and the journal of datapath pieces applied for it (interceptor/pieces.py).
+and the journal of datapath pieces applied for it (interceptor/pieces/).
 
 The record is written before the first piece is applied and after each one, so a run
 killed at any point leaves a record that says what may be in place: removal undoes the

@@ -2,7 +2,7 @@
 
 Every setting is a row of FIELDS: its name, default, parser, CNI config key, pod
 annotation (if a pod may override it) and help text. The `enroll` options (cli.py), the
-plugin's config keys and the annotation overrides (cni_config.py) are derived from the
+plugin's config keys and the annotation overrides (cni/config.py) are derived from the
 table; Istio keeps its annotations in one registry the same way. PodSettings holds the
 parsed, typed values: a PodSettings is valid from construction, so nothing downstream
 validates or parses again. Standard library only: the CNI plugin builds one on every ADD.
@@ -161,7 +161,7 @@ _DEFAULTS = {f.name: f.value(f.default) for f in FIELDS}
 
 class PodSettings:
     """Typed settings of one pod: ports are ints, port lists sorted ints, CIDR lists
-    ip_network objects, the policy parsed rules (interceptor/ingress_policy.py).
+    ip_network objects, the policy parsed rules (interceptor/pod/ingress_policy.py).
     PodSettings(**raw) parses what it is given (raw values, or a record's settings) and
     raises SettingError; the rest are the table's defaults."""
     __slots__ = tuple(BY_NAME)
@@ -194,6 +194,11 @@ class PodSettings:
     def cidrs(self, name, version):
         """One family's networks of a CIDR-list setting."""
         return [n for n in getattr(self, name) if n.version == version]
+
+    def filter_protected_ports(self):
+        """The ports the ingress filter drops from the network: the proxy's capture port,
+        its admin port, and the operator's protected ports."""
+        return sorted({self.outbound_port, abi.ADMIN_PORT, *self.protected_ports})
 
     @property
     def steers_all_inbound(self):

@@ -25,10 +25,10 @@ if __name__ == "__main__":
     os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
 
 from interceptor.kernel import libbpf
-from interceptor.datapath import stubs
-from interceptor.datapath.maps import Maps
 from interceptor.pod.podspec import PodSettings
-from interceptor.pieces import ingress
+from interceptor.datapath import stubs
+from interceptor.datapath import pod_entries
+from interceptor.datapath.maps import Maps
 from interceptor.ops import ensure
 from interceptor.ops import loader
 from interceptor.harness.bench import report
@@ -65,7 +65,7 @@ def _programs(fds):
         for label, policy in (("default", ()), ("10 rules", POLICY)):
             cookie = COOKIE + (1 if policy else 0)
             with Maps() as maps:
-                ingress.write_entries(maps, cookie, PodSettings(ingress_policy=list(policy)), 32768)
+                pod_entries.write_filter(maps, cookie, PodSettings(ingress_policy=list(policy)), 32768)
             fds[f"{hook} filter, {label}"] = stubs.load_for_pod(kind, cookie)
 
 

@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 from interceptor import abi
-from interceptor.datapath import node_state
 from interceptor.pod.podspec import PodSettings
+from interceptor.datapath import node_state
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness.bench.topology import (APP_PORT, APP_PORTS, EXPLICIT_APP_PORT,

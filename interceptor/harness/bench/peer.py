@@ -21,8 +21,8 @@ import os
 import socket
 import subprocess
 
-from interceptor.datapath import node_state
 from interceptor.pod.podspec import PodSettings
+from interceptor.datapath import node_state
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod

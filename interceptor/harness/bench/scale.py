@@ -18,9 +18,9 @@ import subprocess
 import time
 
 from interceptor import abi
+from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.pod.podspec import PodSettings
 from interceptor.ops import ensure
 from interceptor.ops import enrollment, loader
 from interceptor.harness import lab as labmod

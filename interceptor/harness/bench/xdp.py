@@ -34,9 +34,9 @@ import tempfile
 import time
 
 from interceptor import abi
+from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.pod.podspec import PodSettings
 from interceptor.pieces import ingress_nft
 from interceptor.ops import ensure
 from interceptor.ops import counters, enrollment, loader
