@@ -18,8 +18,7 @@ from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps, addr16
 from interceptor import pieces
 from interceptor.pieces import tc
-from interceptor.ops import ensure
-from interceptor.ops import loader
+from interceptor.ops import ensure, loader
 from pyroute2 import netns as pyr_netns
 
 from cnihelper import config, container_env, installed_plugin, prev_result, run

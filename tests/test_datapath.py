@@ -25,8 +25,7 @@ from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps, cidr_key
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness.lab import wait_listening
 
 pytestmark = pytest.mark.kernel
@@ -80,6 +79,7 @@ def haproxy_dsts(log):
     return re.findall(r"frontend=(\w+) client=\S+ dst=(\S+)", "\n".join(log_lines(log)))
 
 
+@pytest.mark.outbound
 def test_outbound_goes_through_haproxy_with_original_destination(pods, datapath):
     lab, a, b = pods
     _, log = lab.start_haproxy(a)
@@ -119,6 +119,7 @@ EXCLUSION_CASES = [
 ]
 
 
+@pytest.mark.outbound
 @pytest.mark.parametrize("desc,settings,dst,intercepted", EXCLUSION_CASES,
                          ids=[c[0] for c in EXCLUSION_CASES])
 def test_outbound_exclusions(pods, desc, settings, dst, intercepted):
@@ -138,6 +139,7 @@ def test_outbound_exclusions(pods, desc, settings, dst, intercepted):
         assert pod_counters(a).get("out_redirected", 0) == 0
 
 
+@pytest.mark.outbound
 def test_loopback_and_own_address_are_not_intercepted(pods):
     lab, a, b = pods
     log = start_sidecar(lab, a)
@@ -152,6 +154,7 @@ def test_loopback_and_own_address_are_not_intercepted(pods):
     assert c["out_skip_local_pod"] == 1
 
 
+@pytest.mark.outbound
 @pytest.mark.parametrize("who", ["uid", "gid"])
 def test_proxy_owner_is_never_redirected(pods, who):
     """The proxy's own upstream connections must go out, not loop back into it."""
@@ -193,6 +196,9 @@ def storm(pod, host, close):
                               str(STORM), "--close", close, timeout=120).stdout)
 
 
+@pytest.mark.outbound
+@pytest.mark.inbound
+@pytest.mark.bypass
 @pytest.mark.parametrize("close", ["fin", "rst"])
 @pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
 @pytest.mark.parametrize("bypass", [False, True], ids=["no-bypass", "bypass"])
@@ -234,6 +240,7 @@ def test_connect_then_close_storm_reaches_the_app_without_sidecar_loops(pods, da
         assert pod_counters(a)["bypass_socket_added"] > 0
 
 
+@pytest.mark.outbound
 def test_sidecar_connecting_to_its_own_capture_port_is_refused(pods, datapath):
     """An app that connects to the sidecar's capture port itself gives the sidecar no
     original destination; HAProxy then falls back to the port it accepted on, its own.
@@ -264,6 +271,7 @@ def test_sidecar_connecting_to_its_own_capture_port_is_refused(pods, datapath):
     assert client(a, b.ipv4, abi.OUTBOUND_PORT, uid=abi.PROXY_UID)["reply"]["bytes"] == 5
 
 
+@pytest.mark.inbound
 def test_inbound_steered_to_proxy(pods, datapath):
     lab, a, b = pods
     # b is the enrolled server pod here; a is an ordinary client
@@ -286,6 +294,7 @@ def test_inbound_steered_to_proxy(pods, datapath):
         assert entries[0]["sockname"] == f"{b.ipv4}:{abi.INBOUND_PORT}"    # REDIRECT
 
 
+@pytest.mark.inbound
 def test_inbound_excluded_ports_reach_the_app(pods):
     lab, a, b = pods
     log = start_sidecar(lab, b)
@@ -299,6 +308,7 @@ def test_inbound_excluded_ports_reach_the_app(pods):
     assert pod_counters(b)["in_skip_excluded_port"] == 2
 
 
+@pytest.mark.inbound
 def test_inbound_include_list(pods):
     lab, a, b = pods
     log = start_sidecar(lab, b)
@@ -309,6 +319,7 @@ def test_inbound_include_list(pods):
     assert [e["orig_dst"] for e in sidecar_entries(log)] == [f"{b.ipv4}:7070"]
 
 
+@pytest.mark.inbound
 def test_reject_before_proxy_listens_then_found_when_it_does(pods, datapath):
     lab, a, b = pods
     enroll(a)
@@ -326,6 +337,7 @@ def test_reject_before_proxy_listens_then_found_when_it_does(pods, datapath):
     assert [e["listener"] for e in sidecar_entries(log_b)] == ["inbound"]
 
 
+@pytest.mark.inbound
 def test_inbound_reject_without_proxy(pods, datapath):
     lab, a, b = pods
     enroll(b)
@@ -334,6 +346,7 @@ def test_inbound_reject_without_proxy(pods, datapath):
         assert pod_counters(b)["in_rejected_no_proxy"] == 1
 
 
+@pytest.mark.inbound
 def test_passthrough_before_proxy_listens(pods, datapath):
     lab, a, b = pods
     if not (ebpf(datapath, "outbound") and ebpf(datapath, "inbound")):
@@ -348,6 +361,8 @@ def test_passthrough_before_proxy_listens(pods, datapath):
     assert pod_counters(b)["in_passthrough_no_proxy"] == 1
 
 
+@pytest.mark.outbound
+@pytest.mark.inbound
 def test_ipv6_outbound_and_inbound(pods):
     lab, a, b = pods
     log_a = start_sidecar(lab, a)
@@ -362,6 +377,7 @@ def test_ipv6_outbound_and_inbound(pods):
     assert [e["orig_dst"] for e in sidecar_entries(log_b)] == [f"{b.ipv6}:{SERVER_PORT}"]
 
 
+@pytest.mark.outbound
 def test_v4_mapped_destination_on_an_ipv6_socket(pods):
     lab, a, b = pods
     log = start_sidecar(lab, a)
@@ -384,6 +400,9 @@ LEG_BYTES = {
 }
 
 
+@pytest.mark.outbound
+@pytest.mark.inbound
+@pytest.mark.bypass
 @pytest.mark.parametrize("bypass", list(LEG_BYTES), ids=["bypass", "outbound-leg", "mesh-leg",
                                                         "inbound-leg", "no-bypass"])
 def test_large_transfer_through_both_sidecars(pods, datapath, bypass):
@@ -428,6 +447,7 @@ def stream_checks(pod):
     return json.loads(pod.run(sys.executable, APPS, "stream-checks", "9191").stdout)
 
 
+@pytest.mark.bypass
 def test_stream_semantics_on_a_bypassed_pair(pods, datapath):
     """FIONREAD, half-close and RST on a loopback pair in an enrolled pod, which the
     bypass short-circuits (the counter proves the path was taken)."""
@@ -440,6 +460,7 @@ def test_stream_semantics_on_a_bypassed_pair(pods, datapath):
     assert pod_counters(a)["bypass_msg_redirected"] >= 3
 
 
+@pytest.mark.bypass
 def test_stream_semantics_without_bypass(pods):
     lab, a, b = pods
     enroll(a, bypass=False)
@@ -459,6 +480,7 @@ class KernelLimit(Exception):
     "never sees data the bypass put in the socket's psock queue (the nginx hang). Pods "
     "whose app or proxy splices from sockets must be enrolled with --no-bypass. Strict: "
     "a kernel that fixes it fails this test, to be noticed."))
+@pytest.mark.bypass
 def test_splice_on_a_bypassed_socket(pods, datapath):
     a = bypassed_client(pods, datapath)
     result = stream_checks(a)
@@ -484,6 +506,7 @@ def backpressure(pod):
     return out, bound
 
 
+@pytest.mark.bypass
 def test_a_receiver_that_does_not_read_stops_the_sender(pods):
     lab, a, b = pods
     enroll(a, bypass=False)
@@ -498,6 +521,7 @@ def test_a_receiver_that_does_not_read_stops_the_sender(pods):
     "with every TCP socket on the node under memory pressure meanwhile), and send() then "
     "fails with ENOMEM instead of blocking. Why the bypass is not the default. Strict: a "
     "kernel that bounds it fails this test, to be noticed."))
+@pytest.mark.bypass
 def test_a_receiver_that_does_not_read_stops_a_bypassed_sender(pods, datapath):
     a = bypassed_client(pods, datapath)
     out, bound = backpressure(a)
@@ -507,6 +531,8 @@ def test_a_receiver_that_does_not_read_stops_a_bypassed_sender(pods, datapath):
                           f"{bound >> 20} MiB) and stopped at {out['stop']}")
 
 
+@pytest.mark.outbound
+@pytest.mark.inbound
 def test_host_traffic_untouched_whatever_the_maps_say(pods, datapath):
     """Even with the host's own netns cookie written into the pods map behind enroll's
     back, a host connect is not redirected: the cookie is compiled into the programs."""
@@ -589,6 +615,8 @@ def test_reenroll_replaces_settings(pods):
     assert len(sidecar_entries(log)) == 1
 
 
+@pytest.mark.outbound
+@pytest.mark.inbound
 def test_proxy_listening_on_custom_ports(pods):
     lab, a, b = pods
     log_a = start_sidecar(lab, a, outbound_port=16001, inbound_port=16006)
@@ -601,6 +629,7 @@ def test_proxy_listening_on_custom_ports(pods):
     wait_listening(a, 16001)
 
 
+@pytest.mark.bypass
 def test_blocking_recv_on_a_bypassed_socket_gets_the_data_or_eagain(pods, datapath):
     a = bypassed_client(pods, datapath)
     # Blocking reads on both ends of a bypassed loopback pair; an error (the kernel's

@@ -22,7 +22,7 @@ from interceptor.pod.podspec import PodSettings
 from interceptor.ops import enrollment
 from interceptor.harness import envoy_sidecar
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.outbound, pytest.mark.inbound]
 
 NET = 84
 HTTP_PORT = 8080

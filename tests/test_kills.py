@@ -16,8 +16,7 @@ from interceptor.pod import ingress_policy, podrecord
 from interceptor.pod.problems import Kind
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader, status
+from interceptor.ops import enrollment, ensure, loader, status
 
 pytestmark = pytest.mark.kernel
 RUNS = int(os.environ.get("INTERCEPTOR_KILL_RUNS", 40)) // 4      # 10 by default, 50 at scale

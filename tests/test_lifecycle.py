@@ -15,8 +15,7 @@ from interceptor.kernel import libbpf
 from interceptor.pod import podrecord
 from interceptor.datapath import node_state
 from interceptor.datapath.programs import BYPASS_MAP, POD_COPY, PROGRAMS
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 
 pytestmark = pytest.mark.kernel
 

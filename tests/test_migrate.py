@@ -17,8 +17,7 @@ from interceptor.kernel import libbpf, netns
 from interceptor.pod import podrecord
 from interceptor.datapath.maps import Maps
 from interceptor.datapath.migrate import Layout
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader, status, upgrade
+from interceptor.ops import enrollment, ensure, loader, status, upgrade
 
 pytestmark = pytest.mark.kernel
 

@@ -15,13 +15,12 @@ import pytest
 from interceptor import abi
 from interceptor.kernel import libbpf
 from interceptor.pod.podspec import PodSettings
-from interceptor.datapath import node_state
-from interceptor.datapath import stubs
-from interceptor.datapath import pod_entries
+from interceptor.datapath import node_state, pod_entries, stubs
 from interceptor.datapath.maps import Maps
-from test_ingress import CASES, POLICY
+from interceptor.datapath.plan import Hook
+from ingress_table import CASES, POLICY
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.ingress_filter]
 
 # hook -> (the stub, its return value for drop, for pass)
 HOOKS = {"xdp": (stubs.XDP, 1, 2),                  # XDP_DROP, XDP_PASS
@@ -38,8 +37,8 @@ class NoWire:
 def pod_program(request, datapath):
     """(hook, the program) of a pod that exists only in the maps, with test_ingress's
     policy."""
-    if node_state.node_plan().ingress != "xdp":
-        pytest.skip("no BPF ingress filter on this kernel")
+    if Hook(request.param) not in node_state.node_plan().bpf_filter_hooks:
+        pytest.skip(f"this kernel refused the {request.param} filter (the plan says so)")
     with Maps() as maps:
         pod_entries.write_filter(maps, COOKIE, PodSettings(ingress_policy=POLICY), 32768)
     fd = stubs.load_for_pod(HOOKS[request.param][0], COOKIE)

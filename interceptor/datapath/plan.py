@@ -33,8 +33,16 @@ class RulesBackend(StrEnum):
     IPTABLES = "iptables"
 
 
-# The modes a load can be asked for, and the name a plan gets from its directions.
-REQUESTED_MODES = ("auto", "ebpf", "nftables", "iptables")
+class RequestedMode(StrEnum):
+    """What `load --mode` (and the agent's) asks for; the plan's mode is what it got."""
+    AUTO = "auto"           # eBPF for each capability the kernel offers, rules for the rest
+    EBPF = "ebpf"           # eBPF for both directions, or fail saying what is missing
+    NFTABLES = "nftables"   # rules only, no BPF at all
+    IPTABLES = "iptables"
+
+
+REQUESTED_MODES = tuple(m.value for m in RequestedMode)
+# The name a plan gets when its directions differ.
 HYBRID = "hybrid"
 # Plans recorded before filter_hooks existed had the filter on both hooks.
 _OLD_FILTER_HOOKS = (Hook.TC, Hook.XDP)

@@ -15,8 +15,7 @@ from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor import pieces
-from interceptor.ops import ensure
-from interceptor.ops import counters, enrollment, loader, status
+from interceptor.ops import counters, enrollment, ensure, loader, status
 from interceptor.harness import lab as labmod
 
 SERVICE_PORT = 8080

@@ -24,8 +24,7 @@ from interceptor import abi
 from interceptor.pod import podrecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader, residue, status
+from interceptor.ops import enrollment, ensure, loader, residue, status
 from interceptor.harness import lab as labmod
 
 SERVICE_PORT = 8080

@@ -8,7 +8,7 @@ preferred, iptables otherwise); a missing sockmap only means no bypass.
 from enum import StrEnum
 
 from interceptor.datapath.plan import (HYBRID, REQUESTED_MODES, Hook, Ingress, Mechanism, Plan,
-                                       RulesBackend)
+                                       RequestedMode, RulesBackend)
 
 
 class Probe(StrEnum):
@@ -72,7 +72,7 @@ def choose(mode, report, refused=None):
     nft_filter = Ingress.NFTABLES if ok.get(Probe.NFTABLES) else None
 
     details = {c.name: c.detail for c in report.checks}
-    if mode in ("auto", "ebpf") and not ok.get(Probe.BCC_COMPILE) and \
+    if mode in (RequestedMode.AUTO, RequestedMode.EBPF) and not ok.get(Probe.BCC_COMPILE) and \
             all(ok.get(n) for n in REQUIRED_FOR_EBPF if n != Probe.BCC_COMPILE):
         # never settle quietly for REDIRECT rules on a kernel that has it all: a node
         # missing python3-bpfcc or headers is a broken install, not an old kernel
@@ -80,7 +80,7 @@ def choose(mode, report, refused=None):
                          f"compile here ({details.get(Probe.BCC_COMPILE, 'not probed')}): install "
                          "python3-bpfcc and the kernel headers (see `interceptor doctor`), or "
                          "ask for REDIRECT rules with --mode nftables or --mode iptables")
-    if mode == "ebpf":
+    if mode == RequestedMode.EBPF:
         missing = [f"{n} ({details.get(n, 'not probed')})" for n in REQUIRED_FOR_EBPF if not ok.get(n)]
         missing += [f"{n} (refused by the kernel: {refused[n]})"
                     for n in serving(Serves.CORE) + serving(Serves.OUTBOUND) + serving(Serves.INBOUND)
@@ -94,7 +94,7 @@ def choose(mode, report, refused=None):
         # forced rules: the Istio-equivalent baseline, no BPF at all
         return Plan(mode=mode, outbound=Mechanism.RULES, inbound=Mechanism.RULES,
                     rules_backend=RulesBackend(mode), ingress=nft_filter)
-    elif mode == "auto":
+    elif mode == RequestedMode.AUTO:
         outbound = Mechanism.EBPF if outbound_ebpf else Mechanism.RULES
         inbound = Mechanism.EBPF if inbound_ebpf else Mechanism.RULES
     else:

@@ -17,8 +17,7 @@ from interceptor.pod import podrecord
 from interceptor.pod.podrecord import JournalEntry, PodRecord
 from interceptor.pod.podspec import PodSettings
 from interceptor.pod.problems import Kind, Problem
-from interceptor.datapath import node_state
-from interceptor.datapath import pod_entries
+from interceptor.datapath import node_state, pod_entries
 from interceptor.datapath.maps import LayoutError, Maps
 from interceptor import pieces
 from interceptor.ops import opstats

@@ -2,7 +2,7 @@
 its entries in xdp_pods, ingress_sources, ingress_rules and port_rules (kind PROTECTED)."""
 from interceptor.pod.problems import Kind, Problem
 from interceptor.datapath import pod_entries, stubs
-from interceptor.datapath.plan import Ingress
+from interceptor.datapath.plan import Hook, Ingress
 from interceptor.pieces import tc, xdp
 from interceptor.pieces.base import Filter, PieceError
 
@@ -26,7 +26,7 @@ class FilterXdp(Filter):
         for iface in view.interfaces:
             entry = {"ifname": iface.name, "ifindex": iface.index, "driver": iface.driver}
             try:
-                if xdp.hook_for(s.ingress_filter, iface.driver, target.plan.bpf_filter_hooks) == "tc":
+                if xdp.hook_for(s.ingress_filter, iface.driver, target.plan.bpf_filter_hooks) == Hook.TC:
                     # journalled before a qdisc may be made: what is on so far, this
                     # interface (its clsact possibly ours), and what an earlier enroll put
                     # on the interfaces not yet reached

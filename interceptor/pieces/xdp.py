@@ -12,6 +12,7 @@ from interceptor import paths
 from interceptor.kernel import libbpf, netns
 from interceptor.pod.problems import Kind, Problem
 from interceptor.datapath import stubs
+from interceptor.datapath.plan import Hook
 
 PROG_NAME = "xdp_pod"
 LINK_PREFIX = "xdp_"          # + ifindex (bpffs refuses dots, which ifnames may have)
@@ -26,15 +27,14 @@ MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 SKB_BACKED_DRIVERS = ("veth",)
 
 
-def hook_for(mode, driver, hooks=("tc", "xdp")):
-    """"tc" or "xdp": the hook that serves an interface, for the pod's ingress_filter,
+def hook_for(mode, driver, hooks=(Hook.TC, Hook.XDP)):
+    """The Hook that serves an interface, for the pod's ingress_filter setting,
     among the hooks whose programs this kernel accepted (the plan's filter_hooks): a pod
     that asks for a refused one gets the other, which judges alike."""
-    wanted = "tc" if mode == "tc" or (mode == "auto" and driver in SKB_BACKED_DRIVERS) else "xdp"
+    wanted = Hook.TC if mode == "tc" or (mode == "auto" and driver in SKB_BACKED_DRIVERS) else Hook.XDP
     if wanted in hooks or not hooks:
         return wanted
     return hooks[0]
-
 
 
 class XdpError(Exception):

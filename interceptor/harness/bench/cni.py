@@ -26,8 +26,7 @@ import uuid
 from pyroute2 import netns as pyr_netns
 
 from interceptor.datapath import node_state
-from interceptor.ops import ensure
-from interceptor.ops import loader
+from interceptor.ops import ensure, loader
 from interceptor.cni import install as cni_install, server as cni_server
 
 # (operation, percentile) -> target in ms (issue: pod start)

@@ -21,8 +21,7 @@ if __name__ == "__main__":
 
 from interceptor import abi
 from interceptor.pod.podspec import PodSettings
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import report
 from interceptor.harness.bench.run import excluded_lists

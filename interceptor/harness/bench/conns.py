@@ -29,8 +29,7 @@ if __name__ == "__main__":
     os.environ.setdefault("INTERCEPTOR_RUN_DIR", "/run/interceptor-bench")
 
 from interceptor.pod.podspec import PodSettings
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import report, tools, topology
 

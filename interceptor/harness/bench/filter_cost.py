@@ -26,11 +26,9 @@ if __name__ == "__main__":
 
 from interceptor.kernel import libbpf
 from interceptor.pod.podspec import PodSettings
-from interceptor.datapath import stubs
-from interceptor.datapath import pod_entries
+from interceptor.datapath import pod_entries, stubs
 from interceptor.datapath.maps import Maps
-from interceptor.ops import ensure
-from interceptor.ops import loader
+from interceptor.ops import ensure, loader
 from interceptor.harness.bench import report
 
 REPEAT = 1_000_000

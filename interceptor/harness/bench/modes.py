@@ -18,8 +18,7 @@ import sys
 from interceptor import abi
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness.bench.topology import (APP_PORT, APP_PORTS, EXPLICIT_APP_PORT,
                                                 EXPLICIT_OUT, EXPLICIT_OUT_IPERF, IPERF_PORT,
                                                 NODE2_ENV)

@@ -23,8 +23,7 @@ import subprocess
 
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import modes, tools
 from interceptor.harness.bench.topology import Topology

@@ -21,8 +21,7 @@ from interceptor import abi
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
-from interceptor.ops import ensure
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 
 CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 250)

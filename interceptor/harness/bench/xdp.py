@@ -38,8 +38,7 @@ from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
 from interceptor.datapath.maps import Maps
 from interceptor.pieces import ingress_nft
-from interceptor.ops import ensure
-from interceptor.ops import counters, enrollment, loader
+from interceptor.ops import counters, enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench.tools import machine_ticks
 from interceptor.harness.bench.topology import APP, IDLE, MAXCONN  # HAProxy answering HTTP
