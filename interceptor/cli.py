@@ -522,11 +522,16 @@ _conf_dir = click.option("--conf-dir", default=DEFAULT_CONF_DIR, show_default=Tr
 @cni.command("install")
 @_bin_dir
 @_conf_dir
-def cni_install(bin_dir, conf_dir):
+@click.option("--runner", type=click.Choice(["python", "agent"]), default="python", show_default=True,
+              help="python: the plugin runs itself under this Python (a node set up by hand, "
+                   "without the node agent); agent: the static front that the node agent "
+                   "answers, needing nothing on the host (ADD fails with error 11 while the "
+                   "agent is away), as the agent installs it.")
+def cni_install(bin_dir, conf_dir, runner):
     """Put interceptor-cni in BIN_DIR and chain it into the active configuration."""
     from interceptor.cni import install as inst
     try:
-        done = inst.install(bin_dir, conf_dir)
+        done = inst.install(bin_dir, conf_dir, inst.Runner(runner))
     except (inst.InstallError, OSError, ValueError) as exc:
         _fail(str(exc))
     click.echo("\n".join(done) if done else "already installed")

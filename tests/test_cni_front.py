@@ -1,7 +1,9 @@
-"""The installed plugin's front (interceptor/cni/front.c) and the agent's end of it (cni/server.py):
-requests answered in the running `interceptor agent`, and answered all the same by the
-plugin itself whenever the agent cannot: not running, killed, stalled, or serving other
-pin roots. Which process answered is told by the pid in the plugin's log line.
+"""The plugin as the agent installs it (interceptor/cni/front.c, static, nothing from the
+host) and the agent's end of it (cni/server.py): requests answered in the running
+`interceptor agent`; whenever the agent cannot answer (not running, killed, stalled, or
+serving another pin root or run dir) ADD and CHECK fail closed with CNI error 11 and DEL
+succeeds, and the agent's reconcile cleans up after it once it is back. Which process
+answered is told by the pid in the plugin's log line.
 """
 import os
 import re
@@ -21,7 +23,7 @@ from interceptor import paths, store
 from interceptor.kernel import netns
 from interceptor.pod import podrecord
 from interceptor.ops import loader
-from interceptor.cni import install as cni_install, server as cni_server
+from interceptor.cni import install as cni_install, plugin as cni, server as cni_server
 
 pytestmark = pytest.mark.kernel
 
@@ -118,15 +120,23 @@ def answered_by(log_path, text):
     return int(pids[-1]) if pids else None
 
 
-def test_the_installed_plugin_is_the_static_front_with_the_plugin_zipped_behind_it(agent):
+def test_the_installed_plugin_is_the_static_front_alone_needing_no_interpreter(agent):
     with open(agent.plugin, "rb") as f:
-        head = f.read(4)
-    assert head == b"\x7fELF"
+        data = f.read()
+    assert data[:4] == b"\x7fELF"
     out = subprocess.run(["file", "-b", agent.plugin], capture_output=True, text=True).stdout
     assert "statically linked" in out or "static-pie" in out, out
-    with zipfile.ZipFile(agent.plugin) as z:
-        assert "interceptor/cni/plugin.py" in z.namelist()
-    assert cni_install.installed_fingerprint(agent.plugin) == cni_install._fingerprint_of_this()
+    assert b"python" not in data.lower()            # no interpreter to look for
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(agent.plugin)
+    assert cni_install.installed_fingerprint(agent.plugin) == cni_install.fingerprint_of_this(
+        cni_install.Runner.AGENT)
+
+
+def assert_not_ready(rc, doc, why):
+    """ADD (or CHECK) failed closed: CNI error 11, try again later, saying why."""
+    assert rc == 1 and doc["code"] == 11 and "node agent is not ready" in doc["msg"], doc
+    assert why in doc["details"], doc
 
 
 def test_with_the_agent_up_the_agent_answers(agent, pod_netns, tmp_path):
@@ -178,18 +188,19 @@ def test_concurrent_requests_are_answered_on_threads_of_the_agent(agent, tmp_pat
             pyr_netns.remove(name)
 
 
-def test_a_request_for_another_run_dir_is_left_to_the_plugin(agent, pod_netns, tmp_path):
+def test_a_request_for_another_run_dir_fails_closed(agent, pod_netns, tmp_path):
     log = str(tmp_path / "cni.log")
     env = container_env(pod_netns)
     other = str(tmp_path / "other-run")
     rc, doc = run(agent.plugin, log, "ADD", config(runDir=other), **env)
-    assert rc == 1 and doc["code"] == 11 and "not loaded" in doc["msg"], doc   # nothing loaded there
-    assert answered_by(log, "error 11") not in (None, agent.proc.pid)
+    assert_not_ready(rc, doc, "serves another pin root or run dir")
     assert agent.metric("ADD", "not_mine") >= 1
+    assert run(agent.plugin, log, "DEL", config(runDir=other), **env) == (0, None)
     assert podrecord.all_records() == {}
 
 
-def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_path):
+def test_a_stalled_agent_fails_add_closed_after_the_timeout_and_the_queued_add_is_dropped(agent, pod_netns,
+                                                                                           tmp_path):
     log = str(tmp_path / "cni.log")
     env = container_env(pod_netns)
     os.kill(agent.proc.pid, signal.SIGSTOP)
@@ -197,13 +208,12 @@ def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_
         started = time.monotonic()
         rc, doc = run(agent.plugin, log, "ADD", config(), INTERCEPTOR_CNI_AGENT_TIMEOUT="1", **env)
         took = time.monotonic() - started
+        assert_not_ready(rc, doc, "did not answer in time")
+        assert took < 20, took          # the timeout, not the agent, ended the wait
+        # the runtime tears the sandbox down: DEL succeeds without the agent
+        assert run(agent.plugin, log, "DEL", config(), INTERCEPTOR_CNI_AGENT_TIMEOUT="1", **env) == (0, None)
     finally:
         os.kill(agent.proc.pid, signal.SIGCONT)
-    assert rc == 0, doc
-    pid = answered_by(log, env["CNI_CONTAINERID"])
-    assert pid is not None and pid != agent.proc.pid
-    assert took < 20, took          # the timeout, not the agent, ended the wait
-    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
     # the ADD queued on the stalled agent's socket is dropped once it runs again, not
     # carried out after the DEL (which would leave the pod enrolled)
     deadline = time.monotonic() + 10
@@ -217,7 +227,7 @@ def test_a_stalled_agent_is_passed_over_after_the_timeout(agent, pod_netns, tmp_
 def test_a_request_waiting_for_the_node_lock_past_its_deadline_is_dropped(agent, pod_netns, tmp_path):
     """The agent began the ADD in time, but the node lock was held past the front's
     deadline (here by the test; in life, say, a long unenroll or the agent stalled): the
-    front runs the plugin itself, and the agent's ADD, once it gets the lock, is dropped,
+    front fails the ADD closed, and the agent's ADD, once it gets the lock, is dropped,
     not carried out after whatever the runtime did next."""
     import threading
     log = str(tmp_path / "cni.log")
@@ -231,28 +241,33 @@ def test_a_request_waiting_for_the_node_lock_past_its_deadline_is_dropped(agent,
         adder.start()
         time.sleep(2.5)         # the front's deadline passes while the agent waits
     adder.join(60)
-    rc, doc = result["out"]
-    assert rc == 0, doc
-    assert answered_by(log, env["CNI_CONTAINERID"]) not in (None, agent.proc.pid)
+    assert_not_ready(*result["out"], "did not answer in time")
     deadline = time.monotonic() + 10
     while agent.metric("ADD", "expired") < expired + 1:
         assert time.monotonic() < deadline, "the agent's ADD was not dropped"
         time.sleep(0.1)
     assert agent.metric("ADD", "answered") == answered
-    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
     time.sleep(0.3)
     assert podrecord.all_records() == {}
 
 
-def test_a_killed_agent_leaves_a_plugin_that_works_and_a_restart_takes_over(agent, pod_netns, tmp_path):
+def test_without_the_agent_add_fails_closed_version_and_del_answer_and_a_restart_takes_over(agent, pod_netns,
+                                                                                          tmp_path):
     log = str(tmp_path / "cni.log")
     env = container_env(pod_netns)
     agent.proc.kill()
     agent.proc.wait()
     assert os.path.exists(cni_server.socket_path())      # nobody listens on it now
     rc, doc = run(agent.plugin, log, "ADD", config(), **env)
-    assert rc == 0, doc
-    assert answered_by(log, env["CNI_CONTAINERID"]) not in (None, agent.proc.pid)
+    assert_not_ready(rc, doc, "no node agent listens")
+    rc, doc = run(agent.plugin, log, "CHECK", config(), **env)
+    assert_not_ready(rc, doc, "no node agent listens")
+    rc, doc = run(agent.plugin, log, "STATUS", config(version="1.1.0", prev=False))
+    assert rc == 1 and doc["code"] == 50, doc
+    rc, doc = run(agent.plugin, log, "VERSION", {"cniVersion": "0.4.0"})
+    assert rc == 0 and doc == {"cniVersion": "0.4.0", "supportedVersions": cni.SUPPORTED_VERSIONS}, doc
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    assert podrecord.all_records() == {}
     # an agent killed between binding its socket and renaming it into place left this
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -260,9 +275,37 @@ def test_a_killed_agent_leaves_a_plugin_that_works_and_a_restart_takes_over(agen
     open(stale, "w").close()
     agent.start()                                          # takes the socket over
     assert not os.path.exists(stale)
-    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    rc, doc = run(agent.plugin, log, "ADD", config(), **env)   # the kubelet's retry
+    assert rc == 0, doc
     assert answered_by(log, env["CNI_CONTAINERID"]) == agent.proc.pid
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
     assert podrecord.all_records() == {}
+
+
+def test_a_del_while_the_agent_is_away_is_cleaned_up_by_its_reconcile(agent, tmp_path):
+    """DEL succeeds without the agent so a pod can always be deleted; what the pod left
+    (its record, its entries) goes once the agent is back and finds its netns gone."""
+    log = str(tmp_path / "cni.log")
+    name = f"icf{uuid.uuid4().hex[:8]}"
+    pyr_netns.create(name)
+    path = f"/run/netns/{name}"
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"],
+                       check=True)
+        env = container_env(path)
+        rc, doc = run(agent.plugin, log, "ADD", config(), **env)
+        assert rc == 0, doc
+        assert len(podrecord.all_records()) == 1
+        agent.stop()
+    finally:
+        pyr_netns.remove(name)
+    assert run(agent.plugin, log, "DEL", config(), **env) == (0, None)
+    assert len(podrecord.all_records()) == 1                # left for the agent
+    agent.start()
+    deadline = time.monotonic() + 10
+    while podrecord.all_records():
+        assert time.monotonic() < deadline, "the agent's reconcile left the record"
+        time.sleep(0.2)
 
 
 def test_a_stopped_agent_removes_its_socket(agent):

@@ -84,3 +84,25 @@ def test_refuses_a_conf_dir_without_network_config(tmp_path, command):
     assert "no network configuration" in r.stderr
     assert sorted(os.listdir(conf)) == ["README"]
     assert not (tmp_path / "bin" / "interceptor-cni").exists()
+
+
+def test_the_runner_is_chosen_at_install_time(tmp_path):
+    """python (the CLI's default, a node set up by hand): the plugin runs itself under the
+    Python that installed it; agent (what the node agent installs): the static front
+    alone. Switching runners replaces the file; the same runner again changes nothing."""
+    conf, bins = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    (conf / "10-net.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "net", "plugins": [BRIDGE]}))
+    plugin = bins / "interceptor-cni"
+    assert cli("install", "--bin-dir", str(bins), "--conf-dir", str(conf)).returncode == 0
+    assert plugin.read_bytes().startswith(f"#!{sys.executable} -S\n".encode())
+    r = cli("install", "--runner", "agent", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 0 and "runner: agent" in r.stdout, r.stdout + r.stderr
+    with open(cni_install.FRONT, "rb") as f:
+        assert plugin.read_bytes() == f.read()
+    r = cli("install", "--runner", "agent", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 0 and "already installed" in r.stdout
+    r = cli("install", "--runner", "elsewhere", "--bin-dir", str(bins), "--conf-dir", str(conf))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert cli("uninstall", "--bin-dir", str(bins), "--conf-dir", str(conf)).returncode == 0
+    assert not plugin.exists()

@@ -7,8 +7,8 @@ in place (found through the runtime's CRI socket) are enrolled with the settings
 plugin would have computed. Then it watches the CNI conf dir (re-chaining within a
 second of a change) and reconciles periodically. /healthz, /readyz and /metrics share
 one HTTP server. It also answers the plugin's requests in-process (cni/server.py): the
-installed plugin's front hands them over, and runs the plugin itself when the agent
-is not there.
+installed plugin is a static front that hands them over and, while the agent is not
+there, fails ADD closed (CNI error 11: the kubelet retries) and lets DEL succeed.
 
 On SIGTERM it leaves everything in place, datapath, enrolled pods and chain: a restart
 or rolling update must open no window in which pods start uncaptured or lose capture.
@@ -106,7 +106,7 @@ class Agent:
 
     # --- the CNI chain -----------------------------------------------------------------
     def install_plugin(self):
-        for line in cni_install.install_binary(self.config.cni_bin_dir):
+        for line in cni_install.install_binary(self.config.cni_bin_dir, cni_install.Runner.AGENT):
             self.log(line)
 
     def sync_chain(self):
@@ -230,7 +230,7 @@ class Agent:
                     next_reconcile = time.monotonic() + self.config.reconcile_every
         finally:
             watch.close()
-            # the plugin's front runs the plugin itself from now on
+            # from now on the plugin's front answers ADD with error 11 (try again later)
             self.cni_server.close()
 
 

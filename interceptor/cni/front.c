@@ -1,25 +1,32 @@
-/* interceptor-cni's front: the first thing the runtime executes for every CNI call.
+/* interceptor-cni as the node agent installs it: a static executable that needs nothing
+ * from the host (no Python, no libraries), the first thing the runtime executes for every
+ * CNI call.
  *
- * Starting Python costs ~20 ms and importing the plugin ~10 ms more, on every VERSION,
- * ADD and DEL. The node agent has all of it loaded, so this front hands the request
- * (the CNI_* and INTERCEPTOR_* environment and stdin) to the agent over its unix socket
- * and writes back what the agent's in-process plugin answered. Whenever the agent cannot
- * answer (no agent, a socket nobody listens on, an agent that dies or stalls mid-request,
- * a request for another pin root or run dir), the front runs the same plugin itself: it
- * executes the node's python on the zip appended to this very file, with the request's
- * stdin. So the plugin never depends on the agent being up, and never hangs on it longer
- * than REPLY_TIMEOUT_S. Every operation is idempotent under the node lock, so an ADD the
- * agent had begun when it died is simply done again.
+ * It hands the request (the CNI_* and INTERCEPTOR_* environment and stdin) to the node
+ * agent over its unix socket and writes back what the agent's in-process plugin answered.
+ * When the agent cannot answer (not running, a socket nobody listens on, an agent that
+ * dies or stalls past REPLY_TIMEOUT_S, or one serving another pin root or run dir), the
+ * front answers itself, failing closed:
+ *   ADD     CNI error 11 (try again later): the kubelet retries the sandbox, so no pod
+ *           starts uncaptured on a node where the plugin is chained
+ *   CHECK   error 11, saying the agent is not ready
+ *   STATUS  error 50 (the plugin is not available)
+ *   DEL, GC success: a pod can always be deleted; the agent's reconcile removes the
+ *           records of pods whose network namespace is gone once it is back
+ *   VERSION answered here, from the versions the plugin supports (built in)
+ * Every operation is idempotent under the node lock, so an ADD the agent had begun when
+ * it died is simply done again by the kubelet's retry. A node set up by hand, without an
+ * agent, installs the plugin that runs itself instead (`interceptor cni install --runner
+ * python`); this front never looks for an interpreter.
  *
- * Wire format (interceptor/cni_server.py is the other end), integers little-endian u32:
+ * Wire format (interceptor/cni/server.py is the other end), integers little-endian u32:
  *   request:  "ICNI2\n", deadline (u64: CLOCK_MONOTONIC ns after which the front has
  *             given up), count, count x (length, "NAME=value"), length, stdin
- *   reply:    status (0 answered, 1 not mine: run it yourself), exit code, length, stdout,
- *             length, stderr
+ *   reply:    status (0 answered, 1 not mine), exit code, length, stdout, length, stderr
  *
- * Built static (`make` in setup, the image's build stage): the runtime runs it on the
- * host, whatever the agent's container has. INTERPRETER and SOCKET_NAME come from the
- * build (interceptor/cni_install.py holds both).
+ * Built static by `python -m interceptor.cni.front` (setup, the image's build stage),
+ * which passes SOCKET_NAME, SUPPORTED_VERSIONS and LATEST_VERSION from the modules that
+ * own them (cni/server.py, cni/plugin.py).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,18 +35,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
-#ifndef INTERPRETER
-#define INTERPRETER "/usr/bin/python3"
-#endif
 #ifndef SOCKET_NAME
 #define SOCKET_NAME "cni.sock"
+#endif
+#ifndef SUPPORTED_VERSIONS          /* a C list of strings */
+#define SUPPORTED_VERSIONS "1.0.0"
+#endif
+#ifndef LATEST_VERSION
+#define LATEST_VERSION "1.0.0"
 #endif
 #define DEFAULT_RUN_DIR "/run/interceptor"
 #define MAGIC "ICNI2\n"
@@ -81,7 +90,7 @@ static int buf_u64(struct buf *b, uint64_t v)
 	return buf_u32(b, (uint32_t)v) || buf_u32(b, (uint32_t)(v >> 32));
 }
 
-/* All of stdin; -1 when it cannot be read (the plugin then reads what is left itself). */
+/* All of stdin; -1 when it cannot be read. */
 static int read_stdin(struct buf *in)
 {
 	char chunk[65536];
@@ -160,9 +169,25 @@ static int read_part(int fd, struct buf *out)
 	return 0;
 }
 
-/* The agent's answer: 0 with *code, stdout and stderr filled in; -1 when the front must
- * run the plugin itself. */
-static int ask_agent(const struct buf *in, int *code, struct buf *out, struct buf *err)
+enum unanswered { ANSWERED = 0, NO_AGENT, NO_REPLY, NOT_MINE, FRONT_FAILED };
+
+static const char *why(enum unanswered u)
+{
+	switch (u) {
+	case NO_AGENT:
+		return "no node agent listens on its socket";
+	case NO_REPLY:
+		return "the node agent did not answer in time";
+	case NOT_MINE:
+		return "the node agent serves another pin root or run dir than this configuration";
+	default:
+		return "the request could not be handed to the node agent";
+	}
+}
+
+/* The agent's answer: ANSWERED with *code, stdout and stderr filled in; else why not. */
+static enum unanswered ask_agent(const struct buf *in, int *code, struct buf *out, struct buf *err,
+				 char *socket_path, size_t socket_path_len)
 {
 	const char *run_dir = getenv("INTERCEPTOR_RUN_DIR");
 	struct sockaddr_un addr = {.sun_family = AF_UNIX};
@@ -170,7 +195,8 @@ static int ask_agent(const struct buf *in, int *code, struct buf *out, struct bu
 		run_dir = DEFAULT_RUN_DIR;
 	if ((size_t)snprintf(addr.sun_path, sizeof(addr.sun_path), "%s/%s", run_dir, SOCKET_NAME) >=
 	    sizeof(addr.sun_path))
-		return -1;
+		return FRONT_FAILED;
+	snprintf(socket_path, socket_path_len, "%s", addr.sun_path);
 
 	/* INTERCEPTOR_CNI_AGENT_TIMEOUT: seconds, for tests of a stalled agent */
 	const char *t = getenv("INTERCEPTOR_CNI_AGENT_TIMEOUT");
@@ -194,67 +220,125 @@ static int ask_agent(const struct buf *in, int *code, struct buf *out, struct bu
 	bad = bad || buf_u32(&req, in->len) || buf_add(&req, in->data ? in->data : "", in->len);
 	if (bad) {
 		free(req.data);
-		return -1;
+		return FRONT_FAILED;
 	}
 
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
 		free(req.data);
-		return -1;
+		return FRONT_FAILED;
 	}
 	struct timeval tv = {.tv_sec = timeout_s};
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
 	uint32_t status, exit_code;
-	int ok = connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0 &&
-		 write_all(fd, req.data, req.len) == 0 &&
-		 shutdown(fd, SHUT_WR) == 0 &&
-		 read_u32(fd, &status) == 0 && status == 0 &&
-		 read_u32(fd, &exit_code) == 0 &&
-		 read_part(fd, out) == 0 && read_part(fd, err) == 0;
+	enum unanswered result = NO_REPLY;
+	if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0)
+		result = NO_AGENT;
+	else if (write_all(fd, req.data, req.len) == 0 && shutdown(fd, SHUT_WR) == 0 &&
+		 read_u32(fd, &status) == 0) {
+		if (status != 0)
+			result = NOT_MINE;
+		else if (read_u32(fd, &exit_code) == 0 && read_part(fd, out) == 0 && read_part(fd, err) == 0)
+			result = ANSWERED;
+	}
 	close(fd);
 	free(req.data);
-	if (!ok)
-		return -1;
-	*code = (int)exit_code;
-	return 0;
+	if (result == ANSWERED)
+		*code = (int)exit_code;
+	return result;
 }
 
-/* Run the plugin in this process's place: the node's python on the zip appended to this
- * file, stdin replaced by what was read of it (a memfd holds it). */
-static int run_here(const struct buf *in, int read_failed)
+static const char *const supported[] = {SUPPORTED_VERSIONS};
+
+/* The request's cniVersion when the plugin supports it, else the latest: what the
+ * plugin itself answers with. A string search, not a JSON parser: the front only
+ * echoes a version it knows. */
+static const char *request_version(const struct buf *in)
 {
-	char self[PATH_MAX];
-	ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-	if (n <= 0)
-		return -1;
-	self[n] = '\0';
-	if (!read_failed) {
-		int mfd = memfd_create("cni-stdin", 0);
-		if (mfd < 0 || write_all(mfd, in->data ? in->data : "", in->len) ||
-		    lseek(mfd, 0, SEEK_SET) != 0 || dup2(mfd, 0) < 0)
-			return -1;
-		close(mfd);
+	static char v[16];
+	const char *key = "\"cniVersion\"";
+	const char *end = in->data ? in->data + in->len : NULL;
+	const char *p = in->data ? memmem(in->data, in->len, key, strlen(key)) : NULL;
+	if (p) {
+		p += strlen(key);
+		while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == ':'))
+			p++;
+		if (p < end && *p == '"') {
+			size_t n = 0;
+			for (p++; p < end && *p != '"' && n < sizeof(v) - 1; p++)
+				v[n++] = *p;
+			v[n] = '\0';
+			for (size_t i = 0; i < sizeof(supported) / sizeof(supported[0]); i++)
+				if (!strcmp(v, supported[i]))
+					return supported[i];
+		}
 	}
-	char *argv[] = {INTERPRETER, "-S", self, NULL};
-	execv(INTERPRETER, argv);
-	return -1;
+	return LATEST_VERSION;
+}
+
+/* s as the inside of a JSON string (the details name a path from the environment) */
+static void print_json_text(const char *s)
+{
+	for (; *s; s++) {
+		if (*s == '"' || *s == '\\')
+			printf("\\%c", *s);
+		else if ((unsigned char)*s < 0x20)
+			printf("\\u%04x", (unsigned char)*s);
+		else
+			putchar(*s);
+	}
+}
+
+static int fail(const struct buf *in, int code, const char *msg, const char *details)
+{
+	printf("{\"cniVersion\": \"%s\", \"code\": %d, \"msg\": \"interceptor-cni: %s\", \"details\": \"",
+	       request_version(in), code, msg);
+	print_json_text(details);
+	printf("\"}\n");
+	return 1;
+}
+
+/* What the front answers while the agent cannot: see the top of this file. */
+static int answer_without_agent(const struct buf *in, enum unanswered u, const char *socket_path)
+{
+	const char *command = getenv("CNI_COMMAND");
+	char details[PATH_MAX + 160];
+	snprintf(details, sizeof(details), "%s (%s)", why(u), socket_path);
+	if (!command || !*command)
+		return fail(in, 4, "CNI_COMMAND is not set", details);
+	if (!strcmp(command, "VERSION")) {
+		printf("{\"cniVersion\": \"%s\", \"supportedVersions\": [", request_version(in));
+		for (size_t i = 0; i < sizeof(supported) / sizeof(supported[0]); i++)
+			printf("%s\"%s\"", i ? ", " : "", supported[i]);
+		printf("]}\n");
+		return 0;
+	}
+	if (!strcmp(command, "DEL") || !strcmp(command, "GC")) {
+		fprintf(stderr, "interceptor-cni: %s: %s, left to the agent's reconcile once it is back\n",
+			command, details);
+		return 0;
+	}
+	if (!strcmp(command, "STATUS"))
+		return fail(in, 50, "the node agent is not ready", details);
+	if (!strcmp(command, "ADD") || !strcmp(command, "CHECK"))
+		return fail(in, 11, "the node agent is not ready: try again later", details);
+	return fail(in, 4, "unknown CNI_COMMAND", details);
 }
 
 int main(void)
 {
 	struct buf in = {0}, out = {0}, err = {0};
-	int read_failed = read_stdin(&in) != 0;
+	char socket_path[PATH_MAX] = "";
 	int code;
-	if (!read_failed && ask_agent(&in, &code, &out, &err) == 0) {
+	enum unanswered u = FRONT_FAILED;
+	if (read_stdin(&in) == 0)
+		u = ask_agent(&in, &code, &out, &err, socket_path, sizeof(socket_path));
+	if (u == ANSWERED) {
 		if (write_all(1, out.data ? out.data : "", out.len) ||
 		    write_all(2, err.data ? err.data : "", err.len))
 			return 1;
 		return code;
 	}
-	run_here(&in, read_failed);
-	/* the plugin could not even be started: say so as the spec says, on stdout */
-	printf("{\"cniVersion\": \"1.0.0\", \"code\": 999, \"msg\": \"interceptor-cni: cannot run %s: %s\"}\n",
-	       INTERPRETER, strerror(errno));
-	return 1;
+	return answer_without_agent(&in, u, socket_path);
 }

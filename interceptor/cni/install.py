@@ -14,7 +14,9 @@ import json
 import marshal
 import os
 import struct
+import sys
 import zipfile
+from enum import StrEnum
 
 from interceptor import store
 from interceptor.cni import defaults as cni_defaults
@@ -27,16 +29,22 @@ INSTALL_KEY = "interceptorInstall"    # in our entry: what uninstall must undo
 HERE = os.path.dirname(os.path.abspath(__file__))      # interceptor/cni
 PACKAGE_DIR = os.path.dirname(HERE)                      # interceptor
 
-# The plugin is one self-contained file: a zip of the package's modules run by the
-# node's own python3 with no site packages (-S), so it needs nothing the agent's
-# container or a virtualenv has (the runtime runs it on the host), and its path imports
-# only the standard library (that saves about 5 ms on every VERSION/ADD/DEL). In front of
-# the zip: the static executable cni/front.c, which has the node agent answer the request
-# and runs the zip with PYTHON only when the agent cannot (front.py builds it); a
-# package installed without it gets a shebang line there instead.
-PYTHON = "/usr/bin/python3"
-INTERPRETER = f"{PYTHON} -S"
-FRONT = os.path.join(HERE, "front")            # built from front.c beside it
+
+
+class Runner(StrEnum):
+    """What runs the plugin on the node, chosen at install time (never by looking for an
+    interpreter when a request comes)."""
+    # the static front (front.c) alone, needing nothing from the host: the node agent
+    # answers; while it cannot, ADD and CHECK fail closed (CNI error 11), DEL succeeds
+    AGENT = "agent"
+    # the plugin runs itself: a zip of the package's modules behind a shebang naming the
+    # Python that installed it, for a node set up by hand without an agent
+    PYTHON = "python"
+
+
+FRONT = os.path.join(HERE, "front")            # built from front.c beside it (front.py)
+# The python runner's zip: every module but the harness's, run with no site packages
+# (-S), so it imports only the standard library (that saves about 5 ms on every call).
 ZIP_LEAVES_OUT = {"harness", "bpf", "__pycache__"}
 ZIP_MAIN = "import sys\nfrom interceptor.cni.plugin import main\nsys.exit(main())\n"
 
@@ -77,37 +85,44 @@ def _sources():
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _fingerprint_of_this():
-    return _fingerprint(_sources(), _head())
-
-
-@functools.lru_cache(maxsize=1)
-def _head():
-    """What goes before the zip: the front, or the shebang line without one."""
+def _front():
     try:
         with open(FRONT, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        return f"#!{INTERPRETER}\n".encode()
+        raise InstallError(f"the plugin's front is not built ({FRONT}): python3 -m interceptor.cni.front, "
+                           "or install the plugin with --runner python") from None
+
+
+def _shebang():
+    return f"#!{sys.executable} -S\n".encode()
 
 
 def _fingerprint(sources, head):
-    h = hashlib.sha256(INTERPRETER.encode() + hashlib.sha256(head).digest())
+    h = hashlib.sha256(hashlib.sha256(head).digest())
     for name, data in sorted(sources.items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     return h.hexdigest().encode()
 
 
-def plugin_binary():
-    """The plugin executable's bytes: the front (or a shebang), then a zip of the
-    package's modules, each with its bytecode (unchecked-hash .pyc: compiling on every
-    call would cost ~10 ms; a node python of another version ignores them and compiles).
-    The zip's comment is a fingerprint of both, which says whether an installed plugin
-    is this one."""
+@functools.lru_cache(maxsize=2)
+def fingerprint_of_this(runner):
+    """What installed_fingerprint says of this version's plugin for this runner."""
+    if runner == Runner.AGENT:
+        return hashlib.sha256(_front()).hexdigest().encode()
+    return _fingerprint(_sources(), _shebang())
+
+
+def plugin_binary(runner):
+    """The plugin executable's bytes. AGENT: the static front. PYTHON: a shebang, then a
+    zip of the package's modules, each with its bytecode (unchecked-hash .pyc: compiling
+    on every call would cost ~10 ms; a Python of another version ignores them and
+    compiles); the zip's comment is a fingerprint of both."""
+    if runner == Runner.AGENT:
+        return _front()
     sources = _sources()
     buf = io.BytesIO()
-    buf.write(_head())
+    buf.write(_shebang())
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         def add(name, data):
             info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
@@ -117,7 +132,7 @@ def plugin_binary():
             add(name, data)
             if name.startswith("interceptor/"):
                 add(name + "c", _bytecode(name, data))
-        z.comment = _fingerprint(sources, _head())
+        z.comment = _fingerprint(sources, _shebang())
     return buf.getvalue()
 
 
@@ -128,25 +143,30 @@ def _bytecode(name, source):
 
 
 def installed_fingerprint(binary):
+    """The zip's comment of a python-runner plugin, the digest of any other file; None
+    when there is none."""
     try:
         with zipfile.ZipFile(binary) as z:
             return z.comment
-    except (OSError, zipfile.BadZipFile):
+    except zipfile.BadZipFile:
+        with open(binary, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest().encode()
+    except OSError:
         return None
 
 
-def install_binary(bin_dir):
+def install_binary(bin_dir, runner):
     """Put the plugin in bin_dir (atomically); [] when this one is there already."""
     os.makedirs(bin_dir, exist_ok=True)
     binary = os.path.join(bin_dir, PLUGIN_TYPE)
-    if installed_fingerprint(binary) == _fingerprint_of_this():
+    if installed_fingerprint(binary) == fingerprint_of_this(runner):
         return []
     tmp = f"{binary}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(plugin_binary())
+        f.write(plugin_binary(runner))
     os.chmod(tmp, 0o755)
     os.replace(tmp, binary)
-    return [f"installed {binary}"]
+    return [f"installed {binary} (runner: {runner})"]
 
 
 def remove_binary(bin_dir):
@@ -164,11 +184,11 @@ def plugin_entry():
             "excludeNamespaces": ["kube-system"], "logFile": "/var/log/interceptor-cni.log"}
 
 
-def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR):
+def install(bin_dir=DEFAULT_BIN_DIR, conf_dir=DEFAULT_CONF_DIR, runner=Runner.PYTHON):
     """Returns a list of what was done (empty when everything was already in place)."""
     done = []
     path = active_config(conf_dir)
-    done += install_binary(bin_dir)
+    done += install_binary(bin_dir, runner)
 
     with open(path) as f:
         doc = json.load(f)

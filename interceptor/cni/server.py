@@ -4,9 +4,8 @@ agent's process, where Python and the plugin's modules are already loaded.
 The front forwards the request's CNI_* and INTERCEPTOR_* environment and its stdin over
 a unix socket in the run dir (root only: mode 0600, and the peer's uid is checked); each
 connection is served on its own thread by the same code the plugin runs on its own
-(cni.run), so an answer is the same whichever process gives it. A request for another pin
-root or run dir than the agent's is answered "not mine" and the front runs the plugin
-itself, as it does whenever the agent cannot answer at all.
+(cni.run). A request for another pin root or run dir than the agent's is answered "not
+mine", and the front answers it as it does whenever the agent cannot answer at all.
 """
 import collections
 import io
@@ -23,8 +22,8 @@ from interceptor.cni import plugin as cni
 SOCKET_NAME = "cni.sock"              # cni/front.c is built with the same name
 MAGIC = b"ICNI2\n"
 # A request is begun only this long before the front's deadline at the latest: past it
-# the front runs the plugin itself, and a request carried out after that could undo
-# what the runtime did next (an ADD after its DEL).
+# the front has answered without us (ADD: error 11, DEL: success), and a request carried
+# out after that could undo what the runtime did next (an ADD after its DEL).
 DEADLINE_MARGIN_NS = 500_000_000
 ANSWERED, NOT_MINE = 0, 1
 MAX_REQUEST = 64 << 20
@@ -210,7 +209,7 @@ class CniServer:
                                           err.getvalue().encode("utf-8", "backslashreplace")))
                 self._count(command, "answered")
         except (OSError, BadRequest) as exc:
-            # the front runs the plugin itself when it gets no answer
+            # the front answers without us when it gets no answer
             self._count(command, "failed")
             self.log(f"cni server: {command}: {exc}")
 

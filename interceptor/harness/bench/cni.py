@@ -1,14 +1,14 @@
 """`interceptor bench cni`: how long the runtime waits for the plugin.
 
-Runs the plugin exactly as a node has it (installed by the node agent: the static front
-with the plugin zipped behind it) with the runtime's environment and stdin: VERSION,
-then ADD and DEL for fresh network namespaces, sequentially and concurrently. Each
-namespace has an eth0 (a veth, its peer in the same namespace so the host is not
-touched), so ADD attaches the ingress filter as for a real pod. Two modes, interleaved
-round by round: `agent` (a real `interceptor agent` running: the front hands each
-request to it) and `plugin` (the agent stopped: the front runs the plugin's Python
-itself, as on a node whose agent is down). Prints percentiles against the targets; no
-pass/fail, the machine may be noisy.
+Runs the plugin exactly as a node has it, with the runtime's environment and stdin:
+VERSION, then ADD and DEL for fresh network namespaces, sequentially and concurrently.
+Each namespace has an eth0 (a veth, its peer in the same namespace so the host is not
+touched), so ADD attaches the ingress filter as for a real pod. Two modes, the two
+runners a plugin is installed with (cni/install.py), interleaved round by round:
+`agent` (the static front the node agent installs; a real `interceptor agent` answers
+each request) and `python` (`interceptor cni install --runner python`, a node without
+an agent: the plugin runs itself under Python). Prints percentiles against the targets;
+no pass/fail, the machine may be noisy.
 """
 from concurrent.futures import ThreadPoolExecutor
 import json
@@ -31,7 +31,7 @@ from interceptor.cni import install as cni_install, server as cni_server
 
 # (operation, percentile) -> target in ms (issue: pod start)
 TARGETS_MS = {"VERSION": (99, 10), "ADD sequential": (99, 25), "ADD concurrent": (99, 250)}
-MODES = ("agent", "plugin")
+MODES = ("agent", "python")
 
 
 def _percentile(samples, q):
@@ -139,6 +139,9 @@ def run(sequential=100, concurrent=40, versions=50, rounds=1, echo=print):
         ensure.load()
     workdir = tempfile.mkdtemp(prefix="icbench-cni-")
     agent = _Agent(workdir)
+    python_bin = os.path.join(workdir, "python-bin")
+    cni_install.install_binary(python_bin, cni_install.Runner.PYTHON)
+    plugins = {"agent": agent.plugin, "python": os.path.join(python_bin, cni_install.PLUGIN_TYPE)}
     results = {mode: {} for mode in MODES}
     names = []
     try:
@@ -148,13 +151,13 @@ def run(sequential=100, concurrent=40, versions=50, rounds=1, echo=print):
                     agent.start()
                 else:
                     agent.stop()
-                out = results[mode]
+                out, plugin = results[mode], plugins[mode]
                 out.setdefault("VERSION", []).extend(
-                    _call(agent.plugin, "VERSION", {"cniVersion": "1.0.0"}) for _ in range(versions))
+                    _call(plugin, "VERSION", {"cniVersion": "1.0.0"}) for _ in range(versions))
                 seq, conc = _namespaces(sequential), _namespaces(concurrent)
                 names += seq + conc
-                _batch(agent.plugin, seq, 1, out, "sequential")
-                _batch(agent.plugin, conc, concurrent, out, "concurrent")
+                _batch(plugin, seq, 1, out, "sequential")
+                _batch(plugin, conc, concurrent, out, "concurrent")
     finally:
         agent.close()
         for n in names:
@@ -171,7 +174,8 @@ def run(sequential=100, concurrent=40, versions=50, rounds=1, echo=print):
 
 def render(results):
     if results and "VERSION" in results:         # results of before the agent mode
-        results = {"plugin": results}
+        results = {"python": results}
+    results = {("python" if mode == "plugin" else mode): ops for mode, ops in results.items()}  # earlier name
     lines = [f"{'mode':<8}{'operation':<17}{'n':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
              f"{'max ms':>9}  target"]
     for mode, ops in results.items():
