@@ -98,11 +98,31 @@ def bridge_conflist(subnet, bridge, data_dir):
          "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": data_dir}}]}
 
 
-class Containerd:
-    """containerd with the CRI plugin, private to one test module."""
+# interceptor-cni as containerd runs it when the plugin's own directory is elsewhere: the
+# plugin installed there (by the agent), run in a mount namespace where no Python exists
+# (an empty /usr/bin and empty Python library directories), as on a node image without
+# Python. Each call notes on the evidence file whether Python was visible to it.
+NO_PYTHON_WRAPPER = r"""#!/bin/sh
+exec unshare --mount --propagation private /bin/sh -c '
+for d in /usr/lib/python3* /usr/local/lib/python3*; do
+  [ -d "$d" ] && mount -t tmpfs -o ro,size=4k none "$d"
+done
+mount -t tmpfs -o ro,size=4k none /usr/bin
+if [ -e /usr/bin/python3 ] || [ -e /usr/lib/python3/dist-packages ]; then seen=present; else seen=absent; fi
+echo "$CNI_COMMAND python-$seen" >> "$1"
+exec "$2"' sh {evidence} {plugin}
+"""
 
-    def __init__(self, workdir, subnet="10.94.0.0/24", bridge="icri0"):
+
+class Containerd:
+    """containerd with the CRI plugin, private to one test module. plugin_dir: where the
+    agent installs interceptor-cni; containerd then runs it from there with no Python
+    visible (NO_PYTHON_WRAPPER), and plugin_calls() says what it saw."""
+
+    def __init__(self, workdir, subnet="10.94.0.0/24", bridge="icri0", plugin_dir=None):
         self.workdir = workdir
+        self.plugin_dir = plugin_dir
+        self.evidence = os.path.join(workdir, "plugin-calls.log")
         self.root = os.path.join(workdir, "root")
         self.state = os.path.join(workdir, "state")
         self.socket = os.path.join(workdir, "containerd.sock")
@@ -136,6 +156,12 @@ class Containerd:
             os.makedirs(d, exist_ok=True)
         for name in ("bridge", "host-local", "loopback"):
             os.symlink(os.path.join(SYSTEM_PLUGINS, name), os.path.join(self.cni_bin, name))
+        if self.plugin_dir:
+            wrapper = os.path.join(self.cni_bin, "interceptor-cni")
+            with open(wrapper, "w") as f:
+                f.write(NO_PYTHON_WRAPPER.format(evidence=self.evidence,
+                                                 plugin=os.path.join(self.plugin_dir, "interceptor-cni")))
+            os.chmod(wrapper, 0o755)
         self.write_primary()
         config = os.path.join(self.workdir, "config.toml")
         with open(config, "w") as f:
@@ -155,6 +181,14 @@ class Containerd:
         self.ctr("-n", "k8s.io", "images", "import", "--snapshotter", "native",
                  "--platform", "linux/amd64", image)
         return self
+
+    def plugin_calls(self):
+        """[(CNI command, "python-absent" or "python-present")] of every call so far."""
+        try:
+            with open(self.evidence) as f:
+                return [tuple(line.split()) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def ctr(self, *args, check=True):
         return subprocess.run(["ctr", "--address", self.socket, *args], capture_output=True, text=True,

@@ -1,7 +1,10 @@
 """The node agent (`interceptor agent`) on a real container runtime: containerd's CRI,
 driven as the kubelet drives it (tests/crihelper.py), with bridge + host-local as the
 primary CNI and interceptor-cni chained by the agent. The agent runs as its own process
-and is stopped by SIGTERM, as a DaemonSet's pod would be."""
+and is stopped by SIGTERM, as a DaemonSet's pod would be. containerd runs the plugin the
+agent installed in a mount namespace where no Python exists, as on a node image without
+one (crihelper.NO_PYTHON_WRAPPER); every call's evidence is checked."""
+import ctypes
 import json
 import os
 import shutil
@@ -19,6 +22,7 @@ import pytest
 
 from conftest import publish_figures, start_http_app
 from crihelper import Containerd
+from interceptor.agent.cri import CriError
 from interceptor import abi, paths
 from interceptor.kernel import libbpf
 from interceptor.pod import ingress_policy, podrecord
@@ -51,7 +55,7 @@ class AgentProcess:
     def start(self, env=None, args=()):
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "interceptor.cli", "agent", "--cni-bin-dir", self.runtime.cni_bin,
+            [sys.executable, "-m", "interceptor.cli", "agent", "--cni-bin-dir", self.runtime.plugin_dir,
              "--cni-conf-dir", self.runtime.cni_conf, "--listen", f"127.0.0.1:{self.port}",
              "--cri-socket", self.runtime.socket, "--reconcile-every", "1", *args],
             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
@@ -111,7 +115,7 @@ def node(tmp_path_factory):
     in kube-system (excluded by the default plugin entry)."""
     loader.unload()
     workdir = str(tmp_path_factory.mktemp("cri"))
-    runtime = Containerd(os.path.join(workdir, "containerd")).start()
+    runtime = Containerd(os.path.join(workdir, "containerd"), plugin_dir=os.path.join(workdir, "plugin-bin")).start()
     rt = runtime.runtime()
     early = rt.run_sandbox("default", "early", "uid-early")
     skipped = rt.run_sandbox("kube-system", "dns", "uid-dns")
@@ -124,7 +128,7 @@ def node(tmp_path_factory):
         from interceptor.agent import agent as ag
         try:
             agent.stop()
-            ag.uninstall(runtime.cni_bin, runtime.cni_conf, log=lambda msg: None)
+            ag.uninstall(runtime.plugin_dir, runtime.cni_conf, log=lambda msg: None)
         finally:
             try:
                 rt.close()
@@ -146,7 +150,7 @@ def test_the_agent_loads_chains_and_enrolls_the_pod_that_started_before_it(node)
     owned = json.load(open(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME)))
     assert [p["type"] for p in owned["plugins"]] == ["bridge", "interceptor-cni"]
     assert owned["name"] == "k8s-pod-network"       # the primary's network, so DEL matches
-    assert os.access(os.path.join(runtime.cni_bin, "interceptor-cni"), os.X_OK)
+    assert os.access(os.path.join(runtime.plugin_dir, "interceptor-cni"), os.X_OK)
     assert _wait_for(lambda: record_of(ids["early"]) is not None and record_of(ids["early"]).complete, 10)
     rec = record_of(ids["early"])
     assert rec is not None and rec.pod == "default/early" and rec.complete, agent.log()
@@ -295,20 +299,57 @@ def assert_nothing_dropped(counts, client_saw, web_saw, client_ip, what):
                      "failures": web["failed"] + outside["failed"], "lost": 0, "leftovers": {}})
 
 
-def test_agent_restart_drops_no_request_and_pods_started_meanwhile_are_captured(node, tmp_path):
+def test_agent_restart_drops_no_request_and_a_pod_started_meanwhile_waits_for_it(node, tmp_path):
+    """SIGTERM leaves everything in place: established pods keep their capture (no
+    request lost). A sandbox started while the agent is away fails with the retryable
+    CNI error, so it never runs uncaptured; the kubelet's retry once the agent is back
+    starts it, captured."""
     runtime, rt, agent, _ = node
     agent.ensure_running().wait_ready()
     with MeshTraffic(rt, "client") as traffic:
         assert agent.stop() == 0                    # SIGTERM: everything stays
         assert node_state.is_loaded() and os.path.exists(os.path.join(runtime.cni_conf, cni_chain.OWNED_NAME))
         time.sleep(1)
-        meanwhile = rt.run_sandbox("shop", "meanwhile", "uid-meanwhile")    # no agent running
-        assert record_of(meanwhile) is not None and record_of(meanwhile).complete
+        with pytest.raises(CriError, match="node agent is not ready") as refused:
+            rt.run_sandbox("shop", "meanwhile", "uid-meanwhile")    # no agent running
+        assert "try again later" in str(refused.value)
+        assert not any(r.pod == "shop/meanwhile" for r in podrecord.all_records().values())
         agent.start()
         agent.wait_ready()
+        meanwhile = rt.run_sandbox("shop", "meanwhile", "uid-meanwhile", attempt=1)   # the retry
+        rec = record_of(meanwhile)
+        assert rec is not None and rec.complete and not enrollment.verify(rec, rec.netns)
         time.sleep(1)
         assert_nothing_dropped(*traffic.result(), "an agent restart")
     assert agent.metric("interceptor_agent_datapath_events_total", event="adopted") == 1
+    rt.stop_sandbox(meanwhile)
+    rt.remove_sandbox(meanwhile)
+
+
+def test_a_sandbox_removed_while_the_agent_is_away_is_gone_and_cleaned_up_once_it_returns(node):
+    runtime, rt, agent, _ = node
+    agent.ensure_running().wait_ready()
+    sid = rt.run_sandbox("default", "leaving", "uid-leaving")
+    rec = record_of(sid)
+    assert rec is not None and rec.complete
+    assert agent.stop() == 0
+    rt.stop_sandbox(sid)                        # DEL through the plugin: succeeds without the agent
+    rt.remove_sandbox(sid)
+    assert sid not in rt.sandbox_ids(ready_only=False)
+    assert ("DEL", "python-absent") in runtime.plugin_calls()
+    agent.start()
+    agent.wait_ready()
+    assert _wait_for(lambda: record_of(sid) is None, 10), agent.log()
+    assert not os.path.exists(paths.pod_pin_dir(rec.cookie))
+    with Maps() as maps:
+        assert maps.pods.get(ctypes.c_uint64(rec.cookie)) is None
+
+
+def test_every_call_containerd_made_ran_the_plugin_without_python(node):
+    runtime, _, _, _ = node
+    calls = runtime.plugin_calls()
+    assert {c for c, _ in calls} >= {"ADD", "DEL"}, calls
+    assert all(seen == "python-absent" for _, seen in calls), calls
 
 
 def changed_datapath(workdir, change):
@@ -468,12 +509,12 @@ def test_uninstall_leaves_nothing_and_a_later_del_still_succeeds(node):
     primary = open(runtime.primary_path(), "rb").read()
     assert agent.stop() == 0
     r = subprocess.run([sys.executable, "-m", "interceptor.cli", "uninstall", "--cni-bin-dir",
-                        runtime.cni_bin, "--cni-conf-dir", runtime.cni_conf], capture_output=True, text=True)
+                        runtime.plugin_dir, "--cni-conf-dir", runtime.cni_conf], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not os.path.exists(paths.PIN_ROOT) and not os.path.exists(paths.RUN_DIR)
     assert sorted(os.listdir(runtime.cni_conf)) == ["10-bridge.conflist"]
     assert open(runtime.primary_path(), "rb").read() == primary
-    assert sorted(os.listdir(runtime.cni_bin)) == ["bridge", "host-local", "loopback"]
+    assert os.listdir(runtime.plugin_dir) == []
     # pods enrolled before the uninstall: their DELs run the primary's chain and succeed
     for sid in rt.sandbox_ids(ready_only=False):
         rt.stop_sandbox(sid)
