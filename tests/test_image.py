@@ -17,11 +17,8 @@ from interceptor.ops import loader, status
 
 pytestmark = pytest.mark.kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOUNTED = ("bpffs", "cgroup", "modules", "kernel-src", "netns")   # what load and status use
-
-
 def daemonset_container():
-    with open(os.path.join(ROOT, "deploy", "kubernetes", "daemonset.yaml")) as f:
+    with open(os.path.join(ROOT, "deploy", "kubernetes", "agent", "daemonset.yaml")) as f:
         spec = yaml.safe_load(f)["spec"]["template"]["spec"]
     return spec, spec["containers"][0]
 
@@ -47,8 +44,10 @@ def image():
 
 def run_in_image(image, *args):
     """The image's `interceptor` as the DaemonSet runs it: host network and PID
-    namespace, its capabilities and no others, its host mounts (the tests' pin root
-    and run dir, so a real load on this machine is not touched)."""
+    namespace, its capabilities and no others, and its mounts exactly (each hostPath
+    this machine has, at its mountPath; the ConfigMap's entry as a file), nothing else:
+    no kernel headers from this machine. The run dir and pin root are the tests' own (a
+    real load on this machine is not touched)."""
     tag, env = image
     spec, container = daemonset_container()
     assert spec["hostNetwork"] and spec["hostPID"]
@@ -57,13 +56,30 @@ def run_in_image(image, *args):
             "--cap-drop=all", *(f"--cap-add=CAP_{c}" for c in caps["add"])]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     for volume in spec["volumes"]:
-        if volume["name"] in MOUNTED and os.path.exists(volume["hostPath"]["path"]):
-            m = mounts[volume["name"]]
-            argv += ["-v", f"{volume['hostPath']['path']}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"]
+        m = mounts[volume["name"]]
+        if "hostPath" in volume:
+            if volume["name"] == "run" or not os.path.exists(volume["hostPath"]["path"]):
+                continue        # the tests' run dir below; a containerd socket this machine lacks
+            source = volume["hostPath"]["path"]
+        else:
+            source = plugin_config_dir()
+        argv += ["-v", f"{source}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"]
     os.makedirs(paths.RUN_DIR, exist_ok=True)
     argv += ["-v", f"{paths.RUN_DIR}:{paths.RUN_DIR}",
              "-e", f"INTERCEPTOR_PIN_ROOT={paths.PIN_ROOT}", "-e", f"INTERCEPTOR_RUN_DIR={paths.RUN_DIR}"]
     return subprocess.run(argv + [tag, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def plugin_config_dir():
+    """The ConfigMap's files in a directory, as Kubernetes mounts a configMap volume."""
+    import tempfile
+    with open(os.path.join(ROOT, "deploy", "kubernetes", "agent", "configmap.yaml")) as f:
+        data = yaml.safe_load(f)["data"]
+    d = tempfile.mkdtemp(prefix="interceptor-configmap-")
+    for name, text in data.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return d
 
 
 def test_the_image_loads_the_datapath_the_host_works_with_and_unloads_it(image, lab):
@@ -71,6 +87,8 @@ def test_the_image_loads_the_datapath_the_host_works_with_and_unloads_it(image, 
     try:
         r = run_in_image(image, "doctor")
         assert r.returncode == 0, r.stdout + r.stderr
+        # BCC compiles against the headers the image brings (deploy/Containerfile)
+        assert "headers /usr/share/interceptor/kernel-headers" in r.stdout, r.stdout
         r = run_in_image(image, "load")
         assert r.returncode == 0 and r.stdout.strip() == "loaded", r.stdout + r.stderr
         # the image's build of the datapath is this checkout's: the plugin and CLI use it

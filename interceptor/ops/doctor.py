@@ -378,15 +378,33 @@ def socket_if_index(name):
     return socket.if_nametoindex(name)
 
 
+# Where the agent's image keeps the headers BCC compiles against (deploy/Containerfile
+# sets BCC_KERNEL_SOURCE to it), and the file naming the kernel they came from.
+HEADERS_RELEASE_FILE = "KERNEL_RELEASE"
+
+
 def headers_note():
-    """Which kernel the build headers BCC uses belong to, and a warning when that is not
-    the running kernel (borrowed headers: fine for UAPI-only programs like ours)."""
+    """Which kernel the headers BCC compiles against belong to, and a warning when that
+    is not the running kernel (borrowed headers: fine for UAPI-only programs like ours).
+    BCC_KERNEL_SOURCE (the image's own headers) first, else the node's build tree."""
     release = platform.release()
-    build = f"/lib/modules/{release}/build"
-    if not os.path.exists(build):
-        raise OSError(0, f"{build} is missing (make setup links Debian's headers there)")
-    target = os.path.realpath(build)
-    name = os.path.basename(target)
+    shipped = os.environ.get("BCC_KERNEL_SOURCE")
+    if shipped:
+        if not os.path.isfile(os.path.join(shipped, "include", "linux", "kconfig.h")):
+            raise OSError(0, f"BCC_KERNEL_SOURCE={shipped} holds no kernel headers (include/linux/kconfig.h)")
+        try:
+            with open(os.path.join(shipped, HEADERS_RELEASE_FILE)) as f:
+                name = f.read().strip()
+        except OSError:
+            name = os.path.basename(shipped.rstrip("/"))
+        target = shipped
+    else:
+        build = f"/lib/modules/{release}/build"
+        if not os.path.exists(build):
+            raise OSError(0, f"{build} is missing (make setup links Debian's headers there; the "
+                             "agent's image brings its own)")
+        target = os.path.realpath(build)
+        name = os.path.basename(target)
     if release in name:
         return f"headers {target}", ""
     return (f"headers {target}",
