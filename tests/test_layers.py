@@ -41,9 +41,12 @@ def _modules():
 MODULES = _modules()
 
 
+FRONTS = ("cli", "demo")     # the package's top-level entry points: the top layer
+
+
 def _layer(module):
     head = module.split(".")[0]
-    if head == "cli":
+    if head in FRONTS:
         return "cli"
     return head if (PACKAGE / head).is_dir() else BASE
 
