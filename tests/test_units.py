@@ -590,3 +590,23 @@ def test_an_agent_refused_by_ensure_is_not_ready_says_why_and_counts_it_once(mon
     assert "loaded with --mode nftables, this agent asks for --mode auto" in a.datapath_problem
     assert "restart the agent" in a.datapath_problem
     assert a.counters.datapath["refused"] == 1
+
+
+def test_an_agent_whose_package_lacks_the_plugins_front_is_not_ready_saying_so(tmp_path, monkeypatch):
+    """Installed from source without a C compiler there is no static front to install:
+    the agent stays up, not ready, and says what to do, instead of a traceback."""
+    from interceptor.agent import agent
+    from interceptor.cni import install as cni_install
+    monkeypatch.setattr(cni_install, "FRONT", str(tmp_path / "no-front"))
+    cni_install.fingerprint_of_this.cache_clear()
+    a = agent.Agent.__new__(agent.Agent)
+    a.config, a.log, a.plugin_problem = agent.AgentConfig(cni_bin_dir=str(tmp_path / "bin")), lambda m: None, None
+    a.datapath_problem, a.chain, a._lock = None, None, __import__("threading").Lock()
+    try:
+        a.install_plugin()
+    finally:
+        cni_install.fingerprint_of_this.cache_clear()
+    assert "python3 -m interceptor.cni.front" in a.plugin_problem
+    ready, reasons = a.readiness()
+    assert not ready and any("the CNI plugin is not installed" in r for r in reasons)
+    assert not (tmp_path / "bin" / "interceptor-cni").exists()

@@ -63,6 +63,7 @@ class Agent:
         self.chain = None             # cni_chain.ChainState of the last sync
         self._chained_once = False    # a write after the first one is a repair
         self.datapath_problem = "not started"
+        self.plugin_problem = None    # why the plugin could not be installed
         self.heartbeat = time.monotonic()
         self._lock = threading.Lock()     # the HTTP thread reads what the main loop writes
         self.cni_server = cni_server.CniServer(log)
@@ -106,8 +107,17 @@ class Agent:
 
     # --- the CNI chain -----------------------------------------------------------------
     def install_plugin(self):
-        for line in cni_install.install_binary(self.config.cni_bin_dir, cni_install.Runner.AGENT):
-            self.log(line)
+        """The static front into the CNI bin dir; a package without it built (installed
+        from source without a C compiler) leaves the agent not ready, saying so."""
+        try:
+            for line in cni_install.install_binary(self.config.cni_bin_dir, cni_install.Runner.AGENT):
+                self.log(line)
+        except (cni_install.InstallError, OSError) as exc:
+            if str(exc) != self.plugin_problem:
+                self.log(f"cannot install the plugin: {exc}")
+            self.plugin_problem = str(exc)
+            return
+        self.plugin_problem = None
 
     def sync_chain(self):
         before = self.chain
@@ -183,6 +193,8 @@ class Agent:
             reasons.append(self.datapath_problem)
         elif not node_state.is_loaded():
             reasons.append("the datapath is not loaded")
+        if self.plugin_problem:
+            reasons.append(f"the CNI plugin is not installed: {self.plugin_problem}")
         with self._lock:
             chain = self.chain
         if chain is None or not chain.in_place:
