@@ -7,7 +7,8 @@ pin is never missing) and goes where it runs:
   netns    each enrolled pod's sk_lookup link, updated
   tail     slot 0 of its program array (the pods' filter stubs tail-call it)
   sockhash attached to the bypass map when the bypass is on (replaces the old one)
-  pod copy its template saved, from which enroll loads each pod's stub
+and save_templates keeps the per-pod copies' templates, from which enroll loads each
+pod's stub.
 Links, not legacy attachments: they coexist with other programs on the same hook
 (multi-attach) and go away with their pin, which is what makes unload clean.
 """
@@ -32,8 +33,6 @@ def place(plan, build, map_fds, cgroup):
     for d in (paths.PIN_PROGS, paths.PIN_LINKS, paths.PIN_PODS):
         os.makedirs(d, exist_ok=True)
     for prog in PROGRAMS:
-        if prog.scope == POD_COPY and prog.needed(plan):
-            save_template(build, prog)
         fd = build.programs.get(prog.name)
         if fd is None or not prog.loaded(plan):
             continue
@@ -51,6 +50,15 @@ def place(plan, build, map_fds, cgroup):
             changed += 1
         _pin_over(fd, paths.prog_pin(prog.name))
     return changed
+
+
+def save_templates(plan, build):
+    """The per-pod programs' templates of this build (for pods enrolled from now on).
+    Not part of place(): an upgrade saves them once its migrated maps are caught up, so
+    the swap of the running programs and the catch-up stay as close as they can."""
+    for prog in PROGRAMS:
+        if prog.scope == POD_COPY and prog.needed(plan):
+            save_template(build, prog)
 
 
 def save_template(build, prog):

@@ -111,6 +111,7 @@ def _load_bpf(plan, cg_path, build):
     libbpf.map_update(build.map_fds["settings"], ctypes.c_uint32(0),
                       abi.NodeSettings(abi.NODE_F_BYPASS if plan.bypass else 0))
     attach.place(plan, build, build.map_fds, cg_path)
+    attach.save_templates(plan, build)
 
 
 def switch_bypass(node, bypass):

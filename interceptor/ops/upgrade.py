@@ -139,6 +139,7 @@ def _swap(node, plan, version, sizes, log):
         for m in migrations:
             os.replace(_staged_pin(m.name), paths.map_pin(m.name))
             m.catch_up()
+        attach.save_templates(plan, build)
         swapped += _restub_xdp_pods(plan)
         moved = "".join(f"; migrated {m.describe()}" for m in migrations)
         log(f"replaced {len(new)} programs, {swapped} attachments{moved}")
