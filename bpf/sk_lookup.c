@@ -80,14 +80,22 @@ int steer_inbound(struct bpf_sk_lookup *ctx)
 	/* Made inside the pod: the app itself, or the proxy forwarding to the app (from
 	 * its inbound source, ::6 included). Judged by the source address: ingress_ifindex
 	 * of a connection to the pod's own address is not reliably the loopback's. */
-	if (ctx->ingress_ifindex == IC_LOOPBACK_IFINDEX || addr_is_loopback(&src) ||
+	__u32 ifindex = CTX_LOAD32(ctx->ingress_ifindex);
+	if (ifindex == IC_LOOPBACK_IFINDEX || addr_is_loopback(&src) ||
 	    addr_is_inbound_source(&src) || pod_of_addr(&src) == cookie) {
 		count(cookie, REASON_IN_SKIP_LOCAL, 0);
 		return SK_PASS;
 	}
+	/* an excluded or virtual interface's traffic is never steered (Istio: `-i IF -j
+	 * RETURN` ahead of ISTIO_INBOUND); ifindexes of the pod's namespace */
+	if ((cfg->flags & POD_F_EXCLUDE_IFACES) &&
+	    port_listed(cookie, (__u16)ifindex, PORT_IN_EXCLUDE_IFINDEX)) {
+		count(cookie, REASON_IN_SKIP_EXCLUDED_INTERFACE, 0);
+		return SK_PASS;
+	}
 	__u16 port = ctx->local_port;
 	int steer;
-	if (port == cfg->inbound_port || port == cfg->outbound_port)
+	if (port == cfg->inbound_port || port == cfg->outbound_port || port == HBONE_PORT)
 		steer = 0;
 	else if (cfg->flags & POD_F_IN_PORTS_INCLUDE)
 		steer = port_listed(cookie, port, PORT_IN_INCLUDE);

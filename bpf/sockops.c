@@ -38,8 +38,9 @@ static __always_inline void forget_redirect(struct bpf_sock_ops *ops, __u64 cook
 }
 
 /* The proxy's accepted socket on a capture port, for a connection made inside the pod:
- * the other end is the app's redirected socket (outbound port), or the proxy's own
- * self-call (inbound port), whose record sock_ops published on connect. This runs
+ * the other end is the app's redirected socket (outbound port, or the DNS proxy's for a
+ * query over TCP), or the proxy's own self-call (inbound port), whose record sock_ops
+ * published on connect. This runs
  * (softirq, on the handshake's last ACK) before the client can see its own FIN
  * acknowledged, so a client that connects and closes at once cannot take the record
  * with it. */
@@ -47,7 +48,8 @@ static __always_inline void hand_over_to_proxy(struct bpf_sock_ops *ops, __u64 c
 					       struct pod_config *cfg, struct sock_tuple *t)
 {
 	__u32 port = ops->local_port;
-	if (port != cfg->outbound_port && port != cfg->inbound_port)
+	if (port != cfg->outbound_port && port != cfg->inbound_port &&
+	    !(port == DNS_PORT && (cfg->flags & POD_F_DNS)))
 		return;
 	if (!addr_is_loopback(t->remote) && pod_of_addr(t->remote) != cookie)
 		return;

@@ -19,9 +19,13 @@ ALWAYS_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)
 # drops from the network by default (a connection to 15001 from outside loops through
 # the proxy; 15000 is Envoy's admin API).
 ADMIN_PORT = 15000
-# Istio's HBONE (mTLS tunnel) port: the proxy's own connections to it are never sent
-# back to its inbound port (istio-iptables: `! --dport 15008`).
+# Istio's HBONE (mTLS tunnel) port: never steered inbound, and the proxy's own
+# connections to it are never sent back to its inbound port (istio-iptables:
+# `ISTIO_INBOUND --dport 15008 -j RETURN`, `! --dport 15008`).
 HBONE_PORT = 15008
+# The DNS proxy's port (istio-agent's), where captured DNS goes (UDP and TCP port 53).
+DNS_PORT = 15053
+DNS_SERVER_PORT = 53
 # The source address of the proxy's inbound hop to its app (Envoy's upstream_bind_config
 # on Istio's inbound clusters since 1.10): connections from it over lo are never
 # redirected. 127.0.0.6 is on lo already (127/8); ::6 is added to the pod's lo at enroll,
@@ -40,6 +44,7 @@ MAX_REDIRECTED_SOCKETS = 65536   # LRU: oldest entries go first when full
 MAX_BYPASS_SOCKETS = 65536
 MAX_LISTENERS = 2 * MAX_PODS     # one inbound listener per pod and family
 MAX_STAT_KEYS = 65536
+MAX_OWNER_RULES = 16384          # proxy uids/gids beyond the first, owner filters, all pods
 MAX_INGRESS_SOURCES = 65536      # ingress policy source prefixes, all pods
 MAX_INGRESS_RULES = 65536        # ingress policy {source set, proto, port} entries, all pods
 MAX_XDP_PODS = MAX_PODS
@@ -63,6 +68,18 @@ POD_F_BYPASS_MESH = 1 << 5        # between two pods of this node (sidecar <-> s
 POD_F_BYPASS_INBOUND = 1 << 6     # other loopback pairs: inbound sidecar <-> app
 BYPASS_LEGS = {"outbound": POD_F_BYPASS_OUTBOUND, "mesh": POD_F_BYPASS_MESH,
                "inbound": POD_F_BYPASS_INBOUND}   # in a request's order
+# Istio's capture options (interceptor/pod/istio.py): which lookups a connect needs.
+POD_F_MORE_PROXY_IDS = 1 << 7     # proxy uids/gids beyond pod_config's first (owner_rules)
+POD_F_USERS_INCLUDE = 1 << 8      # capture only the uids listed (OWNER_USER_INCLUDE)
+POD_F_USERS_EXCLUDE = 1 << 9
+POD_F_GROUPS_INCLUDE = 1 << 10    # capture only the gids listed (OWNER_GROUP_INCLUDE)
+POD_F_GROUPS_EXCLUDE = 1 << 11
+POD_F_DNS = 1 << 12               # DNS to the DNS proxy (UDP and TCP port 53)
+POD_F_DNS_ALL = 1 << 13           # ... whatever the nameserver (else CIDR_DNS_SERVER)
+POD_F_LOOPBACK_INCLUDED = 1 << 14 # a loopback range is captured explicitly
+POD_F_EXCLUDE_IFACES = 1 << 15    # interfaces excluded (CIDR_IFACE_ROUTE, PORT_IN_EXCLUDE_IFINDEX)
+POD_F_HOST_LOOPBACK = 1 << 16     # loopback never captured is a range (CIDR_HOST_LOOPBACK),
+                                  # not 127.0.0.1 alone
 
 # --- Node-wide settings (settings map, index 0) ---------------------------------------
 NODE_F_BYPASS = 1 << 0            # `interceptor load --no-bypass` clears it
@@ -93,6 +110,7 @@ class PortKind(Codes):
     IN_INCLUDE = 3
     IN_EXCLUDE = 4
     PROTECTED = 5       # ingress filter: never reachable from the network
+    IN_EXCLUDE_IFINDEX = 6  # "port" is an ifindex: inbound on it is never steered
 
 
 class CidrKind(Codes):
@@ -102,6 +120,22 @@ class CidrKind(Codes):
     OUT_EXCLUDE = 2
     INGRESS_V4 = 3
     INGRESS_V6 = 4
+    DNS_SERVER = 5      # nameservers whose queries are captured (redirect_dns)
+    IFACE_ROUTE = 6     # the pod's routes: value IFACE_EXCLUDED when through an excluded interface
+    HOST_LOOPBACK = 7   # loopback never captured (host_loopback_cidr, when not 127.0.0.1/32)
+
+
+IFACE_EXCLUDED, IFACE_KEPT = 1, 2     # cidr_rules values of CidrKind.IFACE_ROUTE
+
+
+class OwnerKind(Codes):
+    """Which list an owner_rules entry belongs to."""
+    PROXY_UID = 1
+    PROXY_GID = 2
+    USER_INCLUDE = 3
+    USER_EXCLUDE = 4
+    GROUP_INCLUDE = 5
+    GROUP_EXCLUDE = 6
 
 
 class Reason(Codes):
@@ -155,6 +189,15 @@ class Reason(Codes):
     # a connection from the proxy's inbound source address (127.0.0.6 / ::6) over lo:
     # the inbound hop to the app, never redirected
     OUT_SKIP_INBOUND_SOURCE = 33
+    # Istio's capture options (interceptor/pod/istio.py)
+    OUT_DNS_REDIRECTED = 34             # a DNS query (UDP or TCP) sent to the DNS proxy
+    OUT_SKIP_OWNER_FILTER = 35          # outbound owner users / groups leave it alone
+    OUT_SKIP_EXCLUDED_INTERFACE = 36
+    OUT_SKIP_MARK = 37                  # the socket carries skip_mark (ztunnel's own)
+    IN_SKIP_EXCLUDED_INTERFACE = 38     # also a virtual interface's traffic (never inbound)
+    OUT_REROUTED = 39                   # a VM's traffic on a virtual interface (rules)
+    DNS_ANSWER_RESTORED = 40            # the DNS proxy's answer shown as from the nameserver
+    DNS_ZONE = 41                       # rules: a DNS datagram put in its conntrack zone
 
 
 # --- Map layouts ----------------------------------------------------------------------
@@ -172,6 +215,17 @@ class PodConfig(ctypes.Structure):
         ("outbound_port", ctypes.c_uint16),   # host order
         ("inbound_port", ctypes.c_uint16),    # host order
         ("flags", ctypes.c_uint32),
+        ("skip_mark", ctypes.c_uint32),       # sockets with (mark & skip_mark_mask) ==
+        ("skip_mark_mask", ctypes.c_uint32),  # skip_mark are never redirected; mask 0: none
+    ]
+
+
+class OwnerKey(ctypes.Structure):
+    """owner_rules[{cookie, id, kind}] = 1: written by enroll."""
+    _fields_ = [
+        ("netns_cookie", ctypes.c_uint64),
+        ("id", ctypes.c_uint32),     # a uid or gid
+        ("kind", ctypes.c_uint32),   # OwnerKind
     ]
 
 
@@ -302,6 +356,7 @@ STRUCTS = {
     "pod_config": PodConfig,
     "pod_addr_key": PodAddrKey,
     "port_key": PortKey,
+    "owner_key": OwnerKey,
     "cidr_key": CidrKey,
     "listener_key": ListenerKey,
     "sock_tuple": SockTuple,
@@ -337,6 +392,7 @@ MAPS = (
     Map("pod_addrs", PodAddrKey, ctypes.c_uint64, "MAX_POD_ADDRS", writer=POD_ENTRIES),
     Map("port_rules", PortKey, ctypes.c_uint8, "MAX_PORT_RULES", writer=POD_ENTRIES),
     Map("cidr_rules", CidrKey, ctypes.c_uint8, "MAX_CIDRS", writer=POD_ENTRIES),
+    Map("owner_rules", OwnerKey, ctypes.c_uint8, "MAX_OWNER_RULES", writer=POD_ENTRIES),
     # sock_ops adds the listeners of enrolled pods; userspace those that listened first
     Map("inbound_listeners", ListenerKey, None, "MAX_LISTENERS", writer=POD_ENTRIES),
     Map("bypass_socks", SockTuple, None, "MAX_BYPASS_SOCKETS"),
@@ -360,9 +416,13 @@ CONSTANTS = {name: globals()[name] for name in (
     "PROXY_UID", "PROXY_GID", "OUTBOUND_PORT", "INBOUND_PORT", "HBONE_PORT",
     "INBOUND_SOURCE_V4_INT", "INBOUND_SOURCE_V6_LAST_WORD",
     "MAX_PODS", "MAX_POD_ADDRS", "MAX_CIDRS", "MAX_PORT_RULES", "MAX_REDIRECTED_SOCKETS",
-    "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS",
+    "MAX_BYPASS_SOCKETS", "MAX_LISTENERS", "MAX_STAT_KEYS", "MAX_OWNER_RULES",
     "POD_F_PASSTHROUGH", "POD_F_BYPASS", "POD_F_OUT_PORTS_INCLUDE", "POD_F_IN_PORTS_INCLUDE",
     "POD_F_BYPASS_OUTBOUND", "POD_F_BYPASS_MESH", "POD_F_BYPASS_INBOUND",
+    "POD_F_MORE_PROXY_IDS", "POD_F_USERS_INCLUDE", "POD_F_USERS_EXCLUDE", "POD_F_GROUPS_INCLUDE",
+    "POD_F_GROUPS_EXCLUDE", "POD_F_DNS", "POD_F_DNS_ALL", "POD_F_LOOPBACK_INCLUDED",
+    "POD_F_EXCLUDE_IFACES", "POD_F_HOST_LOOPBACK", "IFACE_EXCLUDED", "IFACE_KEPT",
+    "DNS_PORT", "DNS_SERVER_PORT",
     "NODE_F_BYPASS", "CIDR_KEY_FIXED_BITS",
     "DIR_OUTBOUND", "DIR_INBOUND", "CONN_F_ESTABLISHED", "CONN_F_BYPASSED",
     "MAX_INGRESS_SOURCES", "MAX_INGRESS_RULES", "MAX_XDP_PODS",
@@ -394,7 +454,8 @@ def render_header():
     for name, value in CONSTANTS.items():
         define = f"#define {name} {value:#x}ULL" if value >= 2**31 else f"#define {name} {value}"
         out += [f"#ifndef {name}", define, "#endif"] if name in overridable else [define]
-    for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (Reason, "REASON_")):
+    for enum_cls, prefix in ((PortKind, "PORT_"), (CidrKind, "CIDR_"), (OwnerKind, "OWNER_"),
+                             (Reason, "REASON_")):
         out.append("")
         for name, value in enum_cls.items():
             out.append(f"#define {prefix}{name} {value}")

@@ -493,23 +493,60 @@ def test_inbound_source_constants_agree():
 
 def test_rules_follow_istio_order_for_the_proxy_over_lo():
     """From the inbound source: left alone; the proxy's uid to its pod over lo (not
-    127.0.0.1 / ::1, not 15008 or its capture ports): to the inbound port; then the
-    proxy's uid and gid are left alone (istio-iptables' ISTIO_OUTPUT order)."""
+    127.0.0.1 / ::1, not 15008 or its capture ports): to the inbound port; every other
+    owner over lo: left alone; then the proxy's uid; then the same for its gid
+    (istio-iptables' ISTIO_OUTPUT order)."""
     reasons = [r.reason for r in rules.outbound_rules(PodSettings())]
-    assert reasons[:6] == ["out_skip_inbound_source", "out_skip_inbound_source",
-                           "out_self_to_inbound", "out_self_to_inbound",
-                           "out_skip_proxy_owner", "out_skip_proxy_owner"]
+    per_owner = ["out_self_to_inbound", "out_self_to_inbound", "out_skip_loopback", "out_skip_loopback",
+                 "out_skip_local_pod", "out_skip_proxy_owner"]
+    assert reasons[:2 + 2 * len(per_owner)] == ["out_skip_inbound_source"] * 2 + per_owner * 2
     nft = rules.nft_script(PodSettings(), [rules.OUTBOUND])
     assert 'oifname "lo" ip saddr { 127.0.0.6/32 } counter return comment "out_skip_inbound_source"' in nft
-    assert ('oifname "lo" meta skuid 1337 ip daddr != 127.0.0.1/32 tcp dport != { 15001, 15006, 15008 } '
-            'counter redirect to :15006 comment "out_self_to_inbound"') in nft
-    assert 'oifname "lo" meta skuid 1337 ip6 daddr != ::1/128' in nft
+    assert ('meta l4proto tcp oifname "lo" meta skuid { 1337 } ip daddr != 127.0.0.1/32 '
+            'tcp dport != { 15001, 15006, 15008 } counter redirect to :15006 comment "out_self_to_inbound"') in nft
+    assert 'oifname "lo" meta skuid != { 1337 } counter return comment "out_skip_local_pod"' in nft
+    assert 'oifname "lo" meta skuid { 1337 } ip6 daddr != ::1/128' in nft
     v4 = rules.iptables_restore_input(PodSettings(), [rules.OUTBOUND], 4)
-    assert ("-A INTERCEPTOR_OUTPUT -p tcp -o lo -m owner --uid-owner 1337 ! -d 127.0.0.1/32 -m multiport "
-            "! --dports 15001,15006,15008 -m comment --comment out_self_to_inbound -j REDIRECT --to-ports 15006") in v4
-    assert "-A INTERCEPTOR_OUTPUT -p tcp -o lo -s 127.0.0.6/32 -m comment --comment out_skip_inbound_source -j RETURN" in v4
+    assert ("-A INTERCEPTOR_OUTPUT -p tcp -o lo ! -d 127.0.0.1/32 -m multiport ! --dports 15001,15006,15008 "
+            "-m owner --uid-owner 1337 -m comment --comment out_self_to_inbound -j REDIRECT --to-ports 15006") in v4
+    assert "-A INTERCEPTOR_OUTPUT -o lo -s 127.0.0.6/32 -m comment --comment out_skip_inbound_source -j RETURN" in v4
     v6 = rules.iptables_restore_input(PodSettings(), [rules.OUTBOUND], 6)
     assert "-s ::6/128" in v6 and "! -d ::1/128" in v6 and "127.0.0" not in v6
+
+
+def test_excluded_cidrs_win_over_included_ports_as_in_istio():
+    """istio-iptables: excluded CIDRs, then included ports, then included CIDRs."""
+    s = PodSettings(exclude_outbound_cidrs="10.96.0.0/12", include_outbound_ports="80")
+    reasons = [r.reason for r in rules.outbound_rules(s)]
+    assert reasons.index("out_skip_excluded_cidr") < reasons.index("out_redirected")
+
+
+def test_port_ranges_are_expanded_and_bounded():
+    assert parsing.ports("15000-15003,80") == [80, 15000, 15001, 15002, 15003]
+    for bad in ("20-10", "1-65535", "0-5"):
+        with pytest.raises(ValueError):
+            parsing.ports(bad)
+    nft = rules.nft_script(PodSettings(exclude_outbound_ports="15000-15010,22"), [rules.OUTBOUND])
+    assert "dport { 22, 15000-15010 }" in nft
+    v4 = rules.iptables_restore_input(PodSettings(exclude_outbound_ports="15000-15010,22"), [rules.OUTBOUND], 4)
+    assert "--dports 22,15000:15010" in v4
+
+
+def test_istio_options_convert_to_settings():
+    from interceptor.pod import istio
+    raw = istio.from_config({"ProxyUID": "3,4", "ProxyGID": "1,2", "RedirectDNS": True,
+                             "DNSServersV4": ["10.96.0.10"], "OwnerGroupsInclude": "202",
+                             "KubeVirtInterfaces": "eth1", "InboundPortsInclude": "*"})
+    s = PodSettings(**raw)
+    assert s.proxy_uid == (3, 4) and s.proxy_gid == (1, 2)
+    assert s.redirect_dns and [str(a) for a in s.dns_servers] == ["10.96.0.10"]
+    assert s.owner_groups_include == (202,) and s.reroute_interfaces == ("eth1",)
+    assert s.flags() & abi.POD_F_MORE_PROXY_IDS and s.flags() & abi.POD_F_GROUPS_INCLUDE
+    assert s.steers_all_inbound and s.include_outbound_cidrs == []
+    with pytest.raises(ValueError):
+        istio.from_config({"InboundTunnelPort": "15009"})
+    with pytest.raises(SettingError):
+        PodSettings(owner_groups_include="java")      # a name resolves only in the image
 
 
 # --- what to do with the node's datapath (ensure.decide), for load, upgrade and the agent

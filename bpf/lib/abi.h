@@ -33,6 +33,9 @@
 #ifndef MAX_STAT_KEYS
 #define MAX_STAT_KEYS 65536
 #endif
+#ifndef MAX_OWNER_RULES
+#define MAX_OWNER_RULES 16384
+#endif
 #define POD_F_PASSTHROUGH 1
 #define POD_F_BYPASS 2
 #define POD_F_OUT_PORTS_INCLUDE 4
@@ -40,6 +43,20 @@
 #define POD_F_BYPASS_OUTBOUND 16
 #define POD_F_BYPASS_MESH 32
 #define POD_F_BYPASS_INBOUND 64
+#define POD_F_MORE_PROXY_IDS 128
+#define POD_F_USERS_INCLUDE 256
+#define POD_F_USERS_EXCLUDE 512
+#define POD_F_GROUPS_INCLUDE 1024
+#define POD_F_GROUPS_EXCLUDE 2048
+#define POD_F_DNS 4096
+#define POD_F_DNS_ALL 8192
+#define POD_F_LOOPBACK_INCLUDED 16384
+#define POD_F_EXCLUDE_IFACES 32768
+#define POD_F_HOST_LOOPBACK 65536
+#define IFACE_EXCLUDED 1
+#define IFACE_KEPT 2
+#define DNS_PORT 15053
+#define DNS_SERVER_PORT 53
 #define NODE_F_BYPASS 1
 #define CIDR_KEY_FIXED_BITS 96
 #define DIR_OUTBOUND 1
@@ -67,11 +84,22 @@
 #define PORT_IN_INCLUDE 3
 #define PORT_IN_EXCLUDE 4
 #define PORT_PROTECTED 5
+#define PORT_IN_EXCLUDE_IFINDEX 6
 
 #define CIDR_OUT_INCLUDE 1
 #define CIDR_OUT_EXCLUDE 2
 #define CIDR_INGRESS_V4 3
 #define CIDR_INGRESS_V6 4
+#define CIDR_DNS_SERVER 5
+#define CIDR_IFACE_ROUTE 6
+#define CIDR_HOST_LOOPBACK 7
+
+#define OWNER_PROXY_UID 1
+#define OWNER_PROXY_GID 2
+#define OWNER_USER_INCLUDE 3
+#define OWNER_USER_EXCLUDE 4
+#define OWNER_GROUP_INCLUDE 5
+#define OWNER_GROUP_EXCLUDE 6
 
 #define REASON_OUT_REDIRECTED 1
 #define REASON_OUT_SKIP_PROXY_OWNER 2
@@ -106,7 +134,15 @@
 #define REASON_ORIG_DST_OWN_ADDRESS 31
 #define REASON_OUT_SELF_TO_INBOUND 32
 #define REASON_OUT_SKIP_INBOUND_SOURCE 33
-#define REASON_MAX 34
+#define REASON_OUT_DNS_REDIRECTED 34
+#define REASON_OUT_SKIP_OWNER_FILTER 35
+#define REASON_OUT_SKIP_EXCLUDED_INTERFACE 36
+#define REASON_OUT_SKIP_MARK 37
+#define REASON_IN_SKIP_EXCLUDED_INTERFACE 38
+#define REASON_OUT_REROUTED 39
+#define REASON_DNS_ANSWER_RESTORED 40
+#define REASON_DNS_ZONE 41
+#define REASON_MAX 42
 
 struct pod_config {
 	__u32 proxy_uid;
@@ -114,8 +150,10 @@ struct pod_config {
 	__u16 outbound_port;
 	__u16 inbound_port;
 	__u32 flags;
+	__u32 skip_mark;
+	__u32 skip_mark_mask;
 };
-_Static_assert(sizeof(struct pod_config) == 16, "pod_config layout differs from interceptor/abi.py");
+_Static_assert(sizeof(struct pod_config) == 24, "pod_config layout differs from interceptor/abi.py");
 
 struct pod_addr_key {
 	__u8 addr[16];
@@ -129,6 +167,13 @@ struct port_key {
 	__u8 pad[5];
 };
 _Static_assert(sizeof(struct port_key) == 16, "port_key layout differs from interceptor/abi.py");
+
+struct owner_key {
+	__u64 netns_cookie;
+	__u32 id;
+	__u32 kind;
+};
+_Static_assert(sizeof(struct owner_key) == 16, "owner_key layout differs from interceptor/abi.py");
 
 struct cidr_key {
 	__u32 prefixlen;

@@ -11,6 +11,7 @@
 #define IC_AF_INET 2
 #define IC_AF_INET6 10
 #define IC_SOCK_STREAM 1
+#define IC_SOCK_DGRAM 2
 #define IC_SOL_IP 0
 #define IC_SOL_IPV6 41
 #define IC_SO_ORIGINAL_DST 80      /* SOL_IP; IP6T_SO_ORIGINAL_DST is the same number */
@@ -116,6 +117,27 @@ static __always_inline int cidr_listed(__u64 cookie, const void *addr, __u32 kin
 	key.netns_cookie = cookie;
 	__builtin_memcpy(key.addr, addr, 16);
 	return cidr_rules.lookup(&key) != 0;
+}
+
+/* The value of the longest matching prefix of this kind (0: none). */
+static __always_inline __u8 cidr_value(__u64 cookie, const void *addr, __u32 kind)
+{
+	struct cidr_key key = {};
+	key.prefixlen = CIDR_KEY_FIXED_BITS + 128;
+	key.kind = kind;
+	key.netns_cookie = cookie;
+	__builtin_memcpy(key.addr, addr, 16);
+	__u8 *value = cidr_rules.lookup(&key);
+	return value ? *value : 0;
+}
+
+static __always_inline int owner_listed(__u64 cookie, __u32 id, __u32 kind)
+{
+	struct owner_key key = {};
+	key.netns_cookie = cookie;
+	key.id = id;
+	key.kind = kind;
+	return owner_rules.lookup(&key) != 0;
 }
 
 static __always_inline void count(__u64 cookie, __u32 reason, __u64 bytes)

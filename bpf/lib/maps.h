@@ -17,6 +17,10 @@ BPF_HASH(pod_addrs, struct pod_addr_key, __u64, MAX_POD_ADDRS);
 /* Per-pod port lists (PORT_* kinds). Writer: enroll. Readers: connect, sk_lookup. */
 BPF_HASH(port_rules, struct port_key, __u8, MAX_PORT_RULES);
 
+/* Per-pod owner lists (OWNER_* kinds): proxy uids/gids beyond pod_config's first, and
+ * Istio's outbound owner users and groups. Writer: enroll. Reader: connect, sendmsg. */
+BPF_HASH(owner_rules, struct owner_key, __u8, MAX_OWNER_RULES);
+
 /* Per-pod outbound CIDR lists (CIDR_* kinds), longest-prefix match.
  * Writer: enroll. Reader: connect. */
 BPF_F_TABLE("lpm_trie", struct cidr_key, __u8, cidr_rules, MAX_CIDRS, BPF_F_NO_PREALLOC);

@@ -91,4 +91,8 @@ def decide(config, cni_args):
         return Decision(False, f"annotated {INJECT_ANNOTATION}: false", pod=pod)
     if marker and marker not in annotations:
         return Decision(False, f"no sidecar marker annotation {marker}", pod=pod)
-    return Decision(True, "enrolled", settings=_apply_annotations(settings, annotations), pod=pod)
+    settings = _apply_annotations(settings, annotations)
+    if settings.interception_mode == "NONE":
+        mode = BY_CONFIG_KEY["interceptionMode"]
+        return Decision(False, f"interception mode NONE ({mode.annotation})", pod=pod)
+    return Decision(True, "enrolled", settings=settings, pod=pod)

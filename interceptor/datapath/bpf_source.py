@@ -20,7 +20,7 @@ BPF_DIR = pathlib.Path(os.environ["INTERCEPTOR_BPF_DIR"]) if os.environ.get("INT
          _PACKAGE / "bpf")
 
 # One file per hook family; all share lib/maps.h, so they are compiled together.
-HOOK_FILES = ("sock_connect.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c",
+HOOK_FILES = ("sock_connect.c", "sock_dns.c", "sockopt.c", "sockops.c", "sk_msg.c", "sk_lookup.c",
               "xdp_ingress.c")
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')

@@ -30,25 +30,54 @@ def address_owner(maps, address, cookie):
     return None
 
 
-def write_capture(maps, cookie, settings, addresses, replacing):
+class Interfaces:
+    """What the pod's excluded and virtual interfaces are in its namespace, read at
+    enroll (kernel/netns.interfaces_of): their ifindexes, and the pod's routes with
+    whether each goes out through an excluded interface."""
+    __slots__ = ("ifindexes", "routes")
+
+    def __init__(self, ifindexes=(), routes=()):
+        self.ifindexes = dict(ifindexes)        # name -> ifindex
+        self.routes = list(routes)              # [(ip_network, output ifindex or None)]
+
+    def excluded_routes(self, settings):
+        """[(network, excluded?)] of every route, when an excluded interface is there."""
+        excluded = {i for name, i in self.ifindexes.items() if name in settings.exclude_interfaces}
+        if not excluded:
+            return []
+        return [(net, oif in excluded) for net, oif in self.routes]
+
+    def never_steered(self, settings):
+        """The ifindexes inbound is never steered from: excluded and virtual interfaces."""
+        names = set(settings.exclude_interfaces) | set(settings.reroute_interfaces)
+        return sorted(i for name, i in self.ifindexes.items() if name in names)
+
+
+def write_capture(maps, cookie, settings, addresses, replacing, interfaces=None):
     """The pod's capture entries; its pods entry last, which switches the hooks on for
     its namespace (or swaps its configuration in one write). replacing: a re-enroll,
     whose entries the new settings no longer have go after."""
-    ports = {bytes(k): k for k in _port_keys(cookie, settings)}
-    cidrs = {bytes(k): k for k in _cidr_keys(cookie, settings)}
+    interfaces = interfaces or Interfaces()
+    ports = {bytes(k): k for k in _port_keys(cookie, settings, interfaces)}
+    cidrs = {bytes(k): (k, v) for k, v in _cidr_entries(cookie, settings, interfaces)}
+    owners = {bytes(k): k for k in _owner_keys(cookie, settings)}
     addrs = {bytes(k): k for k in map(_addr_key, addresses)}
     for key in ports.values():
         maps.port_rules.put(key, ctypes.c_uint8(1))
-    for key in cidrs.values():
-        maps.cidr_rules.put(key, ctypes.c_uint8(1))
+    for key, value in cidrs.values():
+        maps.cidr_rules.put(key, ctypes.c_uint8(value))
+    for key in owners.values():
+        maps.owner_rules.put(key, ctypes.c_uint8(1))
     for key in addrs.values():
         maps.pod_addrs.put(key, ctypes.c_uint64(cookie))
     s = settings
+    mark, mask = s.skip_mark or (0, 0)
     maps.pods.put(ctypes.c_uint64(cookie), abi.PodConfig(
-        proxy_uid=s.proxy_uid, proxy_gid=s.proxy_gid, outbound_port=s.outbound_port,
-        inbound_port=s.inbound_port, flags=s.flags()))
+        proxy_uid=s.proxy_uid[0], proxy_gid=s.proxy_gid[0], outbound_port=s.outbound_port,
+        inbound_port=s.inbound_port, flags=s.flags(), skip_mark=mark, skip_mark_mask=mask))
     if replacing:
-        _delete_capture_rules(maps, cookie, keep_ports=set(ports), keep_cidrs=set(cidrs))
+        _delete_capture_rules(maps, cookie, keep_ports=set(ports), keep_cidrs=set(cidrs),
+                              keep_owners=set(owners))
         _delete_addresses(maps, cookie, keep=set(addrs))
 
 
@@ -74,28 +103,46 @@ def add_listener(maps, cookie, family, fd):
     maps.inbound_listeners.put(abi.ListenerKey(netns_cookie=cookie, family=family), ctypes.c_uint32(fd))
 
 
-def _port_keys(cookie, s):
+def _port_keys(cookie, s, interfaces):
     keys = [port_key(cookie, abi.PortKind.OUT_EXCLUDE, p) for p in s.exclude_outbound_ports]
     keys += [port_key(cookie, abi.PortKind.OUT_INCLUDE, p) for p in s.include_outbound_ports]
     if not s.steers_all_inbound:
         keys += [port_key(cookie, abi.PortKind.IN_INCLUDE, p) for p in s.include_inbound_ports]
     excluded_in = set(s.exclude_inbound_ports) | set(abi.ALWAYS_EXCLUDED_INBOUND_PORTS)
     keys += [port_key(cookie, abi.PortKind.IN_EXCLUDE, p) for p in sorted(excluded_in)]
+    # an ifindex in a port's place: a pod's namespace numbers its few interfaces low
+    keys += [port_key(cookie, abi.PortKind.IN_EXCLUDE_IFINDEX, i)
+             for i in interfaces.never_steered(s) if i < 65536]
     return keys
 
 
-def _cidr_keys(cookie, s):
-    return [cidr_key(cookie, kind, net)
-            for kind, nets in ((abi.CidrKind.OUT_INCLUDE, s.include_outbound_cidrs),
-                               (abi.CidrKind.OUT_EXCLUDE, s.exclude_outbound_cidrs))
-            for net in nets]
+def _cidr_entries(cookie, s, interfaces):
+    """[(key, value)] of the pod's cidr_rules."""
+    out = [(cidr_key(cookie, kind, net), 1)
+           for kind, nets in ((abi.CidrKind.OUT_INCLUDE, s.include_outbound_cidrs),
+                              (abi.CidrKind.OUT_EXCLUDE, s.exclude_outbound_cidrs))
+           for net in nets]
+    if s.redirect_dns and s.dns_servers:
+        out += [(cidr_key(cookie, abi.CidrKind.DNS_SERVER, ipaddress.ip_network(a)), 1)
+                for a in s.dns_servers]
+    if s.flags() & abi.POD_F_HOST_LOOPBACK:
+        out.append((cidr_key(cookie, abi.CidrKind.HOST_LOOPBACK, s.host_loopback_cidr), 1))
+    out += [(cidr_key(cookie, abi.CidrKind.IFACE_ROUTE, net), abi.IFACE_EXCLUDED if excluded else abi.IFACE_KEPT)
+            for net, excluded in interfaces.excluded_routes(s)]
+    return out
 
 
-def _delete_capture_rules(maps, cookie, keep_ports=frozenset(), keep_cidrs=frozenset()):
+def _owner_keys(cookie, s):
+    return [abi.OwnerKey(netns_cookie=cookie, id=i, kind=kind) for kind, i in s.owner_entries()]
+
+
+def _delete_capture_rules(maps, cookie, keep_ports=frozenset(), keep_cidrs=frozenset(),
+                          keep_owners=frozenset()):
     for key in maps.port_rules.pod_keys(cookie):
         if key.kind != abi.PortKind.PROTECTED and bytes(key) not in keep_ports:
             maps.port_rules.delete(key)
     maps.cidr_rules.delete_pod_keys(cookie, keep_cidrs)
+    maps.owner_rules.delete_pod_keys(cookie, keep_owners)
 
 
 def _delete_addresses(maps, cookie, keep=frozenset()):

@@ -65,6 +65,11 @@ PROGRAMS = (
     Program("getpeername4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_GETPEERNAME, CGROUP, OUTBOUND),
     Program("getpeername6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_GETPEERNAME, CGROUP, OUTBOUND),
     Program("getsockopt", ProgType.CGROUP_SOCKOPT, AttachType.CGROUP_GETSOCKOPT, CGROUP, OUTBOUND),
+    # DNS over UDP: a query sent with an address, and the answers shown as the nameserver's
+    Program("sendmsg4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_UDP4_SENDMSG, CGROUP, OUTBOUND),
+    Program("sendmsg6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_UDP6_SENDMSG, CGROUP, OUTBOUND),
+    Program("recvmsg4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_UDP4_RECVMSG, CGROUP, OUTBOUND),
+    Program("recvmsg6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_UDP6_RECVMSG, CGROUP, OUTBOUND),
     # sock_ops serves all: outbound original destinations, inbound listeners, bypass
     Program("sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, CGROUP, CORE),
     Program("msg_redirect", ProgType.SK_MSG, AttachType.SK_MSG_VERDICT, SOCKHASH, BYPASS),

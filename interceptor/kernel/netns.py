@@ -146,6 +146,47 @@ def _dump_addresses():
     return list(found.values())
 
 
+_RTMSG = struct.Struct("=BBBBBBBBI")   # rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_RTM_NEWROUTE, _RTM_GETROUTE = 24, 26
+_RTA_DST, _RTA_OIF, _RTA_TABLE = 1, 4, 15
+_RT_TABLE_MAIN, _RTN_UNICAST = 254, 1
+
+
+def _dump_routes():
+    """[(ip_network, output ifindex or None)] of the main table's unicast routes."""
+    out = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        request = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        for kind, body in netlink.dump(socket.NETLINK_ROUTE, _RTM_GETROUTE, request):
+            if kind != _RTM_NEWROUTE:
+                continue
+            fam, dst_len, _, _, table, _, _, rtype, _ = _RTMSG.unpack_from(body)
+            attrs = netlink.attributes(body, _RTMSG.size)
+            if _RTA_TABLE in attrs:
+                table = struct.unpack("=I", attrs[_RTA_TABLE])[0]
+            if table != _RT_TABLE_MAIN or rtype != _RTN_UNICAST or fam != family:
+                continue
+            raw = attrs.get(_RTA_DST)
+            any_address = "0.0.0.0" if family == socket.AF_INET else "::"
+            net = ipaddress.ip_network((ipaddress.ip_address(raw) if raw else any_address, dst_len))
+            oif = struct.unpack("=I", attrs[_RTA_OIF])[0] if _RTA_OIF in attrs else None
+            out.append((net, oif))
+    return out
+
+
+def interfaces_of(path, names):
+    """({name: ifindex} of those of these interfaces the namespace has, [(network,
+    output ifindex)] of its main routing table)."""
+    with entered(path):
+        found = {}
+        for name in names:
+            try:
+                found[name] = socket.if_nametoindex(name)
+            except OSError:
+                pass            # not in this pod: nothing of it to exclude
+        return found, _dump_routes() if found else []
+
+
 def addresses_of(path):
     """The pod's own (global-scope) addresses, IPv4 and IPv6."""
     with entered(path):

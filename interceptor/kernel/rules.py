@@ -1,18 +1,26 @@
-"""The fallback path: the datapath's semantics as REDIRECT rules inside a pod's netns.
+"""The fallback path: the datapath's semantics as rules inside a pod's netns.
 
-One abstract rule list per direction, built from the pod's settings in the same order as
-the eBPF hooks decide (bpf/sock_connect.c, bpf/sk_lookup.c), rendered for nftables (one
-`inet interceptor` table, replaced and removed atomically) or iptables (our own
-INTERCEPTOR_* chains in the nat table plus one jump rule each, legacy or nft backend).
-Each rule carries the datapath's reason label as its comment and a counter, so status and
-metrics read the same counters in every mode. Nothing else in the netns is touched.
+One abstract rule list per chain, built from the pod's settings in istio-iptables' order
+(the eBPF hooks, bpf/sock_connect.c and bpf/sk_lookup.c, decide in the same order),
+rendered for nftables (one `inet interceptor` table, replaced and removed atomically) or
+iptables (our own INTERCEPTOR_* chains in the nat and raw tables plus one jump rule each,
+legacy or nft backend). Each rule carries the datapath's reason label as its comment and
+a counter, so status and metrics read the same counters in every mode. Nothing else in
+the netns is touched.
 
-Semantics follow istio-iptables, in its order, including its rule for the proxy's own
-connections over lo: to any address but 127.0.0.1 / ::1 (its pod's own, by a self-call
-through its outbound cluster) they go to the inbound port, unless they come from the
-inbound source (127.0.0.6 / ::6: the proxy's hop to its app) or go to HBONE's port. One
-deliberate difference: a connection of the proxy to its own capture ports is never sent
-to a capture port (the eBPF hooks refuse it: it is a proxy looping to itself).
+The chains, as Istio's (tools/istio-iptables):
+  output       the pod's outbound connections (ISTIO_OUTPUT, and DNS over UDP);
+  prerouting   inbound connections (ISTIO_INBOUND), and what arrives on the pod's
+               virtual interfaces, rerouted to the outbound port (KubeVirt);
+  raw_output / raw_prerouting
+               with DNS capture, Istio's conntrack zones: the app's queries to the DNS
+               proxy and the proxy's own queries upstream are kept apart, so a reply
+               is never un-NATed by the wrong entry.
+
+Deliberate differences from Istio's rules, each named in tests/test_istio_parity.py: a
+connection of the proxy to its own capture ports is never sent to a capture port (the
+eBPF hooks refuse it: a proxy looping to itself), inbound connections to the proxy's
+own ports and to 15020/15021/15090 (the status port) are never steered.
 """
 import json
 import os
@@ -24,11 +32,18 @@ from interceptor import abi
 NFT_TABLE = "interceptor"
 IPT_OUT = "INTERCEPTOR_OUTPUT"
 IPT_IN = "INTERCEPTOR_PREROUTING"
+IPT_RAW_OUT = "INTERCEPTOR_RAW_OUTPUT"
+IPT_RAW_IN = "INTERCEPTOR_RAW_PREROUTING"
 JUMP_COMMENT = "interceptor"
 MULTIPORT_MAX = 15            # iptables multiport takes at most 15 ports per rule
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
+REROUTE = "reroute"           # a VM's forwarded traffic (reroute_interfaces), in every mode
+
+LOOPBACK = {4: "127.0.0.1/32", 6: "::1/128"}
+INBOUND_SOURCE = {4: abi.INBOUND_SOURCE_V4 + "/32", 6: abi.INBOUND_SOURCE_V6 + "/128"}
+ZONE_UPSTREAM, ZONE_APP = 1, 2      # Istio's conntrack zones for DNS over UDP
 
 
 class RulesError(Exception):
@@ -36,47 +51,93 @@ class RulesError(Exception):
 
 
 class Rule:
-    """match: family (4, 6 or None), oif_lo, iif_lo, uid, gid, dports, daddrs, saddrs,
-    and the negated not_daddr (one address) and not_dports;
-    action: "return" or a redirect port; reason: the datapath's counter label."""
+    """match: family (4, 6 or None), proto ("tcp", "udp" or None: any), oif / iif (an
+    interface name), uids / gids (the owner is one of), not_uids / not_gids (none of),
+    dports, not_dports, sports, daddrs, saddrs, not_daddr (one address), mark ((mark,
+    mask) on the packet); action: "return", a redirect port, or ("zone", n); reason:
+    the datapath's counter label."""
 
-    def __init__(self, reason, action, family=None, oif_lo=False, iif_lo=False, uid=None,
-                 gid=None, dports=(), daddrs=(), saddrs=(), not_daddr=None, not_dports=()):
-        self.reason, self.action, self.family = reason, action, family
-        self.oif_lo, self.iif_lo, self.uid, self.gid = oif_lo, iif_lo, uid, gid
-        self.dports, self.daddrs, self.saddrs = list(dports), list(daddrs), list(saddrs)
-        self.not_daddr, self.not_dports = not_daddr, list(not_dports)
+    def __init__(self, reason, action, family=None, proto=None, oif=None, iif=None, uids=(),
+                 gids=(), not_uids=(), not_gids=(), dports=(), not_dports=(), sports=(),
+                 daddrs=(), saddrs=(), not_daddr=None, mark=None):
+        self.reason, self.action, self.family, self.proto = reason, action, family, proto
+        self.oif, self.iif = oif, iif
+        self.uids, self.gids, self.not_uids, self.not_gids = list(uids), list(gids), list(not_uids), list(not_gids)
+        self.dports, self.not_dports, self.sports = list(dports), list(not_dports), list(sports)
+        self.daddrs, self.saddrs, self.not_daddr = list(daddrs), list(saddrs), not_daddr
+        self.mark = mark
+        if action not in ("return",) and not isinstance(action, tuple) and proto is None:
+            self.proto = "tcp"      # a redirect needs its transport protocol
+
+
+def _families(addresses):
+    return {4: [str(a) for a in addresses if a.version == 4], 6: [str(a) for a in addresses if a.version == 6]}
+
+
+def _dns_on(s):
+    return s.captures_dns
 
 
 def outbound_rules(s):
-    out_port = s.outbound_port
-    # the proxy's own capture ports are left out of the self-call rule (see the docstring)
-    self_call_never = sorted({abi.HBONE_PORT, s.outbound_port, s.inbound_port})
-    rules = [
-        Rule("out_skip_inbound_source", "return", family=4, oif_lo=True,
-             saddrs=[abi.INBOUND_SOURCE_V4 + "/32"]),
-        Rule("out_skip_inbound_source", "return", family=6, oif_lo=True,
-             saddrs=[abi.INBOUND_SOURCE_V6 + "/128"]),
-        Rule("out_self_to_inbound", s.inbound_port, family=4, oif_lo=True, uid=s.proxy_uid,
-             not_daddr="127.0.0.1/32", not_dports=self_call_never),
-        Rule("out_self_to_inbound", s.inbound_port, family=6, oif_lo=True, uid=s.proxy_uid,
-             not_daddr="::1/128", not_dports=self_call_never),
-        Rule("out_skip_proxy_owner", "return", uid=s.proxy_uid),
-        Rule("out_skip_proxy_owner", "return", gid=s.proxy_gid),
-        Rule("out_skip_loopback", "return", family=4, daddrs=["127.0.0.0/8"]),
-        Rule("out_skip_loopback", "return", family=6, daddrs=["::1/128"]),
-        # to the pod's own addresses (routed over lo): never the proxy's business
-        Rule("out_skip_local_pod", "return", oif_lo=True),
-    ]
+    """ISTIO_OUTPUT, in its order. Over lo (to a loopback address or one of the pod's
+    own), istio-iptables gives the first proxy uid (else gid) a role of its own: its
+    connections go to the inbound port (a self-call), and every other owner's are left
+    alone, unless a loopback range is captured explicitly or the port is DNS's."""
+    out_port, dns = s.outbound_port, _dns_on(s)
+    host_loopback = {4: str(s.host_loopback_cidr), 6: LOOPBACK[6]}
+    loopback_included = s.loopback_included
+    rules = [Rule("out_skip_excluded_interface", "return", oif=name) for name in s.exclude_interfaces]
+    if s.skip_mark:
+        rules.append(Rule("out_skip_mark", "return", mark=s.skip_mark))
     if s.exclude_outbound_ports:
-        rules.append(Rule("out_skip_excluded_port", "return", dports=s.exclude_outbound_ports))
-    if s.include_outbound_ports:
-        rules.append(Rule("out_redirected", out_port, dports=s.include_outbound_ports))
+        rules.append(Rule("out_skip_excluded_port", "return", proto="tcp", dports=s.exclude_outbound_ports))
+        rules.append(Rule("out_skip_excluded_port", "return", proto="udp", dports=s.exclude_outbound_ports))
+    for family in (4, 6):
+        rules.append(Rule("out_skip_inbound_source", "return", family=family, oif="lo",
+                          saddrs=[INBOUND_SOURCE[family]]))
+    # the self-call never goes to HBONE's port (nor, deliberately, the proxy's own)
+    never = sorted({abi.HBONE_PORT, s.outbound_port, s.inbound_port})
+    for kind, ids in (("uid", s.proxy_uid), ("gid", s.proxy_gid)):
+        for owner in ids:
+            match = {"uids" if kind == "uid" else "gids": [owner]}
+            not_match = {"not_uids" if kind == "uid" else "not_gids": [owner]}
+            self_never = sorted(set(never) | ({abi.DNS_SERVER_PORT} if dns and kind == "uid" else set()))
+            for family in (4, 6):
+                rules.append(Rule("out_self_to_inbound", s.inbound_port, family=family, oif="lo",
+                                  not_daddr=host_loopback[family], not_dports=self_never, **match))
+            if not loopback_included:
+                lo = dict(proto="tcp", not_dports=[abi.DNS_SERVER_PORT]) if dns else {}
+                for family in (4, 6):
+                    rules.append(Rule("out_skip_loopback", "return", family=family, oif="lo",
+                                      daddrs=["127.0.0.0/8" if family == 4 else "::1/128"], **lo, **not_match))
+                rules.append(Rule("out_skip_local_pod", "return", oif="lo", **lo, **not_match))
+            rules.append(Rule("out_skip_proxy_owner", "return", **match))
+    if s.owner_users_include is not None:
+        rules.append(Rule("out_skip_owner_filter", "return", not_uids=s.owner_users_include))
+    for uid in s.owner_users_exclude or ():
+        rules.append(Rule("out_skip_owner_filter", "return", uids=[uid]))
+    if s.owner_groups_include is not None:
+        rules.append(Rule("out_skip_owner_filter", "return", not_gids=s.owner_groups_include))
+    for gid in s.owner_groups_exclude or ():
+        rules.append(Rule("out_skip_owner_filter", "return", gids=[gid]))
+    if dns:
+        for proto in ("tcp", "udp"):
+            if s.dns_servers is None:
+                rules.append(Rule("out_dns_redirected", abi.DNS_PORT, proto=proto, dports=[abi.DNS_SERVER_PORT]))
+                continue
+            for family, servers in _families(s.dns_servers).items():
+                if servers:
+                    rules.append(Rule("out_dns_redirected", abi.DNS_PORT, family=family, proto=proto,
+                                      dports=[abi.DNS_SERVER_PORT],
+                                      daddrs=[f"{a}/{32 if family == 4 else 128}" for a in servers]))
+    for family in (4, 6):
+        rules.append(Rule("out_skip_loopback", "return", family=family, daddrs=[host_loopback[family]]))
     for version in (4, 6):
         excluded = s.cidrs("exclude_outbound_cidrs", version)
         if excluded:
-            rules.append(Rule("out_skip_excluded_cidr", "return", family=version,
-                              daddrs=map(str, excluded)))
+            rules.append(Rule("out_skip_excluded_cidr", "return", family=version, daddrs=map(str, excluded)))
+    if s.include_outbound_ports:
+        rules.append(Rule("out_redirected", out_port, dports=s.include_outbound_ports))
     for version in (4, 6):
         included = s.cidrs("include_outbound_cidrs", version)
         if included:
@@ -85,48 +146,144 @@ def outbound_rules(s):
     return rules
 
 
+def reroute_rules(s):
+    """What arrives on a virtual interface is the outbound traffic of the VM behind it:
+    to the outbound port when its destination is captured (Istio's -k), else left
+    alone, and never steered inbound."""
+    rules = []
+    for name in s.reroute_interfaces:
+        for version in (4, 6):
+            included = s.cidrs("include_outbound_cidrs", version)
+            if included:
+                rules.append(Rule("out_rerouted", s.outbound_port, family=version, iif=name,
+                                  daddrs=map(str, included)))
+        rules.append(Rule("in_skip_excluded_interface", "return", iif=name))
+    return rules
+
+
 def inbound_rules(s):
     in_port = s.inbound_port
-    never = sorted({s.outbound_port, s.inbound_port, *abi.ALWAYS_EXCLUDED_INBOUND_PORTS})
-    rules = [
-        Rule("in_skip_local", "return", iif_lo=True),
-        Rule("in_skip_excluded_port", "return", dports=never),
+    never = sorted({s.outbound_port, s.inbound_port, abi.HBONE_PORT, *abi.ALWAYS_EXCLUDED_INBOUND_PORTS})
+    rules = [Rule("in_skip_excluded_interface", "return", iif=name) for name in s.exclude_interfaces]
+    rules += [
+        Rule("in_skip_local", "return", iif="lo"),
+        Rule("in_skip_excluded_port", "return", proto="tcp", dports=never),
     ]
     if not s.steers_all_inbound:
-        rules.append(Rule("in_steered", in_port, dports=s.include_inbound_ports))
+        if s.include_inbound_ports:
+            rules.append(Rule("in_steered", in_port, dports=s.include_inbound_ports))
         rules.append(Rule("in_skip_excluded_port", "return"))
     else:
         if s.exclude_inbound_ports:
-            rules.append(Rule("in_skip_excluded_port", "return", dports=s.exclude_inbound_ports))
+            rules.append(Rule("in_skip_excluded_port", "return", proto="tcp", dports=s.exclude_inbound_ports))
         rules.append(Rule("in_steered", in_port))
     return rules
 
 
+def dns_zone_rules(s):
+    """Istio's conntrack zones for DNS over UDP (raw table): (output rules, prerouting
+    rules)."""
+    out, pre = [], []
+    for uid in s.proxy_uid:
+        out.append(Rule("dns_zone", ("zone", ZONE_UPSTREAM), proto="udp", dports=[abi.DNS_SERVER_PORT], uids=[uid]))
+        out.append(Rule("dns_zone", ("zone", ZONE_APP), proto="udp", sports=[abi.DNS_PORT], uids=[uid]))
+    for gid in s.proxy_gid:
+        out.append(Rule("dns_zone", ("zone", ZONE_UPSTREAM), proto="udp", dports=[abi.DNS_SERVER_PORT], gids=[gid]))
+        out.append(Rule("dns_zone", ("zone", ZONE_APP), proto="udp", sports=[abi.DNS_PORT], gids=[gid]))
+    if s.dns_servers is None:
+        out.append(Rule("dns_zone", ("zone", ZONE_APP), proto="udp", dports=[abi.DNS_SERVER_PORT]))
+        pre.append(Rule("dns_zone", ("zone", ZONE_UPSTREAM), proto="udp", sports=[abi.DNS_SERVER_PORT]))
+    else:
+        for family, servers in _families(s.dns_servers).items():
+            hosts = [f"{a}/{32 if family == 4 else 128}" for a in servers]
+            if hosts:
+                out.append(Rule("dns_zone", ("zone", ZONE_APP), family=family, proto="udp",
+                                dports=[abi.DNS_SERVER_PORT], daddrs=hosts))
+                pre.append(Rule("dns_zone", ("zone", ZONE_UPSTREAM), family=family, proto="udp",
+                                sports=[abi.DNS_SERVER_PORT], saddrs=hosts))
+    return out, pre
+
+
+def chains(settings, directions):
+    """[(chain, nft hook, nft priority, iptables table, iptables parent, [Rule])] for
+    these directions."""
+    out = []
+    pre = []
+    if REROUTE in directions or INBOUND in directions:
+        pre += reroute_rules(settings)
+    if INBOUND in directions:
+        pre += inbound_rules(settings)
+    if OUTBOUND in directions:
+        out.append(("output", "output", -100, "nat", "OUTPUT", IPT_OUT, outbound_rules(settings)))
+    if pre:
+        out.append(("prerouting", "prerouting", -100, "nat", "PREROUTING", IPT_IN, pre))
+    if OUTBOUND in directions and _dns_on(settings):
+        raw_out, raw_pre = dns_zone_rules(settings)
+        out.append(("raw_output", "output", -300, "raw", "OUTPUT", IPT_RAW_OUT, raw_out))
+        if raw_pre:
+            out.append(("raw_prerouting", "prerouting", -300, "raw", "PREROUTING", IPT_RAW_IN, raw_pre))
+    return out
+
+
 # --- nftables ---------------------------------------------------------------------------
+def _nft_ports(ports):
+    """A port set, with consecutive ports as ranges."""
+    return "{ " + ", ".join(_runs(ports, "-")) + " }"
+
+
+def _runs(ports, sep):
+    out, ports = [], sorted(ports)
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        out.append(str(ports[i]) if i == j else f"{ports[i]}{sep}{ports[j]}")
+        i = j + 1
+    return out
+
+
 def _nft_rule(r):
-    # a redirect port needs a transport protocol match in front of it
-    parts = [] if r.dports or r.not_dports or r.action == "return" else ["meta l4proto tcp"]
-    if r.oif_lo:
-        parts.append('oifname "lo"')
-    if r.iif_lo:
-        parts.append('iifname "lo"')
-    if r.uid is not None:
-        parts.append(f"meta skuid {r.uid}")
-    if r.gid is not None:
-        parts.append(f"meta skgid {r.gid}")
+    parts = []
+    l4 = r.proto or ("th" if (r.dports or r.not_dports or r.sports) else None)
+    if r.proto:
+        parts.append(f"meta l4proto {r.proto}")
+    elif l4 == "th":
+        parts.append("meta l4proto { tcp, udp }")
+    if r.oif:
+        parts.append(f'oifname "{r.oif}"')
+    if r.iif:
+        parts.append(f'iifname "{r.iif}"')
+    if r.mark:
+        parts.append(f"meta mark & {r.mark[1]:#x} == {r.mark[0]:#x}")
+    if r.uids:
+        parts.append("meta skuid { " + ", ".join(map(str, r.uids)) + " }")
+    if r.not_uids:
+        parts.append("meta skuid != { " + ", ".join(map(str, r.not_uids)) + " }")
+    if r.gids:
+        parts.append("meta skgid { " + ", ".join(map(str, r.gids)) + " }")
+    if r.not_gids:
+        parts.append("meta skgid != { " + ", ".join(map(str, r.not_gids)) + " }")
     ip = "ip" if r.family == 4 else "ip6"
     if r.saddrs:
         parts.append(f"{ip} saddr {{ " + ", ".join(r.saddrs) + " }")
     if r.not_daddr:
         parts.append(f"{ip} daddr != {r.not_daddr}")
     if r.dports:
-        parts.append("tcp dport { " + ", ".join(map(str, r.dports)) + " }")
+        parts.append(f"{l4} dport {_nft_ports(r.dports)}")
     if r.not_dports:
-        parts.append("tcp dport != { " + ", ".join(map(str, r.not_dports)) + " }")
+        parts.append(f"{l4} dport != {_nft_ports(r.not_dports)}")
+    if r.sports:
+        parts.append(f"{l4} sport {_nft_ports(r.sports)}")
     if r.daddrs:
         parts.append(f"{ip} daddr {{ " + ", ".join(r.daddrs) + " }")
     parts.append("counter")
-    parts.append("return" if r.action == "return" else f"redirect to :{r.action}")
+    if r.action == "return":
+        parts.append("return")
+    elif isinstance(r.action, tuple):
+        parts.append(f"ct zone set {r.action[1]}")
+    else:
+        parts.append(f"redirect to :{r.action}")
     parts.append(f'comment "{r.reason}"')
     return " ".join(parts)
 
@@ -138,32 +295,46 @@ def nft_script(settings, directions, replace=True):
         # declare-then-delete makes the delete safe when the table does not exist yet
         lines += [f"table inet {NFT_TABLE}", f"delete table inet {NFT_TABLE}"]
     lines.append(f"table inet {NFT_TABLE} {{")
-    for direction, hook, builder in ((OUTBOUND, "output", outbound_rules),
-                                     (INBOUND, "prerouting", inbound_rules)):
-        if direction not in directions:
-            continue
-        lines.append(f"  chain {hook} {{")
-        lines.append(f"    type nat hook {hook} priority -100; policy accept;")
-        lines.append("    meta l4proto != tcp return")
-        lines += ["    " + _nft_rule(r) for r in builder(settings)]
+    for name, hook, priority, table, _, _, rules in chains(settings, directions):
+        kind = "nat" if table == "nat" else "filter"
+        lines.append(f"  chain {name} {{")
+        lines.append(f"    type {kind} hook {hook} priority {priority}; policy accept;")
+        if table == "nat":
+            carried = "{ tcp, udp }" if name == "output" and _dns_on(settings) else "tcp"
+            lines.append(f"    meta l4proto != {carried} return")
+        lines += ["    " + _nft_rule(r) for r in rules]
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 # --- iptables ---------------------------------------------------------------------------
+def _ipt_ports(ports):
+    return ",".join(_runs(ports, ":"))
+
+
 def _ipt_rules(r, chain, version):
     if r.family not in (None, version):
         return []
-    base = ["-A", chain, "-p", "tcp"]
-    if r.oif_lo:
-        base += ["-o", "lo"]
-    if r.iif_lo:
-        base += ["-i", "lo"]
-    if r.uid is not None:
-        base += ["-m", "owner", "--uid-owner", str(r.uid)]
-    if r.gid is not None:
-        base += ["-m", "owner", "--gid-owner", str(r.gid)]
+    protos = [r.proto] if r.proto else (["tcp", "udp"] if (r.dports or r.not_dports or r.sports) else [None])
+    out = []
+    for proto in protos:
+        out += _ipt_rules_for(r, chain, proto)
+    return out
+
+
+def _ipt_rules_for(r, chain, proto):
+    base = ["-A", chain] + (["-p", proto] if proto else [])
+    if r.oif:
+        base += ["-o", r.oif]
+    if r.iif:
+        base += ["-i", r.iif]
+    if r.mark:
+        base += ["-m", "mark", "--mark", f"{r.mark[0]:#x}/{r.mark[1]:#x}"]
+    for uid in r.not_uids:
+        base += ["-m", "owner", "!", "--uid-owner", str(uid)]
+    for gid in r.not_gids:
+        base += ["-m", "owner", "!", "--gid-owner", str(gid)]
     for addr in r.saddrs:           # one source address at most (a list for symmetry)
         base += ["-s", addr]
     if r.not_daddr:
@@ -171,36 +342,59 @@ def _ipt_rules(r, chain, version):
     if r.not_dports:
         if len(r.not_dports) > MULTIPORT_MAX:
             raise RulesError(f"{r.reason}: more than {MULTIPORT_MAX} negated ports")
-        base += ["-m", "multiport", "!", "--dports", ",".join(map(str, r.not_dports))]
-    action = ["-j", "RETURN"] if r.action == "return" else ["-j", "REDIRECT", "--to-ports", str(r.action)]
+        base += ["-m", "multiport", "!", "--dports", _ipt_ports(r.not_dports)]
+    if r.sports:
+        base += ["-m", "multiport", "--sports", _ipt_ports(r.sports)]
+    if r.action == "return":
+        action = ["-j", "RETURN"]
+    elif isinstance(r.action, tuple):
+        action = ["-j", "CT", "--zone", str(r.action[1])]
+    else:
+        action = ["-j", "REDIRECT", "--to-ports", str(r.action)]
     tail = ["-m", "comment", "--comment", r.reason] + action
-    port_groups = [r.dports[i:i + MULTIPORT_MAX] for i in range(0, len(r.dports), MULTIPORT_MAX)] or [None]
+    runs = _runs(r.dports, ":")
+    # multiport takes 15 ports, a range counting as two
+    port_groups, group, size = [], [], 0
+    for run in runs:
+        weight = 2 if ":" in run else 1
+        if size + weight > MULTIPORT_MAX:
+            port_groups.append(group)
+            group, size = [], 0
+        group.append(run)
+        size += weight
+    if group:
+        port_groups.append(group)
+    port_groups = port_groups or [None]
+    owners = [("--uid-owner", u) for u in r.uids] + [("--gid-owner", g) for g in r.gids] or [None]
     addrs = r.daddrs or [None]
     out = []
-    for ports in port_groups:
-        for addr in addrs:
-            rule = list(base)
-            if addr:
-                rule += ["-d", addr]
-            if ports:
-                rule += ["-m", "multiport", "--dports", ",".join(map(str, ports))]
-            out.append(" ".join(rule + tail))
+    for owner in owners:
+        for ports in port_groups:
+            for addr in addrs:
+                rule = list(base)
+                if owner:
+                    rule += ["-m", "owner", owner[0], str(owner[1])]
+                if addr:
+                    rule += ["-d", addr]
+                if ports:
+                    rule += ["-m", "multiport", "--dports", ",".join(ports)]
+                out.append(" ".join(rule + tail))
     return out
 
 
 def iptables_restore_input(settings, directions, version):
-    lines = ["*nat"]
-    chains = []
-    if OUTBOUND in directions:
-        chains.append((IPT_OUT, outbound_rules))
-    if INBOUND in directions:
-        chains.append((IPT_IN, inbound_rules))
-    for chain, _ in chains:
-        lines.append(f":{chain} - [0:0]")       # declared chains are flushed by the restore
-    for chain, builder in chains:
-        for r in builder(settings):
-            lines += _ipt_rules(r, chain, version)
-    lines.append("COMMIT")
+    by_table = {}
+    for _, _, _, table, _, chain, rules in chains(settings, directions):
+        by_table.setdefault(table, []).append((chain, rules))
+    lines = []
+    for table, table_chains in by_table.items():
+        lines.append(f"*{table}")
+        for chain, _ in table_chains:
+            lines.append(f":{chain} - [0:0]")       # declared chains are flushed by the restore
+        for chain, rules in table_chains:
+            for r in rules:
+                lines += _ipt_rules(r, chain, version)
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
@@ -285,22 +479,24 @@ class Iptables(Backend):
     def _tool(self, version, suffix=""):
         return f"{'ip6tables' if version == 6 else 'iptables'}-{self.backend}{suffix}"
 
-    def _jumps(self, directions):
-        if OUTBOUND in directions:
-            yield "OUTPUT", IPT_OUT
-        if INBOUND in directions:
-            yield "PREROUTING", IPT_IN
+    ALL_JUMPS = (("nat", "OUTPUT", IPT_OUT), ("nat", "PREROUTING", IPT_IN),
+                 ("raw", "OUTPUT", IPT_RAW_OUT), ("raw", "PREROUTING", IPT_RAW_IN))
 
     def apply(self, netns_path, settings, directions, before=None):
         """before: nat_chains() as they were before our first apply, when the caller
         already asked (to journal it)."""
         before = self.nat_chains(netns_path) if before is None else before
+        wanted = [(table, parent, chain) for _, _, _, table, parent, chain, _ in chains(settings, directions)]
         for version in (4, 6):
             run_in_netns(netns_path, [self._tool(version, "-restore"), "--noflush"],
                  stdin=iptables_restore_input(settings, directions, version))
-            for parent, chain in self._jumps(directions):
-                if self._jump(netns_path, version, "-C", parent, chain).returncode != 0:
-                    self._jump(netns_path, version, "-A", parent, chain, check=True)
+            for table, parent, chain in wanted:
+                if self._jump(netns_path, version, table, "-C", parent, chain).returncode != 0:
+                    self._jump(netns_path, version, table, "-A", parent, chain, check=True)
+            # a chain these settings no longer use (DNS capture switched off) goes
+            for table, parent, chain in self.ALL_JUMPS:
+                if (table, parent, chain) not in wanted:
+                    self._remove_chain(netns_path, version, table, parent, chain)
         # iptables-nft creates the nat tables and base chains it needs: remember which
         # were ours, so remove() can take exactly those away again
         return sorted(map(list, self.nat_chains(netns_path) - before))
@@ -320,24 +516,30 @@ class Iptables(Backend):
                     if "chain" in i}
         return out
 
-    def _jump(self, netns_path, version, op, parent, chain, check=False):
-        return run_in_netns(netns_path, [self._tool(version), "-t", "nat", op, parent, "-p", "tcp", "-m",
+    def _jump(self, netns_path, version, table, op, parent, chain, check=False, tcp_only=False):
+        # builds before DNS capture jumped for TCP only (-p tcp): removal knows both
+        proto = ["-p", "tcp"] if tcp_only else []
+        return run_in_netns(netns_path, [self._tool(version), "-t", table, op, parent, *proto, "-m",
                                  "comment", "--comment", JUMP_COMMENT, "-j", chain], check=check)
+
+    def _remove_chain(self, netns_path, version, table, parent, chain):
+        for tcp_only in (False, True):
+            while self._jump(netns_path, version, table, "-D", parent, chain, tcp_only=tcp_only).returncode == 0:
+                pass
+        for op in ("-F", "-X"):
+            run_in_netns(netns_path, [self._tool(version), "-t", table, op, chain], check=False)
 
     def remove(self, netns_path, created=None):
         for version in (4, 6):
-            for parent, chain in self._jumps((OUTBOUND, INBOUND)):
-                while self._jump(netns_path, version, "-D", parent, chain).returncode == 0:
-                    pass
-                for op in ("-F", "-X"):
-                    run_in_netns(netns_path, [self._tool(version), "-t", "nat", op, chain], check=False)
+            for table, parent, chain in self.ALL_JUMPS:
+                self._remove_chain(netns_path, version, table, parent, chain)
         self._drop_created(netns_path, created or [])
 
     def _drop_created(self, netns_path, created):
         """Base chains and tables that apply() created, if they are empty now (if another
         tool has put rules in them since, they stay)."""
-        chains = [(f, c) for f, c in created if c and c not in (IPT_OUT, IPT_IN)]
-        for family, chain in chains:
+        ours = (IPT_OUT, IPT_IN, IPT_RAW_OUT, IPT_RAW_IN)
+        for family, chain in [(f, c) for f, c in created if c and c not in ours]:
             listed = run_in_netns(netns_path, ["nft", "-j", "list", "chain", family, "nat", chain], check=False)
             if listed.returncode == 0 and not any("rule" in i for i in
                                                   json.loads(listed.stdout).get("nftables", [])):

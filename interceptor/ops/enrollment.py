@@ -49,6 +49,9 @@ def _enroll(netns_path, settings, pod, addresses, container_id, ifname):
     plan = node.plan if node and node.complete else None
     if plan is None:
         raise NotLoadedError("the datapath is not loaded (run `interceptor load`)")
+    if settings.interception_mode == "NONE":
+        raise EnrollError("interception mode NONE: nothing of this pod is to be captured "
+                          "(the CNI plugin leaves such a pod alone)")
     try:
         wanted = pieces.for_pod(plan, settings)
     except pieces.PieceError as exc:

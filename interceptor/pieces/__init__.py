@@ -6,7 +6,8 @@ ingress_nft.py the nftables filter.
   filter-xdp       the pod's filter stub on each interface (tc or XDP), its entries in xdp_pods,
                    ingress_sources, ingress_rules and port_rules (kind PROTECTED)
   filter-nftables  an nftables netdev ingress chain per interface (a node without XDP)
-  capture-rules    REDIRECT rules (nftables or iptables) for what eBPF cannot capture
+  capture-rules    REDIRECT rules (nftables or iptables) for what eBPF cannot capture,
+                   and a pod's virtual interfaces (reroute_interfaces) in every mode
   capture-bpf      the pod's entries in pods, pod_addrs, port_rules, cidr_rules, its
                    sk_lookup link and its proxy's existing listener
   inbound-source   ::6/128 on the pod's lo, the source of the proxy's inbound hop to its
@@ -65,6 +66,10 @@ def for_pod(plan, settings):
     names = list(plan.pieces) or for_plan(plan)
     if InboundSource.name not in names:     # a node loaded before the piece existed
         names = [InboundSource.name, *names]
+    if settings.reroute_interfaces and CaptureRules.name not in names:
+        # a VM's forwarded traffic: rules in the pod whatever the mode, before capture-bpf
+        at = names.index(CaptureBpf.name) if CaptureBpf.name in names else len(names)
+        names.insert(at, CaptureRules.name)
     chosen = [BY_NAME[n] for n in names
               if not (BY_NAME[n].role == FILTER and settings.ingress_filter == "off")]
     if not any(p.role == FILTER for p in chosen) and (settings.ingress_policy or settings.protected_ports):

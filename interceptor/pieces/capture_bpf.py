@@ -1,10 +1,11 @@
-"""capture-bpf: the pod's entries in pods, pod_addrs, port_rules and cidr_rules (the
+"""capture-bpf: the pod's entries in pods, pod_addrs, port_rules, cidr_rules and
+owner_rules (the
 cgroup hooks act on its sockets from the moment its pods entry is written), its
 sk_lookup link, and its proxy's listener if it listened before enrollment."""
 import os
 
 from interceptor import paths
-from interceptor.kernel import libbpf, listeners
+from interceptor.kernel import libbpf, listeners, netns
 from interceptor.pod.problems import Kind, Problem
 from interceptor.datapath import pod_entries
 from interceptor.datapath.attach import SK_LOOKUP_LINK
@@ -27,7 +28,10 @@ class CaptureBpf(Piece):
 
     def apply(self, target, previous):
         rec, maps, s = target.record, target.maps, target.record.settings
-        pod_entries.write_capture(maps, rec.cookie, s, rec.addresses, replacing=previous is not None)
+        names = (*s.exclude_interfaces, *s.reroute_interfaces)
+        interfaces = pod_entries.Interfaces(*netns.interfaces_of(rec.netns, names)) if names else None
+        pod_entries.write_capture(maps, rec.cookie, s, rec.addresses, replacing=previous is not None,
+                                  interfaces=interfaces)
         sk_lookup = target.plan.inbound == Mechanism.EBPF
         if sk_lookup:
             _attach_sk_lookup(rec.cookie, rec.netns)

@@ -1,5 +1,6 @@
 """capture-rules: REDIRECT rules (nftables, else iptables) in the pod's namespace, for
-the directions eBPF cannot capture on this node."""
+the directions eBPF cannot capture on this node, and for what arrives on the pod's
+virtual interfaces (a VM's forwarded traffic, which no socket hook sees) in every mode."""
 import shutil
 
 from interceptor.pod.problems import Kind, Problem
@@ -11,9 +12,14 @@ class CaptureRules(Piece):
     name = "capture-rules"
     role = CAPTURE
 
+    @staticmethod
+    def directions(plan, settings):
+        from interceptor.kernel.rules import REROUTE
+        return plan.rule_directions() + ([REROUTE] if settings.reroute_interfaces else [])
+
     def check(self, target):
-        if target.record.settings.no_proxy == "passthrough":
-            directions = target.plan.rule_directions()
+        directions = target.plan.rule_directions()
+        if target.record.settings.no_proxy == "passthrough" and directions:
             raise PieceError(f"no_proxy passthrough needs eBPF capture, and {' and '.join(directions)}"
                              f" runs on {target.plan.rules_backend} rules here (REDIRECT always "
                              "redirects)")
@@ -21,10 +27,11 @@ class CaptureRules(Piece):
     def apply(self, target, previous):
         from interceptor.kernel import rules  # only where a direction runs on rules: ~5 ms of imports
         rec = target.record
-        directions = target.plan.rule_directions()
+        directions = self.directions(target.plan, rec.settings)
         if previous:
             backend = rules.backend_named(previous["backend"])
-        elif target.plan.rules_backend == RulesBackend.NFTABLES:
+        elif target.plan.rules_backend == RulesBackend.NFTABLES or \
+                (target.plan.rules_backend is None and shutil.which("nft")):
             backend = rules.Nftables()
         else:
             backend = rules.Iptables(rules.detect_iptables_backend(rec.netns))

@@ -40,9 +40,29 @@ def port(value):
     return number
 
 
+# A port list is expanded to single ports (the hooks look each one up in a hash map):
+# a bound keeps a range from filling the map.
+MAX_LISTED_PORTS = 1024
+
+
 def ports(values):
-    """Sorted, without duplicates."""
-    return sorted({port(v) for v in _split(values)})
+    """Sorted, without duplicates. An item may be a range, LOW-HIGH (as Linkerd's
+    skip-ports take)."""
+    out = set()
+    for v in _split(values):
+        low, sep, high = str(v).partition("-")
+        if not sep:
+            out.add(port(v))
+            continue
+        first, last = port(low.strip()), port(high.strip())
+        if first > last:
+            raise ValueError(f"{v!r}: the range's low end is above its high end")
+        out.update(range(first, last + 1))
+        if len(out) > MAX_LISTED_PORTS:
+            raise ValueError(f"more than {MAX_LISTED_PORTS} ports")
+    if len(out) > MAX_LISTED_PORTS:
+        raise ValueError(f"more than {MAX_LISTED_PORTS} ports")
+    return sorted(out)
 
 
 def cidrs(values):
