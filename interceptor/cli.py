@@ -158,6 +158,10 @@ def _pod_setting_options(fn):
         elif field.name == "ingress_policy":
             option = click.option(field.flag, field.name, multiple=True, metavar="RULE",
                                   help=field.help)
+        elif field.default is False:
+            # a switch: `--redirect-dns` / `--no-redirect-dns`
+            option = click.option(f"{field.flag}/--no-{field.flag[2:]}", field.name, default=False,
+                                  show_default=True, help=field.help)
         elif field.choices:
             option = click.option(field.flag, type=click.Choice(field.choices),
                                   default=field.default, show_default=True, help=field.help)

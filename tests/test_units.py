@@ -521,6 +521,15 @@ def test_excluded_cidrs_win_over_included_ports_as_in_istio():
     assert reasons.index("out_skip_excluded_cidr") < reasons.index("out_redirected")
 
 
+@pytest.mark.parametrize("mode,enrolled", [("NONE", False), ("TPROXY", True), ("REDIRECT", True)])
+def test_the_interception_mode_annotation(mode, enrolled):
+    config = {"runtimeConfig": {"io.kubernetes.cri.pod-annotations": {"sidecar.istio.io/interceptionMode": mode}}}
+    decision = cni_config.decide(config, {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "p"})
+    assert decision.enroll is enrolled, decision.reason
+    if not enrolled:
+        assert "sidecar.istio.io/interceptionMode" in decision.reason
+
+
 def test_port_ranges_are_expanded_and_bounded():
     assert parsing.ports("15000-15003,80") == [80, 15000, 15001, 15002, 15003]
     for bad in ("20-10", "1-65535", "0-5"):

@@ -40,9 +40,10 @@ def port(value):
     return number
 
 
-# A port list is expanded to single ports (the hooks look each one up in a hash map):
-# a bound keeps a range from filling the map.
-MAX_LISTED_PORTS = 1024
+# A port list is expanded to single ports (the hooks look each one up in a hash map,
+# port_rules, 65,536 entries for every pod of the node): a bound keeps one pod's range
+# from filling it.
+MAX_LISTED_PORTS = 16384
 
 
 def ports(values):
