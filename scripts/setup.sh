@@ -18,6 +18,7 @@ fi
 # containerd: the Kubernetes runtime the node agent is tested with (its CRI, driven as
 # a kubelet would); gcc builds the tests' static pause image.
 # mmdebstrap: the base of the agent's image, from Debian's packages (deploy/build-image.sh).
+# dnsmasq-base, bind9-dnsutils: DNS capture's tests (a real DNS proxy and nameserver, dig).
 # vagrant: only to validate vagrant/Vagrantfile in the tests (no VMs are started here).
 # Debian names its current-headers package linux-headers-amd64; Ubuntu (the Vagrant
 # node1) ships headers for the running kernel, and bpftool in linux-tools.
@@ -39,7 +40,8 @@ if [ -e /etc/interceptor-vm-image ]; then
 fi
 PACKAGES=(python3-bpfcc python3-venv libbpf1 "$BPFTOOL" "${HEADERS[@]}" haproxy curl
           iproute2 procps podman containernetworking-plugins runc busybox-static
-          nftables iptables wrk iperf3 netsniff-ng containerd gcc libc6-dev mmdebstrap "${VAGRANT[@]}")
+          nftables iptables wrk iperf3 netsniff-ng containerd gcc libc6-dev mmdebstrap
+          dnsmasq-base bind9-dnsutils "${VAGRANT[@]}")
 
 # `setup.sh --packages`: the list alone (the VM image installs the same set: vm/build-image.sh)
 if [ "${1:-}" = --packages ]; then
