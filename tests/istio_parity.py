@@ -347,8 +347,7 @@ class ProbeNet:
 
     def landings(self):
         """{probe: landing} for the whole grid, one owner's probes at a time (each
-        joined with what the listeners logged meanwhile: a later batch may reuse a
-        client port)."""
+        joined with what the listeners logged meanwhile)."""
         grid = probes()
         batches = {}
         for i, (ns, owner, proto, host, port) in enumerate(grid):
@@ -357,33 +356,43 @@ class ProbeNet:
         self._new_records()
         landed = {}
         for (ns, owner), indexes in batches.items():
-            uid, gid, groups = OWNERS[owner]
-            targets = "".join(f"{grid[i][2]} {grid[i][3]} {grid[i][4]} {FIRST_SOURCE_PORT + i}\n"
-                              for i in indexes)
-            out = self.run(ns, sys.executable, PROBE, "--uid", str(uid), "--gid", str(gid), "connect",
-                           "--groups", ",".join(map(str, groups)), input=targets).stdout
-            results = dict(zip(indexes, json.loads(out)))
-            # the listeners log each accepted connection shortly after the client saw it
-            # connected: wait until every connected probe is accounted for
-            wanted = {results[i]["local"] for i in indexes if "local" in results[i]}
-            accepted = {}
-            deadline = time.monotonic() + 5
-            while True:
-                accepted.update(self._new_records())
-                if wanted <= {peer for _, peer in accepted} or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            by_peer = {peer: rec for (_, peer), rec in accepted.items()}
-            for i in indexes:
-                res = results[i]
-                if "local" in res:
-                    rec = by_peer.get(res["local"])
-                    landed[grid[i]] = (f"{rec['tag']}:{rec['port']}", rec["orig"]) if rec else ("lost",)
-                elif "answer" in res:
-                    landed[grid[i]] = (f"{res['answer']['tag']}:{res['answer']['port']}", res["from"])
-                else:
-                    landed[grid[i]] = (res["error"],)
+            found = self.batch(ns, owner, [grid[i][2:] for i in indexes], [FIRST_SOURCE_PORT + i for i in indexes])
+            landed.update(zip((grid[i] for i in indexes), found))
         return landed
+
+    def batch(self, ns, owner, targets, source_ports, mark=None):
+        """Landings of [(proto, host, port)] probed at once by owner from namespace ns,
+        each from its own source port (a port used again within a run would meet an
+        earlier connection's conntrack entry where it is NATed, and be renamed)."""
+        if not hasattr(self, "offsets"):
+            self.offsets = {}
+            self._new_records()
+        uid, gid, groups = OWNERS[owner]
+        lines = "".join(f"{proto} {host} {port} {source}\n" for (proto, host, port), source in zip(targets, source_ports))
+        argv = [sys.executable, PROBE, "--uid", str(uid), "--gid", str(gid), "connect",
+                "--groups", ",".join(map(str, groups))] + (["--mark", str(mark)] if mark is not None else [])
+        results = json.loads(self.run(ns, *argv, input=lines).stdout)
+        # the listeners log each accepted connection shortly after the client saw it
+        # connected: wait until every connected probe is accounted for
+        wanted = {r["local"] for r in results if "local" in r}
+        accepted = {}
+        deadline = time.monotonic() + 5
+        while True:
+            accepted.update(self._new_records())
+            if wanted <= {peer for _, peer in accepted} or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        by_peer = {peer: rec for (_, peer), rec in accepted.items()}
+        out = []
+        for res in results:
+            if "local" in res:
+                rec = by_peer.get(res["local"])
+                out.append((f"{rec['tag']}:{rec['port']}", rec["orig"]) if rec else ("lost",))
+            elif "answer" in res:
+                out.append((f"{res['answer']['tag']}:{res['answer']['port']}", res["from"]))
+            else:
+                out.append((res["error"],))
+        return out
 
     def close(self):
         for proc in self.procs:

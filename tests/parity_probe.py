@@ -7,7 +7,7 @@ namespaces by the harness. Standard library only.
         proxy would take as the original destination (SO_ORIGINAL_DST, else the socket's
         own address, as under TPROXY or sk_lookup). A datagram is answered with
         {tag, port}. Runs until killed.
-    parity_probe.py --uid U --gid G connect [--groups G,...] < targets
+    parity_probe.py --uid U --gid G connect [--groups G,...] [--mark M] < targets
         drops to that owner, then probes every "PROTO HOST PORT SOURCE-PORT" line of stdin at once
         (non-blocking, 2 s for all of them) and prints one JSON line with a result per
         target. tcp: a connect; its socket's own address when it connected, else the
@@ -106,7 +106,7 @@ def listen(tag, ports, udp_ports, log):
                                           "orig": original_destination(conn)}) + "\n")
 
 
-def connect(uid, gid, groups, targets):
+def connect(uid, gid, groups, targets, mark=None):
     os.setgroups(groups)
     os.setgid(gid)
     os.setuid(uid)
@@ -117,6 +117,8 @@ def connect(uid, gid, groups, targets):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
         s.setblocking(False)
+        if mark is not None:            # SO_MARK needs CAP_NET_ADMIN: a root owner
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         try:
             # a port of its own for every probe of a run: a port used again would meet
             # the earlier connection's conntrack entry where it is NATed, and be renamed
@@ -175,6 +177,7 @@ def main():
     ls.add_argument("--out", required=True)
     c = sub.add_parser("connect")
     c.add_argument("--groups", default="")
+    c.add_argument("--mark", type=lambda v: int(v, 0))
     args = p.parse_args()
     if args.cmd == "listen":
         log = open(args.out, "a", buffering=1)      # opened before dropping to the owner
@@ -187,7 +190,7 @@ def main():
         targets = [(proto, h, int(port), int(source)) for proto, h, port, source in
                    (line.split() for line in sys.stdin if line.strip())]
         groups = [int(g) for g in args.groups.split(",") if g]
-        connect(args.uid, args.gid, groups, targets)
+        connect(args.uid, args.gid, groups, targets, args.mark)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,20 @@ def test_captures_equal_istios(datapath, case):
           f"alike, {dict(named)} deliberate, {len(unexplained)} unexplained")
     assert not unexplained, "\n".join(f"{p}: istio {t}, ours {o}" for p, t, o in unexplained[:40]) + \
         f"\n({len(unexplained)} probes differ)"
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
+def test_a_socket_carrying_the_skip_mark_is_never_redirected(datapath, family):
+    """ambient's ztunnel marks its sockets 0x539/0xfff: one setting, every mode."""
+    settings = PodSettings(include_outbound_cidrs="*", skip_mark="0x539/0xfff", ingress_filter="off")
+    host = "20.0.0.5" if family == 4 else "fd00::5"
+    with ProbeNet() as net:
+        enrollment.enroll(net.path("P"), settings, pod="parity/mark")
+        try:
+            marked = net.batch("P", "root", [("tcp", host, 80)], [41000], mark=0x1539)
+            other_mark = net.batch("P", "root", [("tcp", host, 80)], [41001], mark=0x53a)
+            unmarked = net.batch("P", "root", [("tcp", host, 80)], [41002])
+        finally:
+            enrollment.unenroll(netns_path=net.path("P"))
+    assert marked == [("W:9", f"{host}|80")]
+    assert other_mark[0][0] == unmarked[0][0] == "P:15001"
