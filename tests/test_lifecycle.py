@@ -1,5 +1,6 @@
 """load / unload against the real kernel: idempotent, repairable, and leaving nothing
 behind (checked with bpftool, not with our own bookkeeping)."""
+import ctypes
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import (bpftool, client, enroll, load_without, sidecar_entries, start_server, start_sidecar,
                       wait_gone)
-from interceptor import paths
+from interceptor import abi, paths
 from interceptor.kernel import libbpf
 from interceptor.pod import podrecord
 from interceptor.datapath import node_state
@@ -206,11 +207,12 @@ def test_a_datapath_of_another_layout_is_refused_not_written(clean, lab):
     pod = lab.add_pod("a")
     # the pods map as a version with a 4-byte larger value would have pinned it
     os.unlink(paths.map_pin("pods"))
-    fd = libbpf.map_create(libbpf.MapType.HASH, 8, 16 + 4, 16)
+    other = ctypes.sizeof(abi.PodConfig) + 4
+    fd = libbpf.map_create(libbpf.MapType.HASH, 8, other, 16)
     libbpf.obj_pin(fd, paths.map_pin("pods"))
     os.close(fd)
-    with pytest.raises(enrollment.NotLoadedError, match="map pods: value is 20 bytes in the loaded "
-                       "datapath, 16 in this interceptor"):
+    with pytest.raises(enrollment.NotLoadedError, match=f"map pods: value is {other} bytes in the loaded "
+                       f"datapath, {ctypes.sizeof(abi.PodConfig)} in this interceptor"):
         enrollment.enroll(pod.netns_path, PodSettings(), pod="test/a")
     assert podrecord.all_records() == {}
     with Maps() as maps:

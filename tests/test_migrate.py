@@ -126,9 +126,10 @@ def test_too_small_or_uncopyable_is_refused_and_changes_nothing(clean, lab):
 
 
 def _older_pods_map(entries):
-    """The pods map as a version without PodConfig.flags would have pinned it, and the
-    layout that version recorded."""
-    fields = [f for f in Layout.of(abi.PodConfig).fields if f.name != "flags"]
+    """The pods map as a version with neither PodConfig.flags nor the fields after it
+    would have pinned it, and the layout that version recorded."""
+    fields = [f for f in Layout.of(abi.PodConfig).fields
+              if f.name in ("proxy_uid", "proxy_gid", "outbound_port", "inbound_port")]
     old = Layout(12, fields)
 
     class OldPodConfig(ctypes.Structure):
@@ -151,11 +152,11 @@ def test_a_map_of_an_older_layout_is_converted_field_by_field(clean):
     node["datapath_version"] = "older"
     store.write_json(paths.NODE_STATE, node)
     summary = ensure.upgrade()
-    assert "migrated pods (value_size 12 -> 16; 2 entries)" in summary, summary
+    assert f"migrated pods (value_size 12 -> {ctypes.sizeof(abi.PodConfig)}; 2 entries)" in summary, summary
     with Maps() as maps:
-        got = {k.value: (v.proxy_uid, v.proxy_gid, v.outbound_port, v.inbound_port, v.flags)
+        got = {k.value: (v.proxy_uid, v.proxy_gid, v.outbound_port, v.inbound_port, v.flags, v.skip_mark_mask)
                for k, v in maps.pods.items()}
-    assert got == {101: (1337, 1337, 15001, 15002, 0), 102: (2000, 2000, 16001, 16002, 0)}
+    assert got == {101: (1337, 1337, 15001, 15002, 0, 0), 102: (2000, 2000, 16001, 16002, 0, 0)}
     # readable by this version (the entries are made up: no pod records behind them)
     assert all("no record" in e for e in status.collect()["errors"])
 
@@ -166,11 +167,11 @@ def test_a_layout_that_cannot_be_converted_or_is_not_recorded_is_refused(clean):
     kept = map_id("pods")
     node = store.read_json(paths.NODE_STATE)
     node["datapath_version"] = "older"
-    # no record of the older layout: 12 bytes cannot be guessed into 16
+    # no record of the older layout: 12 bytes cannot be guessed into the current size
     node["map_layouts"].pop("pods")
     store.write_json(paths.NODE_STATE, node)
-    with pytest.raises(upgrade.UpgradeError, match="changes size .12 -> 16 bytes. and the loaded datapath's "
-                       "layout of it is not recorded"):
+    with pytest.raises(upgrade.UpgradeError, match=f"changes size .12 -> {ctypes.sizeof(abi.PodConfig)} bytes. "
+                       "and the loaded datapath's layout of it is not recorded"):
         ensure.upgrade()
     # recorded, but a field that was wider than it is now
     shrunk = Layout(old.size, [f if f.name != "inbound_port" else type(f)(f.name, f.offset, 8, "int")
@@ -187,7 +188,7 @@ def test_migrated_maps_left_pinned_by_a_killed_upgrade_are_resolved(clean):
     the swap began (journalled), new programs may use them: they take their place."""
     ensure.load()
     for journalled in (False, True):
-        fd = libbpf.map_create(libbpf.MapType.HASH, 8, 16, abi.MAX_PODS)
+        fd = libbpf.map_create(libbpf.MapType.HASH, 8, ctypes.sizeof(abi.PodConfig), abi.MAX_PODS)
         staged_id = libbpf.obj_info(fd, libbpf.MapInfo).id
         libbpf.obj_pin(fd, paths.map_pin("pods") + "_migrating")
         os.close(fd)
