@@ -24,13 +24,14 @@ from interceptor.pod.podspec import PodSettings
 from interceptor.ops import enrollment, ensure, loader
 from interceptor.harness import lab as labmod
 from interceptor.harness.bench import report
-from interceptor.harness.bench.run import excluded_lists
+from interceptor.harness.bench.run import excluded_lists, with_istio_options
 
 SIZES = (10, 100, 1000, 10_000)
 CONNECTS = 20_000             # per block
 DESTINATION = ("10.200.0.1", 9)   # intercepted (no list matches it)
 NOT_ENROLLED = 0              # the size label of the pod without enrollment, which connects
                               # where the hook would have sent it: the same refusal, no hook work
+WITH_OPTIONS = -1             # the label of the smallest lists with every Istio option
 
 # Runs inside the pod: CONNECTS refused connects, nanoseconds per connect (socket to close).
 _CONNECTS = """
@@ -45,19 +46,20 @@ print((time.perf_counter_ns() - started) / n)
 """
 
 
-def _block(pod, size):
+def _block(pod, size, smallest):
     destination = DESTINATION
     if size == NOT_ENROLLED:
         enrollment.unenroll(netns_path=pod.netns_path)
         destination = ("127.0.0.1", abi.OUTBOUND_PORT)
     else:
-        enrollment.enroll(pod.netns_path, PodSettings(**excluded_lists(size)), pod="bench/connect-cost")
+        lists = with_istio_options(smallest) if size == WITH_OPTIONS else excluded_lists(size)
+        enrollment.enroll(pod.netns_path, PodSettings(**lists), pod="bench/connect-cost")
     out = pod.run(sys.executable, "-c", _CONNECTS, str(CONNECTS), *map(str, destination), timeout=300)
     return float(out.stdout)
 
 
 def run(rounds, sizes=SIZES, progress=print):
-    plan = [NOT_ENROLLED, *sizes]
+    plan = [NOT_ENROLLED, *sizes, WITH_OPTIONS]
     samples = {size: [] for size in plan}
     loader.unload()
     ensure.load(mode="ebpf")
@@ -68,9 +70,9 @@ def run(rounds, sizes=SIZES, progress=print):
                 for r in range(rounds):
                     k = r % len(plan)
                     for size in plan[k:] + plan[:k]:
-                        samples[size].append(_block(pod, size))
+                        samples[size].append(_block(pod, size, sizes[0]))
                     progress(f"connect cost round {r + 1}/{rounds}: " + ", ".join(
-                        f"{size or 'not enrolled'}: {samples[size][-1] / 1000:.2f} us" for size in plan))
+                        f"{_label(size, sizes[0])}: {samples[size][-1] / 1000:.2f} us" for size in plan))
             finally:
                 enrollment.unenroll(netns_path=pod.netns_path)
     finally:
@@ -78,17 +80,21 @@ def run(rounds, sizes=SIZES, progress=print):
     return {"connects_per_block": CONNECTS, "samples": {str(k): v for k, v in samples.items()}}
 
 
+def _label(size, smallest):
+    return {NOT_ENROLLED: "not enrolled", WITH_OPTIONS: f"{smallest}+istio"}.get(size, str(size))
+
+
 def render(results):
     samples = {int(k): v for k, v in results["samples"].items()}
-    sizes = sorted(s for s in samples if s != NOT_ENROLLED)
+    sizes = sorted(s for s in samples if s not in (NOT_ENROLLED, WITH_OPTIONS))
     base = samples[sizes[0]]
     lines = [f"== connect() refused after the hook redirected it, {results['connects_per_block']:,} "
              "per block, blocks interleaved; us per connect (socket to close), median (min-max)",
              f"{'lists':>14}{'us/connect':>12}{'min-max':>16}{'vs ' + str(sizes[0]) + ', per round':>22}"]
-    for size in [NOT_ENROLLED, *sizes]:
+    for size in [NOT_ENROLLED, *sizes] + ([WITH_OPTIONS] if WITH_OPTIONS in samples else []):
         values = samples[size]
         deltas = [v - b for v, b in zip(values, base)]
-        lines.append(f"{size or 'not enrolled':>14}{statistics.median(values) / 1000:>12.2f}"
+        lines.append(f"{_label(size, sizes[0]):>14}{statistics.median(values) / 1000:>12.2f}"
                      f"{min(values) / 1000:>8.2f} - {max(values) / 1000:.2f}"
                      f"{statistics.median(deltas) / 1000:>+16.2f} us")
     return "\n".join(lines)

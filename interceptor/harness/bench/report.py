@@ -122,6 +122,19 @@ def render(results):
                 cells.append(_ratio_cell(ratios))
             lines.append(f"{n:>8}" + "".join(f"{c:>22}" for c in cells))
         lines.append("")
+    if results.get("rules_options"):
+        opts = results["rules_options"]
+        lines.append("== rules: Istio's options (owner users and groups, several proxy uids/gids, an "
+                     "excluded interface, a port range, DNS capture, a skip mark) on the smallest lists, "
+                     "new connections/s")
+        lines.append(f"{'mode':>16}{'without':>12}{'with':>12}{'with/without, per round':>30}")
+        for mode, shapes in opts.items():
+            base = {r.get("round"): r["rps"] for r in shapes.get("plain", [])}
+            ratios = [r["rps"] / base[r.get("round")] for r in shapes.get("istio", []) if base.get(r.get("round"))]
+            lines.append(f"{mode:>16}{_fmt(_median([r['rps'] for r in shapes.get('plain', [])])):>12}"
+                         f"{_fmt(_median([r['rps'] for r in shapes.get('istio', [])])):>12}"
+                         f"{_ratio_cell(ratios):>30}")
+        lines.append("")
     if results.get("xdp"):
         from interceptor.harness.bench.xdp import render as render_xdp
         lines.append(render_xdp(results["xdp"]))

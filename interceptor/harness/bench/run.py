@@ -66,6 +66,23 @@ def excluded_lists(n):
     return {"exclude_outbound_cidrs": cidrs, "exclude_outbound_ports": ports}
 
 
+# Every option of Istio's that adds matching at connect, set so that none of them leaves
+# the bench's connections alone (they are root's, to a port other than DNS's, through
+# eth0): several proxy uids and gids, owner users and groups to include and exclude, an
+# excluded interface (its routes looked up), a port range, DNS capture, a skip mark.
+ISTIO_OPTIONS = {"proxy_uid": "1337,3,4", "proxy_gid": "1337,1,2", "owner_users_include": "0,101",
+                 "owner_users_exclude": "999", "owner_groups_include": "0,202",
+                 "owner_groups_exclude": "888", "exclude_interfaces": "eth9",
+                 "redirect_dns": True, "skip_mark": "0x539/0xfff"}
+
+
+def with_istio_options(n):
+    """excluded_lists(n) with a port range in place of the ports, and ISTIO_OPTIONS."""
+    lists = excluded_lists(n)
+    lists["exclude_outbound_ports"] = f"20000-{20000 + max(n, 2) - 1}"
+    return dict(lists, **ISTIO_OPTIONS)
+
+
 def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None, modes_=modes.MODES,
         peer=None, proxy="haproxy"):
     """peer: (host, port) of `interceptor bench --serve` on another machine; the x-node
@@ -79,7 +96,7 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
     results = {"env": environment(), "settings": {"runs": runs, "seconds": seconds, "quick": quick,
                                                   "proxy": proxy,
                                                   "modes": list(modes_), "scenarios": list(scenarios)},
-               "samples": {}, "rules": {}, "cni": None, "xdp": {}}
+               "samples": {}, "rules": {}, "rules_options": {}, "cni": None, "xdp": {}}
     old_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if node_state.is_loaded():
@@ -108,6 +125,21 @@ def run(scenarios=SCENARIOS, quick=False, runs=None, seconds=None, out_dir=None,
                     w.update(cpu.per(w["requests"] / 1000), round=r)
                     results["rules"].setdefault(mode, {}).setdefault(str(size), []).append(w)
                     _progress(f"rules round {r + 1}/{runs} {mode:<14} {size:>6} excluded: "
+                              f"{w['rps']:.0f} conn/s")
+            # Istio's options (owner filters, several proxy ids, interfaces, a port range,
+            # DNS, a skip mark) against the same smallest lists without them, interleaved
+            pairs = [(shape, mode) for mode in RULE_MODES for shape in ("plain", "istio")]
+            for r in range(runs):
+                k = r % len(pairs)
+                for shape, mode in pairs[k:] + pairs[:k]:
+                    lists = with_istio_options(sizes[0]) if shape == "istio" else excluded_lists(sizes[0])
+                    with _fresh(Topology()) as topo:
+                        modes.apply(mode, topo, client_settings=lists)
+                        url = modes.http_target(mode, topo, slot=0)
+                        w = tools.wrk(topo.client, url, 8, seconds, close=True)
+                    w["round"] = r
+                    results["rules_options"].setdefault(mode, {}).setdefault(shape, []).append(w)
+                    _progress(f"rules round {r + 1}/{runs} {mode:<14} {shape:>6} options: "
                               f"{w['rps']:.0f} conn/s")
         loader.unload()
         if "xdp" in scenarios:
