@@ -483,38 +483,52 @@ class Iptables(Backend):
                  ("raw", "OUTPUT", IPT_RAW_OUT), ("raw", "PREROUTING", IPT_RAW_IN))
 
     def apply(self, netns_path, settings, directions, before=None):
-        """before: nat_chains() as they were before our first apply, when the caller
+        """before: made_chains() as they were before our first apply, when the caller
         already asked (to journal it)."""
-        before = self.nat_chains(netns_path) if before is None else before
+        before = self.made_chains(netns_path) if before is None else before
         wanted = [(table, parent, chain) for _, _, _, table, parent, chain, _ in chains(settings, directions)]
         for version in (4, 6):
             run_in_netns(netns_path, [self._tool(version, "-restore"), "--noflush"],
                  stdin=iptables_restore_input(settings, directions, version))
+            # one look at what is there, rather than a command per jump that may exist
+            saved = run_in_netns(netns_path, [self._tool(version, "-save")], check=False).stdout.splitlines()
             for table, parent, chain in wanted:
-                if self._jump(netns_path, version, table, "-C", parent, chain).returncode != 0:
+                if self._jump_line(parent, chain) not in saved:
                     self._jump(netns_path, version, table, "-A", parent, chain, check=True)
+                if self._jump_line(parent, chain, tcp_only=True) in saved:
+                    # an older build's jump took TCP only: the one left takes DNS's UDP too
+                    self._jump(netns_path, version, table, "-D", parent, chain, tcp_only=True)
             # a chain these settings no longer use (DNS capture switched off) goes
             for table, parent, chain in self.ALL_JUMPS:
-                if (table, parent, chain) not in wanted:
+                if (table, parent, chain) not in wanted and any(line.startswith(f":{chain} ") for line in saved):
                     self._remove_chain(netns_path, version, table, parent, chain)
-        # iptables-nft creates the nat tables and base chains it needs: remember which
-        # were ours, so remove() can take exactly those away again
-        return sorted(map(list, self.nat_chains(netns_path) - before))
+        # iptables-nft creates the nat and raw tables and base chains it needs: remember
+        # which were ours, so remove() can take exactly those away again
+        return sorted(map(list, self.made_chains(netns_path) - before))
 
-    def nat_chains(self, netns_path):
-        """{(family, chain)} of the nft `ip nat` / `ip6 nat` tables, plus (family, "")
-        for each table itself (nft backend only)."""
+    def made_chains(self, netns_path):
+        """{(family, table, chain)} of the nft `ip`/`ip6` `nat` and `raw` tables, with
+        chain "" for each table itself (nft backend only; one listing)."""
         if self.backend != "nft":
             return set()
+        p = run_in_netns(netns_path, ["nft", "-j", "list", "ruleset"], check=False)
+        if p.returncode != 0:
+            return set()
         out = set()
-        for family in ("ip", "ip6"):
-            p = run_in_netns(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
-            if p.returncode != 0:
-                continue
-            out.add((family, ""))
-            out |= {(family, i["chain"]["name"]) for i in json.loads(p.stdout).get("nftables", [])
-                    if "chain" in i}
+        for item in json.loads(p.stdout).get("nftables", []):
+            for kind in ("table", "chain"):
+                obj = item.get(kind)
+                if obj is None:
+                    continue
+                table = obj["name"] if kind == "table" else obj["table"]
+                if obj["family"] in ("ip", "ip6") and table in ("nat", "raw"):
+                    out.add((obj["family"], table, "" if kind == "table" else obj["name"]))
         return out
+
+    @staticmethod
+    def _jump_line(parent, chain, tcp_only=False):
+        """The jump rule as iptables-save prints it."""
+        return f"-A {parent}{' -p tcp' if tcp_only else ''} -m comment --comment {JUMP_COMMENT} -j {chain}"
 
     def _jump(self, netns_path, version, table, op, parent, chain, check=False, tcp_only=False):
         # builds before DNS capture jumped for TCP only (-p tcp): removal knows both
@@ -539,18 +553,21 @@ class Iptables(Backend):
         """Base chains and tables that apply() created, if they are empty now (if another
         tool has put rules in them since, they stay)."""
         ours = (IPT_OUT, IPT_IN, IPT_RAW_OUT, IPT_RAW_IN)
-        for family, chain in [(f, c) for f, c in created if c and c not in ours]:
-            listed = run_in_netns(netns_path, ["nft", "-j", "list", "chain", family, "nat", chain], check=False)
+        made = sorted(map(made_entry, created))
+        for family, table, chain in made:
+            if not chain or chain in ours:
+                continue
+            listed = run_in_netns(netns_path, ["nft", "-j", "list", "chain", family, table, chain], check=False)
             if listed.returncode == 0 and not any("rule" in i for i in
                                                   json.loads(listed.stdout).get("nftables", [])):
-                run_in_netns(netns_path, ["nft", "delete", "chain", family, "nat", chain], check=False)
-        for family, chain in created:
+                run_in_netns(netns_path, ["nft", "delete", "chain", family, table, chain], check=False)
+        for family, table, chain in made:
             if chain:
                 continue
-            listed = run_in_netns(netns_path, ["nft", "-j", "list", "table", family, "nat"], check=False)
+            listed = run_in_netns(netns_path, ["nft", "-j", "list", "table", family, table], check=False)
             if listed.returncode == 0 and not any("chain" in i for i in
                                                   json.loads(listed.stdout).get("nftables", [])):
-                run_in_netns(netns_path, ["nft", "delete", "table", family, "nat"], check=False)
+                run_in_netns(netns_path, ["nft", "delete", "table", family, table], check=False)
 
     def present(self, netns_path):
         saved = run_in_netns(netns_path, [self._tool(4, "-save"), "-t", "nat"], check=False).stdout
@@ -572,6 +589,12 @@ class Iptables(Backend):
                     c["count"] += int(packets)
                     c["bytes"] += int(nbytes)
         return out
+
+
+def made_entry(entry):
+    """(family, table, chain) of a journalled made_chains() entry; builds before raw
+    tables recorded (family, chain), of the nat table."""
+    return tuple(entry) if len(entry) == 3 else (entry[0], "nat", entry[1])
 
 
 def backend_named(name):

@@ -39,14 +39,14 @@ class CaptureRules(Piece):
         # a re-enroll finds our nat tables already there: keep knowing we made them
         known = (previous or {}).get("created") or []
         if isinstance(backend, rules.Iptables):
-            # iptables-nft creates nat tables and base chains as it goes: journal what was
-            # there before, so a run killed half-way can still tell which ones were ours
-            before = backend.nat_chains(rec.netns)
+            # iptables-nft creates nat and raw tables and base chains as it goes: journal
+            # what was there before, so a run killed half-way can still tell which were ours
+            before = backend.made_chains(rec.netns)
             target.note(self, dict(out, preexisting=sorted(map(list, before)), earlier=known))
             created = backend.apply(rec.netns, rec.settings, directions, before)
         else:
             created = backend.apply(rec.netns, rec.settings, directions) or []
-        created = sorted({tuple(c) for c in known} | {tuple(c) for c in created})
+        created = sorted({rules.made_entry(c) for c in known} | {rules.made_entry(c) for c in created})
         return dict(out, created=[list(c) for c in created])
 
     def remove(self, record, state, maps):
@@ -57,9 +57,9 @@ class CaptureRules(Piece):
             backend = rules.backend_named(state["backend"])
             created = state.get("created")
             if created is None and "preexisting" in state:    # killed mid-apply
-                preexisting = {tuple(c) for c in state["preexisting"]}
-                ours = (backend.nat_chains(record.netns) - preexisting) | \
-                    {tuple(c) for c in state.get("earlier", [])}
+                preexisting = {rules.made_entry(c) for c in state["preexisting"]}
+                ours = (backend.made_chains(record.netns) - preexisting) | \
+                    {rules.made_entry(c) for c in state.get("earlier", [])}
                 created = sorted(map(list, ours))
             backend.remove(record.netns, created)
             return
