@@ -16,7 +16,7 @@ import pytest
 from conftest import enroll, load_without, pod_counters
 from interceptor import abi, paths
 from interceptor.datapath import node_state
-from interceptor.ops import loader
+from interceptor.ops import enrollment, loader
 
 pytestmark = pytest.mark.kernel
 
@@ -136,3 +136,13 @@ def test_without_dns_capture_queries_go_to_the_server(dns):
     out = as_app(a, "dig", f"@{srv.ipv4}", NAME, "+short", "+tries=1", "+time=3")
     assert V4 in out.stdout, out
     assert queries(proxy_log) == []
+
+
+def test_unenroll_leaves_no_rule_and_no_table_behind(dns):
+    """DNS capture's conntrack zones live in the raw tables: unenroll takes them away
+    with the rest (and iptables-nft's nat and raw tables it made)."""
+    a, *_ = dns
+    enrollment.unenroll(netns_path=a.netns_path)
+    assert a.run("nft", "list", "ruleset", check=False).stdout == ""
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        assert "INTERCEPTOR" not in a.run(tool, check=False).stdout
