@@ -30,25 +30,6 @@ static __always_inline int proxy_listening(struct bpf_sock_addr *ctx, int v6, __
 	return 1;
 }
 
-/* A connected UDP socket of the pod asking a nameserver (the C library's resolver
- * connects): to the DNS proxy, whose answers then come from the address it is connected
- * to; getpeername and recvmsg (sock_dns.c) show the nameserver. */
-static __always_inline int handle_udp_connect(struct bpf_sock_addr *ctx, __u64 cookie,
-					      struct pod_config *cfg, struct addr16 *dst, int user_family)
-{
-	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
-	if (!(cfg->flags & POD_F_DNS) || dst_port != DNS_SERVER_PORT)
-		return 1;
-	if (outbound_verdict(ctx, cookie, cfg, dst, dst_port, 1) != OUT_TO_DNS)
-		return 1;
-	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);
-	if (!remember_destination(ctx, cookie, dst, dst_port, user_family, DIR_OUTBOUND, DNS_PORT))
-		return 1;
-	to_local_port(ctx, user_family, lands_v6, DNS_PORT);
-	count(cookie, REASON_OUT_DNS_REDIRECTED, 0);
-	return 1;
-}
-
 /* Shared by connect4 and connect6. Returns 1 (let connect() proceed) except for a
  * proxy's loop to itself (EPERM): a refused interception must look like iptables
  * REDIRECT (ECONNREFUSED), but a loop is refused before it starts. */
@@ -67,8 +48,10 @@ static __always_inline int handle_connect(struct bpf_sock_addr *ctx, struct addr
 	 * an earlier redirect before deciding anew. */
 	if (connect_orig.sk_storage_get(ctx->sk, 0, 0))
 		connect_orig.sk_storage_delete(ctx->sk);
+	/* a connected UDP socket asking a nameserver (the C library's resolver connects):
+	 * its answers then come from the DNS proxy it is connected to */
 	if (type == IC_SOCK_DGRAM)
-		return handle_udp_connect(ctx, cookie, cfg, dst, user_family);
+		return udp_to_dns_proxy(ctx, cookie, cfg, dst, user_family);
 
 	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
 	int verdict = outbound_verdict(ctx, cookie, cfg, dst, dst_port, 0);
@@ -136,25 +119,11 @@ static __always_inline struct orig_dst *redirected_peer(struct bpf_sock_addr *ct
 int getpeername4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst *orig = redirected_peer(ctx);
-	if (!orig || !addr_is_v4mapped(orig->addr))
-		return 1;
-	ctx->user_ip4 = ((struct addr16 *)orig->addr)->w[3];
-	ctx->user_port = bpf_htons(orig->port);
-	count(orig->netns_cookie, REASON_PEERNAME_RESTORED, 0);
-	return 1;
+	return orig ? restore_address4(ctx, orig, REASON_PEERNAME_RESTORED) : 1;
 }
 
 int getpeername6(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst *orig = redirected_peer(ctx);
-	if (!orig)
-		return 1;
-	struct addr16 *a = (struct addr16 *)orig->addr;
-	ctx->user_ip6[0] = a->w[0];
-	ctx->user_ip6[1] = a->w[1];
-	ctx->user_ip6[2] = a->w[2];
-	ctx->user_ip6[3] = a->w[3];
-	ctx->user_port = bpf_htons(orig->port);
-	count(orig->netns_cookie, REASON_PEERNAME_RESTORED, 0);
-	return 1;
+	return orig ? restore_address6(ctx, orig, REASON_PEERNAME_RESTORED) : 1;
 }

@@ -14,23 +14,12 @@
 static __always_inline int handle_sendmsg(struct bpf_sock_addr *ctx, struct addr16 *dst,
 					  int user_family)
 {
-	if (ctx->type != IC_SOCK_DGRAM)
-		return 1;
-	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
-	if (dst_port != DNS_SERVER_PORT)
+	/* every datagram of every namespace passes here: the port first, it is cheapest */
+	if (ctx->type != IC_SOCK_DGRAM || bpf_ntohs((__u16)ctx->user_port) != DNS_SERVER_PORT)
 		return 1;
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	struct pod_config *cfg = pod_lookup(cookie);
-	if (!cfg || !(cfg->flags & POD_F_DNS))
-		return 1;
-	if (outbound_verdict(ctx, cookie, cfg, dst, dst_port, 1) != OUT_TO_DNS)
-		return 1;
-	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);
-	if (!remember_destination(ctx, cookie, dst, dst_port, user_family, DIR_OUTBOUND, DNS_PORT))
-		return 1;
-	to_local_port(ctx, user_family, lands_v6, DNS_PORT);
-	count(cookie, REASON_OUT_DNS_REDIRECTED, 0);
-	return 1;
+	return cfg ? udp_to_dns_proxy(ctx, cookie, cfg, dst, user_family) : 1;
 }
 
 int sendmsg4(struct bpf_sock_addr *ctx)
@@ -66,12 +55,7 @@ int recvmsg4(struct bpf_sock_addr *ctx)
 	struct addr16 src;
 	addr_set_v4(&src, ctx->user_ip4);
 	struct orig_dst *orig = dns_query_of(ctx, &src);
-	if (!orig || !addr_is_v4mapped(orig->addr))
-		return 1;
-	ctx->user_ip4 = ((struct addr16 *)orig->addr)->w[3];
-	ctx->user_port = bpf_htons(orig->port);
-	count(orig->netns_cookie, REASON_DNS_ANSWER_RESTORED, 0);
-	return 1;
+	return orig ? restore_address4(ctx, orig, REASON_DNS_ANSWER_RESTORED) : 1;
 }
 
 int recvmsg6(struct bpf_sock_addr *ctx)
@@ -80,14 +64,5 @@ int recvmsg6(struct bpf_sock_addr *ctx)
 	addr_set_v6(&src, CTX_LOAD32(ctx->user_ip6[0]), CTX_LOAD32(ctx->user_ip6[1]),
 		    CTX_LOAD32(ctx->user_ip6[2]), CTX_LOAD32(ctx->user_ip6[3]));
 	struct orig_dst *orig = dns_query_of(ctx, &src);
-	if (!orig)
-		return 1;
-	struct addr16 *a = (struct addr16 *)orig->addr;
-	ctx->user_ip6[0] = a->w[0];
-	ctx->user_ip6[1] = a->w[1];
-	ctx->user_ip6[2] = a->w[2];
-	ctx->user_ip6[3] = a->w[3];
-	ctx->user_port = bpf_htons(orig->port);
-	count(orig->netns_cookie, REASON_DNS_ANSWER_RESTORED, 0);
-	return 1;
+	return orig ? restore_address6(ctx, orig, REASON_DNS_ANSWER_RESTORED) : 1;
 }

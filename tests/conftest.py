@@ -39,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs root and the real kernel"))
 
 
+# The modes a behaviour is proven in: name -> (load --mode, features doctor must report
+# absent). hybrid: sk_lookup reported absent, so inbound runs on rules, outbound on eBPF.
+MODES = {
+    "ebpf": ("ebpf", ""),
+    "nftables": ("nftables", ""),
+    "iptables": ("iptables", ""),
+    "hybrid": ("auto", "sk_lookup"),
+}
+
+
 def load_without(disabled="", refused="", **load_args):
     """ensure.load with doctor told that these features (comma-separated) are absent,
     and the kernel's verifier answer for these programs turned into a refusal, to

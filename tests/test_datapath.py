@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (APPS, SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
+from conftest import (APPS, MODES, SERVER_PORT, client, enroll, load_without, log_lines, pod_bytes, pod_counters,
                       sidecar_entries, start_server, start_sidecar)
 from interceptor import abi, paths
 from interceptor.kernel import netns, rules
@@ -31,14 +31,6 @@ from interceptor.harness.lab import wait_listening
 pytestmark = pytest.mark.kernel
 
 EXTRA_IPS = ("10.77.1.10", "10.77.1.20")
-
-# mode -> (load --mode, features doctor must report absent)
-MODES = {
-    "ebpf": ("ebpf", ""),
-    "nftables": ("nftables", ""),
-    "iptables": ("iptables", ""),
-    "hybrid": ("auto", "sk_lookup"),
-}
 
 
 @pytest.fixture(scope="module", params=list(MODES))

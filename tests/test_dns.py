@@ -13,19 +13,12 @@ import time
 
 import pytest
 
-from conftest import enroll, load_without, pod_counters
-from interceptor import abi, paths
-from interceptor.datapath import node_state
-from interceptor.ops import enrollment, loader
+from conftest import MODES, enroll, loaded, pod_counters
+from interceptor import abi
+from interceptor.ops import enrollment
 
 pytestmark = pytest.mark.kernel
 
-MODES = {
-    "ebpf": ("ebpf", ""),
-    "nftables": ("nftables", ""),
-    "iptables": ("iptables", ""),
-    "hybrid": ("auto", "sk_lookup"),
-}
 NAME, V4, V6 = "web.svc.test", "10.1.2.3", "fd00::1:2:3"
 APP_UID = 1000
 
@@ -33,11 +26,8 @@ APP_UID = 1000
 @pytest.fixture(scope="module", params=list(MODES))
 def datapath(request):
     load_mode, disabled = MODES[request.param]
-    loader.unload()
-    load_without(disabled, mode=load_mode)
-    yield node_state.node_plan()
-    loader.unload()
-    assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
+    with loaded(disabled, mode=load_mode) as plan:
+        yield plan
 
 
 def start_dnsmasq(lab, pod, name, args, owner=None):

@@ -9,27 +9,19 @@ Where we differ on purpose, the difference is named (DELIBERATE) and counted, ne
 silently ignored; any other difference fails the case, listing the probes.
 """
 import collections
-import os
 
 import pytest
 
-from conftest import load_without
+from conftest import MODES, loaded
 from istio_parity import CASES, OWNERS, ProbeNet, config, istio_landings, over_lo
-from interceptor import abi, paths
+from interceptor import abi
 from interceptor.pod import istio
 from interceptor.pod.podspec import PodSettings
 from interceptor.datapath import node_state
-from interceptor.ops import enrollment, loader
+from interceptor.ops import enrollment
 
 pytestmark = pytest.mark.kernel
 
-# mode -> (load --mode, features doctor must report absent)
-MODES = {
-    "ebpf": ("ebpf", ""),
-    "nftables": ("nftables", ""),
-    "iptables": ("iptables", ""),
-    "hybrid": ("auto", "sk_lookup"),
-}
 # the golden files from a 2022 branch (one command per line; the owner-users cases)
 # predate two of Istio's rules today: HBONE's port excepted from the proxy's self-call,
 # and DNS's port exceptions only where there is a nameserver to capture
@@ -48,11 +40,8 @@ def istio_rules(case):
 @pytest.fixture(scope="module", params=list(MODES))
 def datapath(request):
     load_mode, disabled = MODES[request.param]
-    loader.unload()
-    load_without(disabled, mode=load_mode)
-    yield node_state.node_plan()
-    loader.unload()
-    assert not os.path.exists(paths.PIN_ROOT), "unload left pins behind"
+    with loaded(disabled, mode=load_mode) as plan:
+        yield plan
 
 
 def our_landings(case):

@@ -109,17 +109,7 @@ static __always_inline int port_listed(__u64 cookie, __u16 port, __u8 kind)
 	return port_rules.lookup(&key) != 0;
 }
 
-static __always_inline int cidr_listed(__u64 cookie, const void *addr, __u32 kind)
-{
-	struct cidr_key key = {};
-	key.prefixlen = CIDR_KEY_FIXED_BITS + 128;
-	key.kind = kind;
-	key.netns_cookie = cookie;
-	__builtin_memcpy(key.addr, addr, 16);
-	return cidr_rules.lookup(&key) != 0;
-}
-
-/* The value of the longest matching prefix of this kind (0: none). */
+/* The value of the longest matching prefix of this kind (0: none; entries are never 0). */
 static __always_inline __u8 cidr_value(__u64 cookie, const void *addr, __u32 kind)
 {
 	struct cidr_key key = {};
@@ -129,6 +119,11 @@ static __always_inline __u8 cidr_value(__u64 cookie, const void *addr, __u32 kin
 	__builtin_memcpy(key.addr, addr, 16);
 	__u8 *value = cidr_rules.lookup(&key);
 	return value ? *value : 0;
+}
+
+static __always_inline int cidr_listed(__u64 cookie, const void *addr, __u32 kind)
+{
+	return cidr_value(cookie, addr, kind) != 0;
 }
 
 static __always_inline int owner_listed(__u64 cookie, __u32 id, __u32 kind)

@@ -182,4 +182,48 @@ static __always_inline int remember_destination(struct bpf_sock_addr *ctx, __u64
 	return 1;
 }
 
+/* A DNS query on a UDP socket (a datagram sent with an address, or the socket's
+ * connect): to the DNS proxy on loopback when the verdict says so, the nameserver asked
+ * kept on the socket for its answers (recvmsg) and getpeername. */
+static __always_inline int udp_to_dns_proxy(struct bpf_sock_addr *ctx, __u64 cookie,
+					    struct pod_config *cfg, const struct addr16 *dst,
+					    int user_family)
+{
+	__u16 dst_port = bpf_ntohs((__u16)ctx->user_port);
+	if (!(cfg->flags & POD_F_DNS) || dst_port != DNS_SERVER_PORT)
+		return 1;
+	if (outbound_verdict(ctx, cookie, cfg, dst, dst_port, 1) != OUT_TO_DNS)
+		return 1;
+	int lands_v6 = user_family == IC_AF_INET6 && !addr_is_v4mapped(dst);
+	if (!remember_destination(ctx, cookie, dst, dst_port, user_family, DIR_OUTBOUND, DNS_PORT))
+		return 1;
+	to_local_port(ctx, user_family, lands_v6, DNS_PORT);
+	count(cookie, REASON_OUT_DNS_REDIRECTED, 0);
+	return 1;
+}
+
+/* Show the app the address it asked for (getpeername, a DNS answer's source) instead of
+ * the proxy's: IPv4 only when it was one. */
+static __always_inline int restore_address4(struct bpf_sock_addr *ctx, struct orig_dst *orig, __u32 reason)
+{
+	if (!addr_is_v4mapped(orig->addr))
+		return 1;
+	ctx->user_ip4 = ((struct addr16 *)orig->addr)->w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	count(orig->netns_cookie, reason, 0);
+	return 1;
+}
+
+static __always_inline int restore_address6(struct bpf_sock_addr *ctx, struct orig_dst *orig, __u32 reason)
+{
+	struct addr16 *a = (struct addr16 *)orig->addr;
+	ctx->user_ip6[0] = a->w[0];
+	ctx->user_ip6[1] = a->w[1];
+	ctx->user_ip6[2] = a->w[2];
+	ctx->user_ip6[3] = a->w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	count(orig->netns_cookie, reason, 0);
+	return 1;
+}
+
 #endif

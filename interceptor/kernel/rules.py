@@ -256,14 +256,9 @@ def _nft_rule(r):
         parts.append(f'iifname "{r.iif}"')
     if r.mark:
         parts.append(f"meta mark & {r.mark[1]:#x} == {r.mark[0]:#x}")
-    if r.uids:
-        parts.append("meta skuid { " + ", ".join(map(str, r.uids)) + " }")
-    if r.not_uids:
-        parts.append("meta skuid != { " + ", ".join(map(str, r.not_uids)) + " }")
-    if r.gids:
-        parts.append("meta skgid { " + ", ".join(map(str, r.gids)) + " }")
-    if r.not_gids:
-        parts.append("meta skgid != { " + ", ".join(map(str, r.not_gids)) + " }")
+    for ids, match in ((r.uids, "skuid"), (r.not_uids, "skuid !="), (r.gids, "skgid"), (r.not_gids, "skgid !=")):
+        if ids:
+            parts.append(f"meta {match} {{ " + ", ".join(map(str, ids)) + " }")
     ip = "ip" if r.family == 4 else "ip6"
     if r.saddrs:
         parts.append(f"{ip} saddr {{ " + ", ".join(r.saddrs) + " }")
